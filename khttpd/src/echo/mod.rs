@@ -1,0 +1,158 @@
+//! The echo service, kecho's twin: every byte a client sends comes back.
+//!
+//! A connection takes one of two paths, decided once when it is accepted:
+//! - **kernel** ([`kernel`]): the socket goes into the echo sockhash, whose stream-verdict program
+//!   sends each skb straight back; user space only waits for the connection to end.
+//! - **user space** ([`user`]): the connection is one work item on the cmwq-style work queue, which
+//!   reads and writes until the client closes (kecho's `echo_server_worker`).
+//!
+//! Connections fall back from the kernel path to user space when the sockhash is full or when the
+//! kernel hands a connection back (see `kernel::KernelEcho::next_handoff`).
+
+pub mod kernel;
+pub mod user;
+
+use std::{
+    io,
+    net::TcpListener,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use log::{debug, warn};
+use tokio::sync::broadcast;
+
+use crate::{fd::async_readable, shutdown::Shutdown, workqueue::WorkQueue};
+use kernel::KernelEcho;
+
+/// Counters of the user-space side (the kernel keeps its own, see `KernelEcho::counters`).
+#[derive(Default)]
+pub struct UserCounters {
+    pub bytes: AtomicU64,
+    pub kernel_connections: AtomicU64,
+    pub user_connections: AtomicU64,
+}
+
+pub struct EchoService {
+    pub queue: Arc<WorkQueue>,
+    pub kernel: Option<KernelEcho>,
+    pub counters: Arc<UserCounters>,
+    notify_shutdown: broadcast::Sender<()>,
+}
+
+impl EchoService {
+    pub fn new(
+        queue: Arc<WorkQueue>,
+        kernel: Option<KernelEcho>,
+        notify_shutdown: broadcast::Sender<()>,
+    ) -> Arc<Self> {
+        Arc::new(EchoService {
+            queue,
+            kernel,
+            counters: Arc::default(),
+            notify_shutdown,
+        })
+    }
+
+    /// Accepts connections on `listener` until shutdown.
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: Shutdown,
+    ) -> io::Result<()> {
+        let listener = async_readable(listener)?;
+        loop {
+            let mut ready = tokio::select! {
+                ready = listener.readable() => ready?,
+                () = shutdown.recv() => return Ok(()),
+            };
+            // Drain the accept queue before waiting again: one wake-up, many connections.
+            loop {
+                match ready.get_inner().accept() {
+                    Ok((stream, peer)) => {
+                        debug!("echo: accepted {peer}");
+                        self.dispatch(stream);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                        ) =>
+                    {
+                        // Out of descriptors or memory: back off instead of spinning; the backlog
+                        // holds the waiting clients.
+                        warn!("echo: accept failed: {e}; retrying in 100 ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
+                    Err(e) => debug!("echo: accept failed: {e}"),
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, stream: std::net::TcpStream) {
+        let stream = match &self.kernel {
+            Some(kernel) => match kernel.install(stream) {
+                Ok(()) => {
+                    self.counters
+                        .kernel_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(stream) => stream,
+            },
+            None => stream,
+        };
+        self.serve_in_user_space(stream);
+    }
+
+    fn serve_in_user_space(&self, stream: std::net::TcpStream) {
+        self.counters
+            .user_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
+        let work = user::echo(stream, shutdown, Arc::clone(&self.counters));
+        if self.queue.queue_work(work).is_err() {
+            debug!("echo: shutting down, connection dropped");
+        }
+    }
+
+    /// Moves connections the kernel hands back to user space, until shutdown.
+    pub async fn handoff_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        let Some(kernel) = &self.kernel else { return };
+        loop {
+            let cookie = tokio::select! {
+                cookie = kernel.next_handoff() => cookie,
+                () = shutdown.recv() => return,
+            };
+            match cookie {
+                Ok(cookie) => {
+                    if let Some(stream) = kernel.take_back(cookie) {
+                        warn!("echo: kernel handed connection {cookie} back; echoing it in user space");
+                        self.serve_in_user_space(stream);
+                    }
+                }
+                Err(e) => {
+                    warn!("echo: cannot read kernel hand-offs: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes every connection and drains the work queue.
+    pub async fn stop(&self) {
+        if let Some(kernel) = &self.kernel {
+            kernel.stop();
+        }
+        self.queue.destroy().await;
+    }
+}

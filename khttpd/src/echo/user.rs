@@ -1,0 +1,61 @@
+//! The user-space echo work item: one per connection, like kecho's `echo_server_worker`.
+
+use std::{
+    io,
+    sync::{atomic::Ordering, Arc},
+};
+
+use log::debug;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::UserCounters;
+use crate::shutdown::Shutdown;
+
+/// Bytes read per system call. The buffer only exists while data is flowing, so an idle connection
+/// costs its socket and a small future, not a buffer.
+const CHUNK: usize = 16 * 1024;
+
+/// Echoes until the client closes, an error, or shutdown.
+pub async fn echo(
+    stream: std::net::TcpStream,
+    mut shutdown: Shutdown,
+    counters: Arc<UserCounters>,
+) {
+    // Registering here, not in the acceptor, ties the socket to the runtime this work runs on
+    // (a bound queue's per-CPU runtime).
+    let mut stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(e) => {
+            debug!("echo: cannot register connection: {e}");
+            return;
+        }
+    };
+    let result = tokio::select! {
+        result = echo_until_eof(&mut stream, &counters) => result,
+        () = shutdown.recv() => Ok(()),
+    };
+    if let Err(e) = result {
+        debug!("echo: connection ended: {e}");
+    }
+}
+
+async fn echo_until_eof(stream: &mut TcpStream, counters: &UserCounters) -> io::Result<()> {
+    loop {
+        stream.readable().await?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match stream.try_read(&mut buf) {
+                Ok(0) => {
+                    // The client is done sending; everything read was written back.
+                    return stream.shutdown().await;
+                }
+                Ok(n) => {
+                    stream.write_all(&buf[..n]).await?;
+                    counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

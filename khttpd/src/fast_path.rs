@@ -1,0 +1,193 @@
+//! Loading and attaching the eBPF programs (khttpd-ebpf), and the typed errors that explain why they
+//! could not be: `--fast-path auto` falls back to user space on any of them, `--fast-path on` exits
+//! with the one-line message.
+//!
+//! The programs stay attached exactly as long as [`FastPath`] lives: nothing is pinned, so a crash
+//! or `kill -9` detaches them too.
+
+use std::{fmt, io};
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{ProgramError, SkSkb},
+    Ebpf, EbpfLoader,
+};
+use khttpd_common::echo;
+use log::{debug, warn};
+
+/// The compiled programs, built by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/khttpd"));
+
+/// Why the kernel path could not be set up.
+#[derive(Debug)]
+pub enum FastPathError {
+    /// The process may not load BPF programs.
+    MissingCapability(String),
+    /// The verifier refused a program; `reason` is the last line of its log.
+    VerifierRejected {
+        program: &'static str,
+        reason: String,
+    },
+    /// Anything else (missing kernel feature, map creation, attach).
+    Other(String),
+}
+
+impl fmt::Display for FastPathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FastPathError::MissingCapability(what) => write!(
+                f,
+                "missing capability: {what} needs CAP_BPF and CAP_NET_ADMIN (run as root)"
+            ),
+            FastPathError::VerifierRejected { program, reason } => {
+                write!(f, "the BPF verifier rejected program {program}: {reason}")
+            }
+            FastPathError::Other(what) => write!(f, "cannot set up the kernel fast path: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for FastPathError {}
+
+impl FastPathError {
+    /// Classifies an aya error by its cause chain.
+    fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut source = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+                    return FastPathError::MissingCapability(what.to_owned());
+                }
+            }
+            source = e.source();
+        }
+        FastPathError::Other(format!("{what}: {}", chain(err)))
+    }
+}
+
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// The echo service's maps, taken out of the loaded object so the echo module owns them.
+pub struct EchoMaps {
+    pub sockets: SockHash<MapData, u64>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub handoffs: RingBuf<MapData>,
+}
+
+/// The loaded and attached programs. Dropping it detaches them.
+pub struct FastPath {
+    _ebpf: Ebpf,
+    logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for FastPath {
+    fn drop(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            logger.abort();
+        }
+    }
+}
+
+impl FastPath {
+    /// Loads the programs, attaches the echo verdict to the echo sockhash and starts forwarding the
+    /// programs' aya-log records to this process's logger. Must run inside the tokio runtime.
+    pub fn load() -> Result<(FastPath, EchoMaps), FastPathError> {
+        // Programs skip log statements above this level without touching the ring buffer.
+        let level = log::max_level() as u8;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(PROGRAMS)
+            .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(tokio::spawn(forward_logs(logger))),
+            Err(e) => {
+                warn!("eBPF log records will not be shown: {e}");
+                None
+            }
+        };
+
+        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, echo::SOCKETS_MAP)?;
+        let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, echo::COUNTERS_MAP)?;
+        let handoffs: RingBuf<MapData> = take_map(&mut ebpf, echo::HANDOFFS_MAP)?;
+
+        let program: &mut SkSkb = ebpf
+            .program_mut(echo::VERDICT_PROGRAM)
+            .ok_or_else(|| {
+                FastPathError::Other(format!("program {} missing", echo::VERDICT_PROGRAM))
+            })?
+            .try_into()
+            .map_err(|e: ProgramError| FastPathError::Other(e.to_string()))?;
+        program.load().map_err(|e| match e {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
+                if matches!(io_error.raw_os_error(), Some(libc::EPERM)) {
+                    return FastPathError::MissingCapability("loading program echo_verdict".into());
+                }
+                let log = verifier_log.to_string();
+                debug!("verifier log for {}:\n{log}", echo::VERDICT_PROGRAM);
+                let reason = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("no log")
+                    .to_owned();
+                FastPathError::VerifierRejected {
+                    program: echo::VERDICT_PROGRAM,
+                    reason: format!("{reason} ({io_error})"),
+                }
+            }
+            other => FastPathError::classify("loading program echo_verdict", &other),
+        })?;
+        program.attach(sockets.fd()).map_err(|e| {
+            FastPathError::classify("attaching echo_verdict to the echo sockhash", &e)
+        })?;
+
+        Ok((
+            FastPath {
+                _ebpf: ebpf,
+                logger,
+            },
+            EchoMaps {
+                sockets,
+                counters,
+                handoffs,
+            },
+        ))
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, FastPathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| FastPathError::Other(format!("map {name} missing from the BPF object")))?;
+    T::try_from(map).map_err(|e| FastPathError::Other(format!("map {name}: {e}")))
+}
+
+async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(mut logger) = crate::fd::async_readable(logger) else {
+        warn!("cannot poll the eBPF log ring buffer");
+        return;
+    };
+    loop {
+        let Ok(mut ready) = logger.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}

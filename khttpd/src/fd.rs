@@ -1,0 +1,48 @@
+//! Small safe wrappers for the raw file-descriptor calls the kernel path needs (socket options,
+//! epoll, registering foreign fds with tokio).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+};
+
+use tokio::io::{unix::AsyncFd, Interest};
+
+/// Registers an owned fd (listener, BPF ring buffer) with tokio for readability.
+pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd, which stays open and the same for as long as the AsyncFd holds it.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+pub fn cvt(ret: i32) -> io::Result<i32> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: valid fds and event pointer.
+    cvt(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event) }).map(drop)
+}
+
+/// SO_COOKIE: the number `bpf_get_socket_cookie` returns for this socket in the kernel.
+pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+fn getsockopt<T: Copy>(fd: RawFd, level: i32, name: i32) -> io::Result<T> {
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` has room for `len` bytes; the kernel writes at most that many.
+    cvt(unsafe { libc::getsockopt(fd, level, name, value.as_mut_ptr().cast(), &mut len) })?;
+    // SAFETY: zero-initialised plain data (integers only), partly overwritten by the kernel.
+    Ok(unsafe { value.assume_init() })
+}

@@ -1,0 +1,137 @@
+//! Listening sockets bound to one network interface: every address the interface has, each socket
+//! also tied to the device with SO_BINDTODEVICE so it only accepts traffic that arrived there.
+
+use std::{
+    ffi::CStr,
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+#[derive(Debug)]
+pub enum ListenError {
+    UnknownInterface { name: String, known: Vec<String> },
+    NoAddress { name: String },
+    Interfaces(io::Error),
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenError::UnknownInterface { name, known } => {
+                write!(
+                    f,
+                    "unknown interface `{name}`; interfaces: {}",
+                    known.join(", ")
+                )
+            }
+            ListenError::NoAddress { name } => write!(f, "interface `{name}` has no IP address"),
+            ListenError::Interfaces(e) => write!(f, "cannot list network interfaces: {e}"),
+            ListenError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+/// Binds a non-blocking listener on `port` for every address of `iface`.
+pub fn bind(iface: &str, port: u16, backlog: i32) -> Result<Vec<TcpListener>, ListenError> {
+    let interfaces = interfaces().map_err(ListenError::Interfaces)?;
+    let Some((_, addrs)) = interfaces.iter().find(|(name, _)| name == iface) else {
+        return Err(ListenError::UnknownInterface {
+            name: iface.to_owned(),
+            known: interfaces.into_iter().map(|(name, _)| name).collect(),
+        });
+    };
+    if addrs.is_empty() {
+        return Err(ListenError::NoAddress {
+            name: iface.to_owned(),
+        });
+    }
+    addrs
+        .iter()
+        .map(|&addr| {
+            let addr = match addr {
+                SocketAddr::V4(a) => SocketAddr::new(IpAddr::V4(*a.ip()), port),
+                SocketAddr::V6(a) => {
+                    SocketAddr::V6(SocketAddrV6::new(*a.ip(), port, 0, a.scope_id()))
+                }
+            };
+            listen(iface, addr, backlog).map_err(|source| ListenError::Bind { addr, source })
+        })
+        .collect()
+}
+
+fn listen(iface: &str, addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind_device(Some(iface.as_bytes()))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Every interface with its addresses (port 0; IPv6 link-local ones carry their scope), in the
+/// order getifaddrs lists them.
+pub fn interfaces() -> io::Result<Vec<(String, Vec<SocketAddr>)>> {
+    let mut list: Vec<(String, Vec<SocketAddr>)> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` walks the list getifaddrs returned; each node and its name are valid
+        // until freeifaddrs.
+        let ifa = unsafe { &*cursor };
+        cursor = ifa.ifa_next;
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        let index = list
+            .iter()
+            .position(|(n, _)| *n == name)
+            .unwrap_or_else(|| {
+                list.push((name, Vec::new()));
+                list.len() - 1
+            });
+        // SAFETY: the address's family says which sockaddr type it points to.
+        if let Some(addr) = unsafe { socket_addr(ifa.ifa_addr) } {
+            list[index].1.push(addr);
+        }
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(list)
+}
+
+unsafe fn socket_addr(addr: *const libc::sockaddr) -> Option<SocketAddr> {
+    if addr.is_null() {
+        return None;
+    }
+    match i32::from(unsafe { (*addr).sa_family }) {
+        libc::AF_INET => {
+            let sin = unsafe { &*addr.cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), 0))
+        }
+        libc::AF_INET6 => {
+            let sin6 = unsafe { &*addr.cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                0,
+                0,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,207 @@
+//! khttpd: an echo and web server whose hot path runs inside the Linux kernel.
+//!
+//! Following a connection:
+//! 1. `listener` binds the interface's addresses; `echo::EchoService::accept_loop` accepts.
+//! 2. With the fast path (`fast_path`), `echo::kernel` puts the socket into the echo sockhash and the
+//!    kernel echoes every byte; user space only closes the socket when the client is done.
+//! 3. Otherwise `echo::user` echoes it as one work item on the cmwq-style `workqueue`.
+//! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
+
+mod echo;
+mod fast_path;
+mod fd;
+mod listener;
+mod metrics;
+mod shutdown;
+mod workqueue;
+
+use std::{net::SocketAddr, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{ArgAction, Parser, ValueEnum};
+use log::{info, warn};
+use tokio::{signal::unix, sync::broadcast};
+
+use crate::{
+    echo::{kernel::KernelEcho, EchoService},
+    fast_path::FastPath,
+    shutdown::Shutdown,
+    workqueue::{Config, Kind, WorkQueue},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FastPathMode {
+    /// Use the kernel path when the programs load; otherwise warn once and serve from user space.
+    Auto,
+    /// Require the kernel path; exit with an error when it cannot be set up.
+    On,
+    /// Serve everything from user space.
+    Off,
+}
+
+/// An echo server whose echo runs inside the kernel (sockmap + stream verdict).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Network interface to listen on (all its addresses; the sockets are bound to it).
+    #[arg(long, default_value = "lo")]
+    iface: String,
+    /// TCP port of the echo service.
+    #[arg(long, default_value_t = 12345)]
+    echo_port: u16,
+    /// Listen backlog of each listening socket.
+    #[arg(long, default_value_t = 4096)]
+    backlog: i32,
+    /// Whether the kernel answers.
+    #[arg(long, value_enum, default_value_t = FastPathMode::Auto)]
+    fast_path: FastPathMode,
+    /// Work queue for connections served in user space: one shared pool, or one pool per CPU.
+    #[arg(long, value_enum, default_value_t = Kind::Unbound)]
+    workqueue: Kind,
+    /// Most connections user space serves at once per worker pool (each is one work item); more
+    /// wait in the queue.
+    #[arg(long, default_value_t = 65_536)]
+    max_active: usize,
+    /// Serve Prometheus metrics at http://<addr>/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// More log output (-v debug, including the eBPF programs' logs; -vv trace).
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log output (-q warnings and errors only, -qq errors only).
+    #[arg(short, long, action = ArgAction::Count)]
+    quiet: u8,
+}
+
+impl Args {
+    fn log_level(&self) -> log::LevelFilter {
+        match (self.verbose, self.quiet) {
+            (0, 0) => log::LevelFilter::Info,
+            (1, _) => log::LevelFilter::Debug,
+            (_, 0) => log::LevelFilter::Trace,
+            (_, 1) => log::LevelFilter::Warn,
+            _ => log::LevelFilter::Error,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let level = args.log_level();
+    env_logger::Builder::new()
+        .filter_level(level)
+        // aya's own loader chatter (relocations, feature probes) only at -vv.
+        .filter_module("aya", level.min(log::LevelFilter::Info))
+        .filter_module("aya_obj", level.min(log::LevelFilter::Info))
+        .format_target(false)
+        .init();
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("khttpd: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the cause chain.
+            eprintln!("khttpd: error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
+    // Registered before anything is attached, so a signal during start-up still shuts down cleanly.
+    let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
+    let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
+
+    let fast_path = match args.fast_path {
+        FastPathMode::Off => None,
+        FastPathMode::On => Some(FastPath::load()?),
+        FastPathMode::Auto => match FastPath::load() {
+            Ok(loaded) => Some(loaded),
+            Err(e) => {
+                warn!("{e}; serving from user space");
+                None
+            }
+        },
+    };
+    let (fast_path, kernel) = match fast_path {
+        Some((fast_path, maps)) => (
+            Some(fast_path),
+            Some(KernelEcho::start(maps).context("starting the kernel echo")?),
+        ),
+        None => (None, None),
+    };
+
+    let queue = WorkQueue::alloc(Config::new("khttpd_echo", args.workqueue, args.max_active))
+        .context("allocating the work queue")?;
+    let (notify_shutdown, _) = broadcast::channel(1);
+    let echo = EchoService::new(queue, kernel, notify_shutdown.clone());
+    let shutdown = || Shutdown::new(notify_shutdown.subscribe());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        info!("metrics: http://{}/metrics", listener.local_addr()?);
+        tasks.spawn(metrics::serve(listener, echo.clone(), shutdown()));
+    }
+    let path = if fast_path.is_some() {
+        "kernel"
+    } else {
+        "user space"
+    };
+    for listener in listeners {
+        info!(
+            "echo: listening on {} ({path}, {} work queue)",
+            listener.local_addr()?,
+            args.workqueue
+        );
+        let echo = echo.clone();
+        let shutdown = shutdown();
+        tasks.spawn(async move {
+            if let Err(e) = echo.accept_loop(listener, shutdown).await {
+                warn!("echo: listener failed: {e}");
+            }
+        });
+    }
+    tasks.spawn(echo.clone().handoff_loop(shutdown()));
+
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => info!("SIGINT: shutting down"),
+    }
+    // Stop accepting, end user-space connections, close kernel ones, drain the queue.
+    let _ = notify_shutdown.send(());
+    while tasks.join_next().await.is_some() {}
+    echo.stop().await;
+    // Dropping the programs' object detaches them.
+    drop(fast_path);
+    info!("stopped");
+    Ok(())
+}
+
+/// Lets the server hold as many connections as the hard limit allows.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/setrlimit on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

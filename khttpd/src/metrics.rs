@@ -1,0 +1,219 @@
+//! `/metrics` in the Prometheus text format (version 0.0.4), served on `--metrics <addr>`.
+//!
+//! Values are read when scraped — the kernel's per-CPU counters, the work queue's pools, the
+//! sockhash — so nothing on the data path pays for metrics.
+
+use std::{fmt::Write as _, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use khttpd_common::echo::Counter;
+use log::debug;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{echo::EchoService, shutdown::Shutdown};
+
+/// Largest request head the endpoint reads.
+const MAX_REQUEST: usize = 8 * 1024;
+/// A scraper that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn serve(listener: TcpListener, echo: Arc<EchoService>, mut shutdown: Shutdown) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!("metrics: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.recv() => return,
+        };
+        let echo = Arc::clone(&echo);
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &echo).await {
+                debug!("metrics: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, echo: &EchoService) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let parsed = loop {
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timed out")
+            })??;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                break Some((
+                    request.method.unwrap_or("").to_owned(),
+                    request.path.unwrap_or("").to_owned(),
+                ))
+            }
+            Ok(httparse::Status::Partial) if head.len() < MAX_REQUEST => continue,
+            _ => break None,
+        }
+    };
+    let (status, body) = match parsed {
+        None => ("400 Bad Request", "bad request\n".to_owned()),
+        Some((method, _)) if method != "GET" => ("405 Method Not Allowed", "only GET\n".to_owned()),
+        Some((_, path)) if path == "/metrics" => ("200 OK", render(echo)),
+        Some(_) => ("404 Not Found", "see /metrics\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Renders every metric.
+pub fn render(echo: &EchoService) -> String {
+    let mut out = String::new();
+    let user = &echo.counters;
+    let fast_path = echo.kernel.is_some();
+    metric(
+        &mut out,
+        "khttpd_fast_path_enabled",
+        "gauge",
+        "1 when the kernel fast path is attached.",
+        &[("", u64::from(fast_path))],
+    );
+    metric(
+        &mut out,
+        "khttpd_echo_connections_total",
+        "counter",
+        "Echo connections accepted, by the path that served them.",
+        &[
+            (
+                "path=\"kernel\"",
+                user.kernel_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "path=\"user\"",
+                user.user_connections.load(Ordering::Relaxed),
+            ),
+        ],
+    );
+    metric(
+        &mut out,
+        "khttpd_echo_user_bytes_total",
+        "counter",
+        "Bytes echoed by user space.",
+        &[("", user.bytes.load(Ordering::Relaxed))],
+    );
+    if let Some(kernel) = &echo.kernel {
+        let kernel_counters = [
+            (
+                Counter::Messages,
+                "khttpd_echo_kernel_messages_total",
+                "skbs echoed by the kernel.",
+            ),
+            (
+                Counter::Bytes,
+                "khttpd_echo_kernel_bytes_total",
+                "Bytes echoed by the kernel.",
+            ),
+            (
+                Counter::Passes,
+                "khttpd_echo_kernel_passes_total",
+                "skbs the kernel left to user space.",
+            ),
+            (
+                Counter::RedirectFailures,
+                "khttpd_echo_kernel_redirect_failures_total",
+                "Redirects the kernel refused.",
+            ),
+        ];
+        for (counter, name, help) in kernel_counters {
+            metric(
+                &mut out,
+                name,
+                "counter",
+                help,
+                &[("", kernel.counter(counter))],
+            );
+        }
+        metric(
+            &mut out,
+            "khttpd_echo_kernel_sockets",
+            "gauge",
+            "Entries in the echo sockhash.",
+            &[("", kernel.sockhash_entries() as u64)],
+        );
+        metric(
+            &mut out,
+            "khttpd_echo_kernel_connections",
+            "gauge",
+            "Kernel-path connections user space holds open.",
+            &[("", kernel.connections() as u64)],
+        );
+    }
+    let stats = echo.queue.stats();
+    let labels = format!(
+        "queue=\"{}\",kind=\"{}\"",
+        echo.queue.name(),
+        echo.queue.kind()
+    );
+    let queue_metrics = [
+        (
+            "khttpd_workqueue_pending",
+            "gauge",
+            "Work items queued and not started.",
+            stats.pending as u64,
+        ),
+        (
+            "khttpd_workqueue_active",
+            "gauge",
+            "Work items running.",
+            stats.active as u64,
+        ),
+        (
+            "khttpd_workqueue_workers",
+            "gauge",
+            "Workers alive.",
+            stats.workers as u64,
+        ),
+        (
+            "khttpd_workqueue_idle_workers",
+            "gauge",
+            "Workers waiting for work.",
+            stats.idle as u64,
+        ),
+        (
+            "khttpd_workqueue_completed_total",
+            "counter",
+            "Work items finished.",
+            stats.completed,
+        ),
+    ];
+    for (name, kind, help, value) in queue_metrics {
+        metric(&mut out, name, kind, help, &[(&labels, value)]);
+    }
+    out
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
