@@ -1,1 +1,109 @@
-fn main() {}
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask bench echo`.
+//!
+//! `run` and `test` first make sure the eBPF toolchain is installed (see `toolchain`), so a fresh
+//! clone on a fresh machine needs nothing but these two commands.
+
+mod bench_echo;
+mod toolchain;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "khttpd's build, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs (if missing), build khttpd (release) and run it as root.
+    Run {
+        /// Arguments for khttpd, e.g. `-- --iface lo --metrics 127.0.0.1:9100`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install what the eBPF build needs (if missing), then run every test (as root: real BPF).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- --nocapture`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks that start the server themselves in each mode.
+    #[command(subcommand)]
+    Bench(Bench),
+    /// Only check (and install) the eBPF toolchain.
+    Toolchain,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Echo: kernel fast path vs user space on the unbound and bound work queues.
+    Echo(bench_echo::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Toolchain => toolchain::ensure(),
+        Task::Run { args } => {
+            toolchain::ensure()?;
+            let khttpd = build_khttpd()?;
+            let mut command = if is_root() {
+                Command::new(&khttpd)
+            } else {
+                eprintln!("khttpd loads BPF programs: running it with sudo");
+                let mut sudo = Command::new("sudo");
+                sudo.arg(&khttpd);
+                sudo
+            };
+            Err(command.args(args).exec()).context("cannot start khttpd")
+        }
+        Task::Test { args } => {
+            toolchain::ensure()?;
+            if !is_root() {
+                eprintln!("warning: not root: tests that load BPF programs will be skipped (CI=true makes them fail)");
+            }
+            cargo(&["test", "--release", "--workspace", "--exclude", "khttpd-ebpf"], &args)
+        }
+        Task::Bench(Bench::Echo(args)) => {
+            toolchain::ensure()?;
+            bench_echo::run(&args, &build_khttpd()?)
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace")
+}
+
+/// Builds the release server and returns its path.
+pub fn build_khttpd() -> anyhow::Result<PathBuf> {
+    cargo(&["build", "--release", "--package", "khttpd"], &[])?;
+    Ok(workspace_root().join("target/release/khttpd"))
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .args(extra)
+        .current_dir(workspace_root())
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

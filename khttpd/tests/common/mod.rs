@@ -1,0 +1,240 @@
+//! Starts a real khttpd process for a test and reads its state from the outside: /metrics, its
+//! open file descriptors, and the BPF objects it holds (through /proc/<pid>/fdinfo and the bpf()
+//! syscall, not through the server's own reports).
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const KHTTPD: &str = env!("CARGO_BIN_EXE_khttpd");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Kernel,
+    UserUnbound,
+    UserBound,
+}
+
+pub const ALL_MODES: [Mode; 3] = [Mode::Kernel, Mode::UserUnbound, Mode::UserBound];
+
+impl Mode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Kernel => &["--fast-path", "on"],
+            Mode::UserUnbound => &["--fast-path", "off", "--workqueue", "unbound"],
+            Mode::UserBound => &["--fast-path", "off", "--workqueue", "bound"],
+        }
+    }
+}
+
+/// Whether this test may load BPF programs: as root, yes. Otherwise the test is skipped — except
+/// under CI=true, where a missing capability is a failure.
+pub fn bpf_allowed() -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: BPF tests must run as root");
+    eprintln!("skipped: not root, cannot load BPF programs");
+    false
+}
+
+/// A port free on both 127.0.0.1 and ::1 (khttpd listens on both addresses of `lo`).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        if TcpListener::bind((Ipv6Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+pub struct Server {
+    child: Child,
+    pub echo_port: u16,
+    pub metrics_addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    pub fn start(mode: Mode, extra: &[&str]) -> Server {
+        let echo_port = free_port();
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = Command::new(KHTTPD)
+            .args(mode.args())
+            .args(["--echo-port", &echo_port.to_string(), "--metrics", &metrics_addr.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn khttpd");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
+        let server = Server { child, echo_port, metrics_addr, stderr };
+        server.wait_ready(mode);
+        server
+    }
+
+    fn wait_ready(&self, mode: Mode) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = self.try_metrics_text() {
+                let fast_path = if mode == Mode::Kernel { "khttpd_fast_path_enabled 1" } else { "khttpd_fast_path_enabled 0" };
+                assert!(text.contains(fast_path), "wrong path for {mode:?}:\n{}", self.stderr());
+                return;
+            }
+            assert!(Instant::now() < deadline, "khttpd did not start:\n{}", self.stderr());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn echo_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.echo_port))
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn try_metrics_text(&self) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&self.metrics_addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    }
+
+    /// Every sample of /metrics, keyed by name with labels.
+    pub fn metrics(&self) -> HashMap<String, u64> {
+        let text = self.try_metrics_text().expect("metrics endpoint");
+        let body = text.split("\r\n\r\n").nth(1).expect("metrics body");
+        body.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let (name, value) = line.rsplit_once(' ').unwrap();
+                (name.to_owned(), value.parse().unwrap())
+            })
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        *self.metrics().get(name).unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    /// Open file descriptors of the server process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// Ids of the BPF programs and maps the server holds, read from /proc/<pid>/fdinfo.
+    pub fn bpf_ids(&self) -> (Vec<u32>, Vec<u32>) {
+        let (mut programs, mut maps) = (Vec::new(), Vec::new());
+        for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid())).unwrap().flatten() {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+            for line in info.lines() {
+                if let Some(id) = line.strip_prefix("prog_id:") {
+                    programs.push(id.trim().parse().unwrap());
+                } else if let Some(id) = line.strip_prefix("map_id:") {
+                    maps.push(id.trim().parse().unwrap());
+                }
+            }
+        }
+        programs.sort_unstable();
+        programs.dedup();
+        maps.sort_unstable();
+        maps.dedup();
+        (programs, maps)
+    }
+
+    /// Entries in the server's echo sockhash, read through the bpf() syscall by map id.
+    pub fn sockhash_entries(&self) -> usize {
+        let (_, maps) = self.bpf_ids();
+        for id in maps {
+            let Ok(info) = aya::maps::MapInfo::from_id(id) else { continue };
+            if info.name_as_str() == Some(khttpd_common::echo::SOCKETS_MAP) {
+                let data = aya::maps::MapData::from_id(id).unwrap();
+                let map: aya::maps::SockHash<_, u64> = aya::maps::Map::SockHash(data).try_into().unwrap();
+                return map.keys().filter(Result::is_ok).count();
+            }
+        }
+        panic!("server holds no {} map", khttpd_common::echo::SOCKETS_MAP);
+    }
+
+    /// SIGTERM, then the exit status (killed after 15 s).
+    pub fn terminate(mut self) -> ExitStatus {
+        signal(self.pid(), libc::SIGTERM);
+        wait_bounded(&mut self.child, Duration::from_secs(15)).unwrap_or_else(|| panic!("khttpd ignored SIGTERM:\n{}", self.stderr()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid(), libc::SIGTERM);
+            if wait_bounded(&mut self.child, Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: signals our own child by pid.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `check` until it is true or `limit` passes; returns the last result.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ids of all BPF programs loaded on the machine.
+pub fn loaded_program_ids() -> Vec<u32> {
+    aya::programs::loaded_programs().filter_map(Result::ok).map(|info| info.id()).collect()
+}

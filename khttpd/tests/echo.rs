@@ -1,0 +1,297 @@
+//! The echo service against a real server process: real sockets on loopback, real BPF programs.
+
+mod common;
+
+use std::{io, net::SocketAddr, process::Command, time::Duration};
+
+use common::{bpf_allowed, eventually, free_port, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD};
+use rand::{Rng, RngCore, SeedableRng};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+const CLIENT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Sends `payload` while reading the echo concurrently (a large payload would otherwise fill both
+/// directions' buffers), and returns what came back.
+async fn echo(addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let mut echoed = vec![0; payload.len()];
+    let write = async {
+        writer.write_all(payload).await?;
+        Ok::<_, io::Error>(writer)
+    };
+    let read = reader.read_exact(&mut echoed);
+    let (writer, _) = tokio::try_join!(write, read)?;
+    drop(writer);
+    Ok(echoed)
+}
+
+/// Random payloads from 1 B to 1 MiB, log-uniform so both tiny and huge sizes are common.
+fn payloads(count: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let len = 2f64.powf(rng.gen_range(0.0..=20.0)).round() as usize;
+            let mut payload = vec![0; len.clamp(1, 1 << 20)];
+            rng.fill_bytes(&mut payload);
+            payload
+        })
+        .collect()
+}
+
+async fn echo_all_concurrently(addr: SocketAddr, payloads: &[Vec<u8>]) -> u64 {
+    let mut clients = tokio::task::JoinSet::new();
+    for (i, payload) in payloads.iter().enumerate() {
+        let payload = payload.clone();
+        clients.spawn(async move {
+            let echoed = timeout(CLIENT_LIMIT, echo(addr, &payload)).await.expect("echo timed out").expect("echo failed");
+            assert!(echoed == payload, "client {i}: {} bytes came back different", payload.len());
+            payload.len() as u64
+        });
+    }
+    let mut total = 0;
+    while let Some(sent) = clients.join_next().await {
+        total += sent.unwrap();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_payloads_come_back_exactly_in_every_mode() {
+    for mode in ALL_MODES {
+        if mode == Mode::Kernel && !bpf_allowed() {
+            continue;
+        }
+        let server = Server::start(mode, &[]);
+        let sent = echo_all_concurrently(server.echo_addr(), &payloads(200, 7)).await;
+
+        let metrics = server.metrics();
+        let kernel_bytes = metrics.get("khttpd_echo_kernel_bytes_total").copied().unwrap_or(0);
+        let user_bytes = metrics["khttpd_echo_user_bytes_total"];
+        if mode == Mode::Kernel {
+            // Proof the kernel answered: it accounts for every byte, user space read none.
+            assert_eq!((kernel_bytes, user_bytes), (sent, 0), "{mode:?}");
+            assert_eq!(metrics["khttpd_echo_kernel_passes_total"], 0);
+            assert_eq!(metrics["khttpd_echo_connections_total{path=\"kernel\"}"], 200);
+        } else {
+            assert_eq!(user_bytes, sent, "{mode:?}");
+            assert_eq!(metrics["khttpd_echo_connections_total{path=\"user\"}"], 200);
+        }
+        assert_eq!(server.terminate().code(), Some(0), "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_clients_get_everything_back() {
+    for mode in ALL_MODES {
+        if mode == Mode::Kernel && !bpf_allowed() {
+            continue;
+        }
+        let server = Server::start(mode, &[]);
+        let payload = &payloads(1, 11)[0];
+        let payload: Vec<u8> = payload.iter().chain(payload).copied().collect();
+        let mut stream = TcpStream::connect(server.echo_addr()).await.unwrap();
+        let exchange = async {
+            let (mut reader, mut writer) = stream.split();
+            let write = async {
+                writer.write_all(&payload).await?;
+                // Done sending; the server must still send everything back before closing.
+                writer.shutdown().await
+            };
+            let mut echoed = Vec::new();
+            let read = reader.read_to_end(&mut echoed);
+            tokio::try_join!(write, read)?;
+            Ok::<_, io::Error>(echoed)
+        };
+        let echoed = timeout(CLIENT_LIMIT, exchange).await.expect("timed out").unwrap();
+        assert!(echoed == payload, "{mode:?}: got {} of {} bytes", echoed.len(), payload.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_send_right_after_connect_are_all_echoed() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Kernel, &[]);
+    let addr = server.echo_addr();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..1000u32 {
+        clients.spawn(async move {
+            let message = format!("early bytes from client {i}\n");
+            // No pause between connect and send: the bytes usually arrive before the server has
+            // accepted the socket and put it in the sockhash.
+            let echoed = timeout(Duration::from_secs(30), echo(addr, message.as_bytes())).await;
+            (i, echoed.map(|r| r.map(|bytes| bytes == message.as_bytes())))
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(result) = clients.join_next().await {
+        let (i, outcome) = result.unwrap();
+        if !matches!(outcome, Ok(Ok(true))) {
+            failed.push((i, format!("{outcome:?}")));
+        }
+    }
+    assert!(failed.is_empty(), "{} of 1000 clients not echoed, e.g. {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert_eq!(server.metric("khttpd_echo_user_bytes_total"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_connections_leave_the_sockhash_and_the_fd_table() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Kernel, &[]);
+    let baseline_fds = server.fd_count();
+    assert_eq!(server.sockhash_entries(), 0);
+
+    let mut streams = Vec::new();
+    for i in 0..300 {
+        let mut stream = TcpStream::connect(server.echo_addr()).await.unwrap();
+        let message = format!("hold {i}");
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let mut echoed = vec![0; message.len()];
+        timeout(CLIENT_LIMIT, stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    assert_eq!(server.sockhash_entries(), 300);
+    assert_eq!(server.fd_count(), baseline_fds + 300);
+
+    drop(streams);
+    let drained = eventually(Duration::from_secs(10), || server.sockhash_entries() == 0 && server.fd_count() == baseline_fds);
+    assert!(drained, "sockhash {} entries, fds {} (baseline {baseline_fds})", server.sockhash_entries(), server.fd_count());
+    assert_eq!(server.metric("khttpd_echo_kernel_connections"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero_and_detaches_every_program() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Kernel, &[]);
+    // Open connections must not hold shutdown up.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(server.echo_addr()).await.unwrap());
+    }
+    let (programs, maps) = server.bpf_ids();
+    assert!(!programs.is_empty(), "a kernel-mode server holds its programs");
+    assert!(loaded_program_ids().iter().any(|id| programs.contains(id)));
+
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0));
+    let loaded = loaded_program_ids();
+    let left: Vec<_> = programs.iter().filter(|id| loaded.contains(id)).collect();
+    assert!(left.is_empty(), "programs {left:?} still loaded after exit");
+    for id in maps {
+        assert!(aya::maps::MapInfo::from_id(id).is_err(), "map {id} still exists after exit");
+    }
+    // The connections were closed by the server.
+    for mut stream in idle {
+        let mut byte = [0u8; 1];
+        let n = timeout(Duration::from_secs(5), stream.read(&mut byte)).await.unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)), "connection still open after shutdown");
+    }
+}
+
+#[tokio::test]
+async fn ebpf_log_records_reach_the_server_log_at_verbose() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Kernel, &["-v"]);
+    echo(server.echo_addr(), b"log me").await.unwrap();
+    let logged = eventually(Duration::from_secs(10), || server.stderr().contains("echo: peer closed, cookie"));
+    assert!(logged, "no record from the eBPF program in:\n{}", server.stderr());
+}
+
+/// Runs khttpd expecting it to fail at start-up; returns its stderr.
+fn start_fails(prefix: &[&str], args: &[&str]) -> String {
+    let mut command = match prefix {
+        [] => Command::new(KHTTPD),
+        [program, rest @ ..] => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(KHTTPD);
+            command
+        }
+    };
+    let mut child = command
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20)).expect("khttpd should exit");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "khttpd {args:?} should fail; stderr:\n{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    errors[0].to_owned()
+}
+
+#[test]
+fn a_port_in_use_is_a_one_line_error() {
+    let port = free_port();
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let error = start_fails(&[], &["--fast-path", "off", "--echo-port", &port.to_string()]);
+    assert!(error.contains(&format!("cannot listen on 127.0.0.1:{port}")) && error.contains("in use"), "{error}");
+}
+
+#[test]
+fn an_unknown_interface_lists_the_real_ones() {
+    let error = start_fails(&[], &["--fast-path", "off", "--iface", "nosuch0"]);
+    assert!(error.contains("unknown interface `nosuch0`") && error.contains("lo"), "{error}");
+}
+
+/// Runs khttpd as `nobody` with no capabilities.
+const UNPRIVILEGED: &[&str] = &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"];
+
+#[test]
+fn fast_path_on_without_capabilities_is_a_one_line_error() {
+    if !bpf_allowed() {
+        return;
+    }
+    let port = free_port().to_string();
+    let error = start_fails(UNPRIVILEGED, &["--fast-path", "on", "--echo-port", &port]);
+    assert!(error.contains("missing capability") && error.contains("CAP_BPF"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_auto_without_capabilities_serves_from_user_space() {
+    if !bpf_allowed() {
+        return;
+    }
+    let port = free_port();
+    let mut child = Command::new(UNPRIVILEGED[0])
+        .args(&UNPRIVILEGED[1..])
+        .arg(KHTTPD)
+        .args(["--echo-port", &port.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let answered = async {
+        loop {
+            if let Ok(echoed) = echo(addr, b"fallback").await {
+                return echoed;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let echoed = timeout(Duration::from_secs(20), answered).await;
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_bounded(&mut child, Duration::from_secs(15)).expect("exit after SIGTERM");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(echoed.expect("no echo from the fallback server"), b"fallback");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("missing capability")).collect();
+    assert_eq!(warnings.len(), 1, "one warning expected:\n{stderr}");
+    assert!(warnings[0].contains("serving from user space"), "{stderr}");
+}
