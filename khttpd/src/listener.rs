@@ -4,10 +4,14 @@
 use std::{
     ffi::CStr,
     fmt, io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream},
+    time::Duration,
 };
 
+use log::{debug, warn};
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::{fd::async_readable, shutdown::Shutdown};
 
 #[derive(Debug)]
 pub enum ListenError {
@@ -133,5 +137,47 @@ unsafe fn socket_addr(addr: *const libc::sockaddr) -> Option<SocketAddr> {
             )))
         }
         _ => None,
+    }
+}
+
+/// Accepts connections until shutdown and hands each (blocking mode, not registered with tokio) to
+/// `dispatch`. The accept queue is drained on every wake-up: one epoll event, many connections.
+pub async fn accept_loop(
+    listener: TcpListener,
+    mut shutdown: Shutdown,
+    service: &str,
+    mut dispatch: impl FnMut(TcpStream),
+) -> io::Result<()> {
+    let listener = async_readable(listener)?;
+    loop {
+        let mut ready = tokio::select! {
+            ready = listener.readable() => ready?,
+            () = shutdown.recv() => return Ok(()),
+        };
+        loop {
+            match ready.get_inner().accept() {
+                Ok((stream, peer)) => {
+                    debug!("{service}: accepted {peer}");
+                    dispatch(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    // Out of descriptors or memory: back off instead of spinning; the backlog
+                    // holds the waiting clients.
+                    warn!("{service}: accept failed: {e}; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+                Err(e) => debug!("{service}: accept failed: {e}"),
+            }
+        }
     }
 }

@@ -10,12 +10,13 @@
 mod echo;
 mod fast_path;
 mod fd;
+mod http;
 mod listener;
 mod metrics;
 mod shutdown;
 mod workqueue;
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
@@ -25,6 +26,8 @@ use tokio::{signal::unix, sync::broadcast};
 use crate::{
     echo::{kernel::KernelEcho, EchoService},
     fast_path::FastPath,
+    http::{Dispatch, HttpService},
+    metrics::Services,
     shutdown::Shutdown,
     workqueue::{Config, Kind, WorkQueue},
 };
@@ -39,13 +42,19 @@ enum FastPathMode {
     Off,
 }
 
-/// An echo server whose echo runs inside the kernel (sockmap + stream verdict).
+/// An HTTP and echo server whose hot path runs inside the kernel (sockmap programs).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
     /// Network interface to listen on (all its addresses; the sockets are bound to it).
     #[arg(long, default_value = "lo")]
     iface: String,
+    /// TCP port of the HTTP service.
+    #[arg(long, default_value_t = 8081)]
+    port: u16,
+    /// How user space serves HTTP connections: work items on the work queue, or a thread each.
+    #[arg(long, value_enum, default_value_t = Dispatch::Cmwq)]
+    dispatch: Dispatch,
     /// TCP port of the echo service.
     #[arg(long, default_value_t = 12345)]
     echo_port: u16,
@@ -117,7 +126,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
+    let echo_listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
+    let http_listeners = listener::bind(&args.iface, args.port, args.backlog)?;
     // Registered before anything is attached, so a signal during start-up still shuts down cleanly.
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
     let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
@@ -141,10 +151,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (None, None),
     };
 
-    let queue = WorkQueue::alloc(Config::new("khttpd_echo", args.workqueue, args.max_active))
-        .context("allocating the work queue")?;
+    let queue = |name| {
+        WorkQueue::alloc(Config::new(name, args.workqueue, args.max_active))
+            .context("allocating a work queue")
+    };
     let (notify_shutdown, _) = broadcast::channel(1);
-    let echo = EchoService::new(queue, kernel, notify_shutdown.clone());
+    let echo = EchoService::new(queue("khttpd_echo")?, kernel, notify_shutdown.clone());
+    let http = HttpService::new(
+        queue("khttpd_http")?,
+        args.dispatch,
+        notify_shutdown.clone(),
+    );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -153,14 +170,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         info!("metrics: http://{}/metrics", listener.local_addr()?);
-        tasks.spawn(metrics::serve(listener, echo.clone(), shutdown()));
+        let services = Arc::new(Services {
+            echo: echo.clone(),
+            http: http.clone(),
+        });
+        tasks.spawn(metrics::serve(listener, services, shutdown()));
     }
     let path = if fast_path.is_some() {
         "kernel"
     } else {
         "user space"
     };
-    for listener in listeners {
+    for listener in http_listeners {
+        info!(
+            "http: listening on {} ({} dispatch)",
+            listener.local_addr()?,
+            args.dispatch.as_str()
+        );
+        let http = http.clone();
+        let shutdown = shutdown();
+        tasks.spawn(async move {
+            if let Err(e) = http.accept_loop(listener, shutdown).await {
+                warn!("http: listener failed: {e}");
+            }
+        });
+    }
+    for listener in echo_listeners {
         info!(
             "echo: listening on {} ({path}, {} work queue)",
             listener.local_addr()?,
@@ -184,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = notify_shutdown.send(());
     while tasks.join_next().await.is_some() {}
     echo.stop().await;
+    http.stop().await;
     // Dropping the programs' object detaches them.
     drop(fast_path);
     info!("stopped");

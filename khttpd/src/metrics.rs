@@ -12,14 +12,25 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{echo::EchoService, shutdown::Shutdown};
+use crate::{
+    echo::EchoService,
+    http::HttpService,
+    shutdown::Shutdown,
+    workqueue::{Stats, WorkQueue},
+};
+
+/// Everything /metrics reports on.
+pub struct Services {
+    pub echo: Arc<EchoService>,
+    pub http: Arc<HttpService>,
+}
 
 /// Largest request head the endpoint reads.
 const MAX_REQUEST: usize = 8 * 1024;
 /// A scraper that sends nothing for this long is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, echo: Arc<EchoService>, mut shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, services: Arc<Services>, mut shutdown: Shutdown) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -32,16 +43,16 @@ pub async fn serve(listener: TcpListener, echo: Arc<EchoService>, mut shutdown: 
             },
             () = shutdown.recv() => return,
         };
-        let echo = Arc::clone(&echo);
+        let services = Arc::clone(&services);
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &echo).await {
+            if let Err(e) = answer(stream, &services).await {
                 debug!("metrics: {e}");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, echo: &EchoService) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, services: &Services) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let parsed = loop {
@@ -70,7 +81,7 @@ async fn answer(mut stream: TcpStream, echo: &EchoService) -> std::io::Result<()
     let (status, body) = match parsed {
         None => ("400 Bad Request", "bad request\n".to_owned()),
         Some((method, _)) if method != "GET" => ("405 Method Not Allowed", "only GET\n".to_owned()),
-        Some((_, path)) if path == "/metrics" => ("200 OK", render(echo)),
+        Some((_, path)) if path == "/metrics" => ("200 OK", render(services)),
         Some(_) => ("404 Not Found", "see /metrics\n".to_owned()),
     };
     let response = format!(
@@ -82,19 +93,36 @@ async fn answer(mut stream: TcpStream, echo: &EchoService) -> std::io::Result<()
 }
 
 /// Renders every metric.
-pub fn render(echo: &EchoService) -> String {
+pub fn render(services: &Services) -> String {
     let mut out = String::new();
+    render_echo(&mut out, &services.echo);
+    let http = &services.http;
+    metric(
+        &mut out,
+        "khttpd_http_connections_total",
+        "counter",
+        "HTTP connections accepted.",
+        &[(
+            &format!("dispatch=\"{}\"", http.dispatch.as_str()),
+            http.connections.load(Ordering::Relaxed),
+        )],
+    );
+    render_queues(&mut out, &[&services.echo.queue, &http.queue]);
+    out
+}
+
+fn render_echo(out: &mut String, echo: &EchoService) {
     let user = &echo.counters;
     let fast_path = echo.kernel.is_some();
     metric(
-        &mut out,
+        out,
         "khttpd_fast_path_enabled",
         "gauge",
         "1 when the kernel fast path is attached.",
         &[("", u64::from(fast_path))],
     );
     metric(
-        &mut out,
+        out,
         "khttpd_echo_connections_total",
         "counter",
         "Echo connections accepted, by the path that served them.",
@@ -110,7 +138,7 @@ pub fn render(echo: &EchoService) -> String {
         ],
     );
     metric(
-        &mut out,
+        out,
         "khttpd_echo_user_bytes_total",
         "counter",
         "Bytes echoed by user space.",
@@ -140,71 +168,74 @@ pub fn render(echo: &EchoService) -> String {
             ),
         ];
         for (counter, name, help) in kernel_counters {
-            metric(
-                &mut out,
-                name,
-                "counter",
-                help,
-                &[("", kernel.counter(counter))],
-            );
+            metric(out, name, "counter", help, &[("", kernel.counter(counter))]);
         }
         metric(
-            &mut out,
+            out,
             "khttpd_echo_kernel_sockets",
             "gauge",
             "Entries in the echo sockhash.",
             &[("", kernel.sockhash_entries() as u64)],
         );
         metric(
-            &mut out,
+            out,
             "khttpd_echo_kernel_connections",
             "gauge",
             "Kernel-path connections user space holds open.",
             &[("", kernel.connections() as u64)],
         );
     }
-    let stats = echo.queue.stats();
-    let labels = format!(
-        "queue=\"{}\",kind=\"{}\"",
-        echo.queue.name(),
-        echo.queue.kind()
-    );
-    let queue_metrics = [
+}
+
+/// One family per statistic, one sample per queue (a family's samples must stay together).
+fn render_queues(out: &mut String, queues: &[&WorkQueue]) {
+    let samples: Vec<(String, Stats)> = queues
+        .iter()
+        .map(|queue| {
+            (
+                format!("queue=\"{}\",kind=\"{}\"", queue.name(), queue.kind()),
+                queue.stats(),
+            )
+        })
+        .collect();
+    let by = |value: fn(&Stats) -> u64| -> Vec<(&str, u64)> {
+        samples
+            .iter()
+            .map(|(labels, stats)| (labels.as_str(), value(stats)))
+            .collect()
+    };
+    let families: [(&str, &str, &str, fn(&Stats) -> u64); 5] = [
         (
             "khttpd_workqueue_pending",
             "gauge",
             "Work items queued and not started.",
-            stats.pending as u64,
+            |s| s.pending as u64,
         ),
         (
             "khttpd_workqueue_active",
             "gauge",
             "Work items running.",
-            stats.active as u64,
+            |s| s.active as u64,
         ),
-        (
-            "khttpd_workqueue_workers",
-            "gauge",
-            "Workers alive.",
-            stats.workers as u64,
-        ),
+        ("khttpd_workqueue_workers", "gauge", "Workers alive.", |s| {
+            s.workers as u64
+        }),
         (
             "khttpd_workqueue_idle_workers",
             "gauge",
             "Workers waiting for work.",
-            stats.idle as u64,
+            |s| s.idle as u64,
         ),
         (
             "khttpd_workqueue_completed_total",
             "counter",
             "Work items finished.",
-            stats.completed,
+            |s| s.completed,
         ),
     ];
-    for (name, kind, help, value) in queue_metrics {
-        metric(&mut out, name, kind, help, &[(&labels, value)]);
+    for (name, kind, help, value) in families {
+        metric(out, name, kind, help, &by(value));
     }
-    out
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {

@@ -4,7 +4,9 @@ mod common;
 
 use std::{io, net::SocketAddr, process::Command, time::Duration};
 
-use common::{bpf_allowed, eventually, free_port, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD};
+use common::{
+    bpf_allowed, eventually, free_port, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD,
+};
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -48,8 +50,15 @@ async fn echo_all_concurrently(addr: SocketAddr, payloads: &[Vec<u8>]) -> u64 {
     for (i, payload) in payloads.iter().enumerate() {
         let payload = payload.clone();
         clients.spawn(async move {
-            let echoed = timeout(CLIENT_LIMIT, echo(addr, &payload)).await.expect("echo timed out").expect("echo failed");
-            assert!(echoed == payload, "client {i}: {} bytes came back different", payload.len());
+            let echoed = timeout(CLIENT_LIMIT, echo(addr, &payload))
+                .await
+                .expect("echo timed out")
+                .expect("echo failed");
+            assert!(
+                echoed == payload,
+                "client {i}: {} bytes came back different",
+                payload.len()
+            );
             payload.len() as u64
         });
     }
@@ -70,13 +79,19 @@ async fn random_payloads_come_back_exactly_in_every_mode() {
         let sent = echo_all_concurrently(server.echo_addr(), &payloads(200, 7)).await;
 
         let metrics = server.metrics();
-        let kernel_bytes = metrics.get("khttpd_echo_kernel_bytes_total").copied().unwrap_or(0);
+        let kernel_bytes = metrics
+            .get("khttpd_echo_kernel_bytes_total")
+            .copied()
+            .unwrap_or(0);
         let user_bytes = metrics["khttpd_echo_user_bytes_total"];
         if mode == Mode::Kernel {
             // Proof the kernel answered: it accounts for every byte, user space read none.
             assert_eq!((kernel_bytes, user_bytes), (sent, 0), "{mode:?}");
             assert_eq!(metrics["khttpd_echo_kernel_passes_total"], 0);
-            assert_eq!(metrics["khttpd_echo_connections_total{path=\"kernel\"}"], 200);
+            assert_eq!(
+                metrics["khttpd_echo_connections_total{path=\"kernel\"}"],
+                200
+            );
         } else {
             assert_eq!(user_bytes, sent, "{mode:?}");
             assert_eq!(metrics["khttpd_echo_connections_total{path=\"user\"}"], 200);
@@ -107,8 +122,16 @@ async fn half_closed_clients_get_everything_back() {
             tokio::try_join!(write, read)?;
             Ok::<_, io::Error>(echoed)
         };
-        let echoed = timeout(CLIENT_LIMIT, exchange).await.expect("timed out").unwrap();
-        assert!(echoed == payload, "{mode:?}: got {} of {} bytes", echoed.len(), payload.len());
+        let echoed = timeout(CLIENT_LIMIT, exchange)
+            .await
+            .expect("timed out")
+            .unwrap();
+        assert!(
+            echoed == payload,
+            "{mode:?}: got {} of {} bytes",
+            echoed.len(),
+            payload.len()
+        );
     }
 }
 
@@ -126,7 +149,10 @@ async fn clients_that_send_right_after_connect_are_all_echoed() {
             // No pause between connect and send: the bytes usually arrive before the server has
             // accepted the socket and put it in the sockhash.
             let echoed = timeout(Duration::from_secs(30), echo(addr, message.as_bytes())).await;
-            (i, echoed.map(|r| r.map(|bytes| bytes == message.as_bytes())))
+            (
+                i,
+                echoed.map(|r| r.map(|bytes| bytes == message.as_bytes())),
+            )
         });
     }
     let mut failed = Vec::new();
@@ -136,7 +162,12 @@ async fn clients_that_send_right_after_connect_are_all_echoed() {
             failed.push((i, format!("{outcome:?}")));
         }
     }
-    assert!(failed.is_empty(), "{} of 1000 clients not echoed, e.g. {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(
+        failed.is_empty(),
+        "{} of 1000 clients not echoed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     assert_eq!(server.metric("khttpd_echo_user_bytes_total"), 0);
 }
 
@@ -155,15 +186,25 @@ async fn closed_connections_leave_the_sockhash_and_the_fd_table() {
         let message = format!("hold {i}");
         stream.write_all(message.as_bytes()).await.unwrap();
         let mut echoed = vec![0; message.len()];
-        timeout(CLIENT_LIMIT, stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+        timeout(CLIENT_LIMIT, stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
         streams.push(stream);
     }
     assert_eq!(server.sockhash_entries(), 300);
     assert_eq!(server.fd_count(), baseline_fds + 300);
 
     drop(streams);
-    let drained = eventually(Duration::from_secs(10), || server.sockhash_entries() == 0 && server.fd_count() == baseline_fds);
-    assert!(drained, "sockhash {} entries, fds {} (baseline {baseline_fds})", server.sockhash_entries(), server.fd_count());
+    let drained = eventually(Duration::from_secs(10), || {
+        server.sockhash_entries() == 0 && server.fd_count() == baseline_fds
+    });
+    assert!(
+        drained,
+        "sockhash {} entries, fds {} (baseline {baseline_fds})",
+        server.sockhash_entries(),
+        server.fd_count()
+    );
     assert_eq!(server.metric("khttpd_echo_kernel_connections"), 0);
 }
 
@@ -179,7 +220,10 @@ async fn sigterm_exits_zero_and_detaches_every_program() {
         idle.push(TcpStream::connect(server.echo_addr()).await.unwrap());
     }
     let (programs, maps) = server.bpf_ids();
-    assert!(!programs.is_empty(), "a kernel-mode server holds its programs");
+    assert!(
+        !programs.is_empty(),
+        "a kernel-mode server holds its programs"
+    );
     assert!(loaded_program_ids().iter().any(|id| programs.contains(id)));
 
     let status = server.terminate();
@@ -188,13 +232,21 @@ async fn sigterm_exits_zero_and_detaches_every_program() {
     let left: Vec<_> = programs.iter().filter(|id| loaded.contains(id)).collect();
     assert!(left.is_empty(), "programs {left:?} still loaded after exit");
     for id in maps {
-        assert!(aya::maps::MapInfo::from_id(id).is_err(), "map {id} still exists after exit");
+        assert!(
+            aya::maps::MapInfo::from_id(id).is_err(),
+            "map {id} still exists after exit"
+        );
     }
     // The connections were closed by the server.
     for mut stream in idle {
         let mut byte = [0u8; 1];
-        let n = timeout(Duration::from_secs(5), stream.read(&mut byte)).await.unwrap();
-        assert!(matches!(n, Ok(0) | Err(_)), "connection still open after shutdown");
+        let n = timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .unwrap();
+        assert!(
+            matches!(n, Ok(0) | Err(_)),
+            "connection still open after shutdown"
+        );
     }
 }
 
@@ -205,8 +257,14 @@ async fn ebpf_log_records_reach_the_server_log_at_verbose() {
     }
     let server = Server::start(Mode::Kernel, &["-v"]);
     echo(server.echo_addr(), b"log me").await.unwrap();
-    let logged = eventually(Duration::from_secs(10), || server.stderr().contains("echo: peer closed, cookie"));
-    assert!(logged, "no record from the eBPF program in:\n{}", server.stderr());
+    let logged = eventually(Duration::from_secs(10), || {
+        server.stderr().contains("echo: peer closed, cookie")
+    });
+    assert!(
+        logged,
+        "no record from the eBPF program in:\n{}",
+        server.stderr()
+    );
 }
 
 /// Runs khttpd expecting it to fail at start-up; returns its stderr.
@@ -225,10 +283,14 @@ fn start_fails(prefix: &[&str], args: &[&str]) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let status = common::wait_bounded(&mut child, Duration::from_secs(20)).expect("khttpd should exit");
+    let status =
+        common::wait_bounded(&mut child, Duration::from_secs(20)).expect("khttpd should exit");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "khttpd {args:?} should fail; stderr:\n{stderr}");
+    assert!(
+        !status.success(),
+        "khttpd {args:?} should fail; stderr:\n{stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
     errors[0].to_owned()
@@ -238,18 +300,34 @@ fn start_fails(prefix: &[&str], args: &[&str]) -> String {
 fn a_port_in_use_is_a_one_line_error() {
     let port = free_port();
     let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let error = start_fails(&[], &["--fast-path", "off", "--echo-port", &port.to_string()]);
-    assert!(error.contains(&format!("cannot listen on 127.0.0.1:{port}")) && error.contains("in use"), "{error}");
+    let error = start_fails(
+        &[],
+        &["--fast-path", "off", "--echo-port", &port.to_string()],
+    );
+    assert!(
+        error.contains(&format!("cannot listen on 127.0.0.1:{port}")) && error.contains("in use"),
+        "{error}"
+    );
 }
 
 #[test]
 fn an_unknown_interface_lists_the_real_ones() {
     let error = start_fails(&[], &["--fast-path", "off", "--iface", "nosuch0"]);
-    assert!(error.contains("unknown interface `nosuch0`") && error.contains("lo"), "{error}");
+    assert!(
+        error.contains("unknown interface `nosuch0`") && error.contains("lo"),
+        "{error}"
+    );
 }
 
 /// Runs khttpd as `nobody` with no capabilities.
-const UNPRIVILEGED: &[&str] = &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"];
+const UNPRIVILEGED: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
 
 #[test]
 fn fast_path_on_without_capabilities_is_a_one_line_error() {
@@ -258,7 +336,10 @@ fn fast_path_on_without_capabilities_is_a_one_line_error() {
     }
     let port = free_port().to_string();
     let error = start_fails(UNPRIVILEGED, &["--fast-path", "on", "--echo-port", &port]);
-    assert!(error.contains("missing capability") && error.contains("CAP_BPF"), "{error}");
+    assert!(
+        error.contains("missing capability") && error.contains("CAP_BPF"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,12 +367,19 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
     let echoed = timeout(Duration::from_secs(20), answered).await;
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = common::wait_bounded(&mut child, Duration::from_secs(15)).expect("exit after SIGTERM");
+    let status =
+        common::wait_bounded(&mut child, Duration::from_secs(15)).expect("exit after SIGTERM");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(echoed.expect("no echo from the fallback server"), b"fallback");
+    assert_eq!(
+        echoed.expect("no echo from the fallback server"),
+        b"fallback"
+    );
     assert_eq!(status.code(), Some(0), "{stderr}");
-    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("missing capability")).collect();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("missing capability"))
+        .collect();
     assert_eq!(warnings.len(), 1, "one warning expected:\n{stderr}");
     assert!(warnings[0].contains("serving from user space"), "{stderr}");
 }

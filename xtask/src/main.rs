@@ -70,7 +70,16 @@ fn main() -> anyhow::Result<()> {
             if !is_root() {
                 eprintln!("warning: not root: tests that load BPF programs will be skipped (CI=true makes them fail)");
             }
-            cargo(&["test", "--release", "--workspace", "--exclude", "khttpd-ebpf"], &args)
+            cargo(
+                &[
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "khttpd-ebpf",
+                ],
+                &args,
+            )
         }
         Task::Bench(Bench::Echo(args)) => {
             toolchain::ensure()?;
@@ -86,7 +95,9 @@ fn is_root() -> bool {
 
 /// The workspace root (this crate's parent directory).
 pub fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
 }
 
 /// Builds the release server and returns its path.

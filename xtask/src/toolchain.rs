@@ -47,10 +47,17 @@ pub fn ensure() -> anyhow::Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        let commands: Vec<&str> = missing.iter().flat_map(|step| step.commands.iter().copied()).collect();
+        let commands: Vec<&str> = missing
+            .iter()
+            .flat_map(|step| step.commands.iter().copied())
+            .collect();
         bail!(
             "missing for the eBPF build: {}. As root, run:\n  {}",
-            missing.iter().map(|step| step.what).collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .map(|step| step.what)
+                .collect::<Vec<_>>()
+                .join(", "),
             commands.join("\n  ")
         );
     }
@@ -58,7 +65,11 @@ pub fn ensure() -> anyhow::Result<()> {
         eprintln!("xtask: installing {}", step.what);
         for command in step.commands {
             eprintln!("xtask: $ {command}");
-            let status = Command::new("sh").arg("-c").arg(command).status().context("cannot run sh")?;
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .status()
+                .context("cannot run sh")?;
             if !status.success() {
                 bail!("`{command}` failed ({status})");
             }
@@ -72,26 +83,35 @@ pub fn ensure() -> anyhow::Result<()> {
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn toolchain_installed(name: &str) -> bool {
-    output("rustup", &["toolchain", "list"]).is_some_and(|list| list.lines().any(|l| l.starts_with(name)))
+    output("rustup", &["toolchain", "list"])
+        .is_some_and(|list| list.lines().any(|l| l.starts_with(name)))
 }
 
 fn has_rust_src() -> bool {
     // Cheaper than `rustup component list`: look for the sources in the toolchain's sysroot.
     output("rustup", &["run", NIGHTLY, "rustc", "--print", "sysroot"]).is_some_and(|sysroot| {
-        PathBuf::from(sysroot.trim()).join("lib/rustlib/src/rust/library/core/Cargo.toml").exists()
+        PathBuf::from(sysroot.trim())
+            .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+            .exists()
     })
 }
 
 fn has_bpf_linker() -> bool {
-    let Some(version) = output("bpf-linker", &["--version"]) else { return false };
+    let Some(version) = output("bpf-linker", &["--version"]) else {
+        return false;
+    };
     if !version.starts_with(BPF_LINKER_VERSION) {
         return false;
     }
     // A linker built against another LLVM fails at link time with confusing errors.
-    let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else { return false };
+    let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else {
+        return false;
+    };
     output("ldd", &[path.trim()]).is_some_and(|libs| libs.contains(LLVM_LIB))
 }

@@ -19,13 +19,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
 use log::{debug, warn};
 use tokio::sync::broadcast;
 
-use crate::{fd::async_readable, shutdown::Shutdown, workqueue::WorkQueue};
+use crate::{listener, shutdown::Shutdown, workqueue::WorkQueue};
 use kernel::KernelEcho;
 
 /// Counters of the user-space side (the kernel keeps its own, see `KernelEcho::counters`).
@@ -61,41 +60,9 @@ impl EchoService {
     pub async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
-        mut shutdown: Shutdown,
+        shutdown: Shutdown,
     ) -> io::Result<()> {
-        let listener = async_readable(listener)?;
-        loop {
-            let mut ready = tokio::select! {
-                ready = listener.readable() => ready?,
-                () = shutdown.recv() => return Ok(()),
-            };
-            // Drain the accept queue before waiting again: one wake-up, many connections.
-            loop {
-                match ready.get_inner().accept() {
-                    Ok((stream, peer)) => {
-                        debug!("echo: accepted {peer}");
-                        self.dispatch(stream);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready.clear_ready();
-                        break;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                        ) =>
-                    {
-                        // Out of descriptors or memory: back off instead of spinning; the backlog
-                        // holds the waiting clients.
-                        warn!("echo: accept failed: {e}; retrying in 100 ms");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        break;
-                    }
-                    Err(e) => debug!("echo: accept failed: {e}"),
-                }
-            }
-        }
+        listener::accept_loop(listener, shutdown, "echo", |stream| self.dispatch(stream)).await
     }
 
     fn dispatch(&self, stream: std::net::TcpStream) {

@@ -23,7 +23,11 @@ pub async fn echo(
 ) {
     // Registering here, not in the acceptor, ties the socket to the runtime this work runs on
     // (a bound queue's per-CPU runtime).
-    let mut stream = match TcpStream::from_std(stream) {
+    // Accepted sockets start blocking; tokio needs them non-blocking.
+    let registered = stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream));
+    let mut stream = match registered {
         Ok(stream) => stream,
         Err(e) => {
             debug!("echo: cannot register connection: {e}");

@@ -41,7 +41,10 @@ pub fn bpf_allowed() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: BPF tests must run as root");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: BPF tests must run as root"
+    );
     eprintln!("skipped: not root, cannot load BPF programs");
     false
 }
@@ -71,7 +74,12 @@ impl Server {
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(KHTTPD)
             .args(mode.args())
-            .args(["--echo-port", &echo_port.to_string(), "--metrics", &metrics_addr.to_string()])
+            .args([
+                "--echo-port",
+                &echo_port.to_string(),
+                "--metrics",
+                &metrics_addr.to_string(),
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -88,7 +96,12 @@ impl Server {
                 sink.push('\n');
             }
         });
-        let server = Server { child, echo_port, metrics_addr, stderr };
+        let server = Server {
+            child,
+            echo_port,
+            metrics_addr,
+            stderr,
+        };
         server.wait_ready(mode);
         server
     }
@@ -97,11 +110,23 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = self.try_metrics_text() {
-                let fast_path = if mode == Mode::Kernel { "khttpd_fast_path_enabled 1" } else { "khttpd_fast_path_enabled 0" };
-                assert!(text.contains(fast_path), "wrong path for {mode:?}:\n{}", self.stderr());
+                let fast_path = if mode == Mode::Kernel {
+                    "khttpd_fast_path_enabled 1"
+                } else {
+                    "khttpd_fast_path_enabled 0"
+                };
+                assert!(
+                    text.contains(fast_path),
+                    "wrong path for {mode:?}:\n{}",
+                    self.stderr()
+                );
                 return;
             }
-            assert!(Instant::now() < deadline, "khttpd did not start:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "khttpd did not start:\n{}",
+                self.stderr()
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -141,19 +166,29 @@ impl Server {
     }
 
     pub fn metric(&self, name: &str) -> u64 {
-        *self.metrics().get(name).unwrap_or_else(|| panic!("no metric {name}"))
+        *self
+            .metrics()
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"))
     }
 
     /// Open file descriptors of the server process.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
     }
 
     /// Ids of the BPF programs and maps the server holds, read from /proc/<pid>/fdinfo.
     pub fn bpf_ids(&self) -> (Vec<u32>, Vec<u32>) {
         let (mut programs, mut maps) = (Vec::new(), Vec::new());
-        for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid())).unwrap().flatten() {
-            let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+        for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid()))
+            .unwrap()
+            .flatten()
+        {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
             for line in info.lines() {
                 if let Some(id) = line.strip_prefix("prog_id:") {
                     programs.push(id.trim().parse().unwrap());
@@ -173,10 +208,13 @@ impl Server {
     pub fn sockhash_entries(&self) -> usize {
         let (_, maps) = self.bpf_ids();
         for id in maps {
-            let Ok(info) = aya::maps::MapInfo::from_id(id) else { continue };
+            let Ok(info) = aya::maps::MapInfo::from_id(id) else {
+                continue;
+            };
             if info.name_as_str() == Some(khttpd_common::echo::SOCKETS_MAP) {
                 let data = aya::maps::MapData::from_id(id).unwrap();
-                let map: aya::maps::SockHash<_, u64> = aya::maps::Map::SockHash(data).try_into().unwrap();
+                let map: aya::maps::SockHash<_, u64> =
+                    aya::maps::Map::SockHash(data).try_into().unwrap();
                 return map.keys().filter(Result::is_ok).count();
             }
         }
@@ -186,7 +224,8 @@ impl Server {
     /// SIGTERM, then the exit status (killed after 15 s).
     pub fn terminate(mut self) -> ExitStatus {
         signal(self.pid(), libc::SIGTERM);
-        wait_bounded(&mut self.child, Duration::from_secs(15)).unwrap_or_else(|| panic!("khttpd ignored SIGTERM:\n{}", self.stderr()))
+        wait_bounded(&mut self.child, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("khttpd ignored SIGTERM:\n{}", self.stderr()))
     }
 }
 
@@ -236,5 +275,8 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
 
 /// Ids of all BPF programs loaded on the machine.
 pub fn loaded_program_ids() -> Vec<u32> {
-    aya::programs::loaded_programs().filter_map(Result::ok).map(|info| info.id()).collect()
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|info| info.id())
+        .collect()
 }

@@ -1,0 +1,155 @@
+//! Building response bytes. Every response carries Date, Server, Content-Type, Content-Length and
+//! Connection; the Date string is formatted once per second and shared.
+
+use std::{
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+pub const SERVER: &str = "khttpd";
+/// The body of every GET/HEAD while no document root is configured.
+pub const HELLO: &[u8] = b"Hello, World!\n";
+pub const ALLOW: &str = "GET, HEAD";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    BadRequest,
+    PayloadTooLarge,
+    UriTooLong,
+    HeaderFieldsTooLarge,
+    NotImplemented,
+    VersionNotSupported,
+}
+
+impl Status {
+    pub fn code(self) -> u16 {
+        match self {
+            Status::Ok => 200,
+            Status::BadRequest => 400,
+            Status::PayloadTooLarge => 413,
+            Status::UriTooLong => 414,
+            Status::HeaderFieldsTooLarge => 431,
+            Status::NotImplemented => 501,
+            Status::VersionNotSupported => 505,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::BadRequest => "Bad Request",
+            Status::PayloadTooLarge => "Content Too Large",
+            Status::UriTooLong => "URI Too Long",
+            Status::HeaderFieldsTooLarge => "Request Header Fields Too Large",
+            Status::NotImplemented => "Not Implemented",
+            Status::VersionNotSupported => "HTTP Version Not Supported",
+        }
+    }
+}
+
+/// Appends a complete response to `out`. `head_only` (HEAD) keeps the headers, drops the body.
+pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: bool) {
+    let error_body;
+    let (content_type, body): (&str, &[u8]) = if status == Status::Ok {
+        ("text/plain; charset=utf-8", HELLO)
+    } else {
+        error_body = format!("{} {}\n", status.code(), status.reason());
+        ("text/plain; charset=utf-8", error_body.as_bytes())
+    };
+    let allow = if status == Status::NotImplemented {
+        format!("Allow: {ALLOW}\r\n")
+    } else {
+        String::new()
+    };
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: {connection}\r\n\r\n",
+        status.code(),
+        status.reason(),
+        http_date(),
+        body.len(),
+    );
+    out.extend_from_slice(head.as_bytes());
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+/// The current time as an IMF-fixdate, cached for the second it names.
+pub fn http_date() -> String {
+    static CACHE: Mutex<(u64, String)> = Mutex::new((u64::MAX, String::new()));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut cache = CACHE.lock().unwrap();
+    if cache.0 != now {
+        *cache = (now, format_imf_fixdate(now));
+    }
+    cache.1.clone()
+}
+
+fn format_imf_fixdate(unix: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm), days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imf_fixdate() {
+        assert_eq!(format_imf_fixdate(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            format_imf_fixdate(784_111_777),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(
+            format_imf_fixdate(1_709_210_096),
+            "Thu, 29 Feb 2024 12:34:56 GMT"
+        );
+    }
+
+    #[test]
+    fn content_length_matches_the_body() {
+        for (status, head_only) in [
+            (Status::Ok, false),
+            (Status::NotImplemented, false),
+            (Status::Ok, true),
+        ] {
+            let mut out = Vec::new();
+            write(&mut out, status, true, head_only);
+            let text = String::from_utf8(out).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(body.len(), if head_only { 0 } else { length });
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! One HTTP/1.x connection as a state machine without I/O: bytes in, response bytes out, and
+//! whether to close. Both dispatch modes (work queue and thread per connection) drive the same
+//! `Session`, so they send the same bytes for the same input.
+//!
+//! Persistence follows RFC 9112 §9.3: HTTP/1.1 stays open unless either side says `close`; HTTP/1.0
+//! closes unless the request asks for `keep-alive`. Pipelined requests are answered in order. A
+//! request's response is produced once its body (if any) has been read and discarded.
+
+use super::response::{self, Status};
+
+/// Longest request line (method, target, version).
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Largest header section after the request line.
+pub const MAX_HEADER_SECTION: usize = 8 * 1024;
+/// Most header fields in one request.
+const MAX_HEADERS: usize = 100;
+/// Largest request body read (and discarded); larger ones get 413.
+pub const MAX_BODY: u64 = 1024 * 1024;
+/// Longest chunk-size line or trailer section of a chunked body.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// What the connection does after the bytes in `out` are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Read more.
+    Read,
+    /// Close (after writing everything, with a FIN).
+    Close,
+}
+
+#[derive(Default)]
+pub struct Session {
+    /// Received bytes not consumed yet.
+    input: Vec<u8>,
+    /// The request whose body is being discarded, if any.
+    body: Option<Body>,
+}
+
+struct Body {
+    framing: Framing,
+    /// Bytes of body seen so far.
+    total: u64,
+    /// The response owed once the body is done.
+    status: Status,
+    keep_alive: bool,
+    head_only: bool,
+}
+
+enum Framing {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd,
+    Trailers,
+}
+
+/// A parsed request head, reduced to what decides the response.
+struct Head {
+    status: Status,
+    keep_alive: bool,
+    head_only: bool,
+    framing: Option<Framing>,
+}
+
+impl Session {
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// Takes bytes from the client and appends every response they complete to `out`.
+    pub fn receive(&mut self, data: &[u8], out: &mut Vec<u8>) -> Next {
+        let mut input = std::mem::take(&mut self.input);
+        input.extend_from_slice(data);
+        let mut consumed = 0;
+        let next = loop {
+            match self.step(&input[consumed..], out) {
+                Step::Consumed(0) => break Next::Read,
+                Step::Consumed(n) => consumed += n,
+                Step::Close => break Next::Close,
+            }
+        };
+        input.drain(..consumed);
+        self.input = input;
+        next
+    }
+
+    fn step(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {
+        if self.body.is_some() {
+            return self.discard_body(input, out);
+        }
+        if input.is_empty() {
+            return Step::Consumed(0);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let parsed = request.parse(input);
+        match parsed {
+            Ok(httparse::Status::Partial) => match oversize(input) {
+                Some(status) => fail(out, status),
+                None => Step::Consumed(0),
+            },
+            Ok(httparse::Status::Complete(len)) => {
+                if let Some(status) = oversize(&input[..len]) {
+                    return fail(out, status);
+                }
+                let head = evaluate(&request);
+                match head.framing {
+                    None => {
+                        response::write(out, head.status, head.keep_alive, head.head_only);
+                        if head.keep_alive {
+                            Step::Consumed(len)
+                        } else {
+                            Step::Close
+                        }
+                    }
+                    Some(framing) => {
+                        self.body = Some(Body {
+                            framing,
+                            total: 0,
+                            status: head.status,
+                            keep_alive: head.keep_alive,
+                            head_only: head.head_only,
+                        });
+                        Step::Consumed(len)
+                    }
+                }
+            }
+            Err(httparse::Error::Version) => fail(out, Status::VersionNotSupported),
+            Err(httparse::Error::TooManyHeaders) => fail(out, Status::HeaderFieldsTooLarge),
+            Err(_) => fail(out, Status::BadRequest),
+        }
+    }
+
+    /// Reads and drops body bytes; answers when the body is complete.
+    fn discard_body(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {
+        let body = self.body.as_mut().expect("a body is being read");
+        let (consumed, framing) = match body.framing {
+            Framing::Length(remaining) => {
+                let n = remaining.min(input.len() as u64);
+                (
+                    n as usize,
+                    (remaining > n).then_some(Framing::Length(remaining - n)),
+                )
+            }
+            Framing::ChunkSize => match httparse::parse_chunk_size(input) {
+                Ok(httparse::Status::Complete((len, 0))) => (len, Some(Framing::Trailers)),
+                Ok(httparse::Status::Complete((len, size))) => {
+                    body.total = body.total.saturating_add(size);
+                    if body.total > MAX_BODY {
+                        return fail(out, Status::PayloadTooLarge);
+                    }
+                    (len, Some(Framing::ChunkData(size)))
+                }
+                Ok(httparse::Status::Partial) if input.len() <= MAX_CHUNK_LINE => {
+                    return Step::Consumed(0)
+                }
+                _ => return fail(out, Status::BadRequest),
+            },
+            Framing::ChunkData(remaining) => {
+                let n = remaining.min(input.len() as u64);
+                let next = if remaining > n {
+                    Framing::ChunkData(remaining - n)
+                } else {
+                    Framing::ChunkDataEnd
+                };
+                (n as usize, Some(next))
+            }
+            Framing::ChunkDataEnd => match input {
+                [b'\r', b'\n', ..] => (2, Some(Framing::ChunkSize)),
+                [b'\r'] | [] => return Step::Consumed(0),
+                _ => return fail(out, Status::BadRequest),
+            },
+            // Trailer fields are ignored; the body ends at the empty line.
+            Framing::Trailers => match input.windows(2).position(|w| w == b"\r\n") {
+                Some(0) => (2, None),
+                Some(end) => (end + 2, Some(Framing::Trailers)),
+                None if input.len() <= MAX_CHUNK_LINE => return Step::Consumed(0),
+                None => return fail(out, Status::BadRequest),
+            },
+        };
+        match framing {
+            Some(framing) => {
+                body.framing = framing;
+                Step::Consumed(consumed)
+            }
+            None => {
+                let body = self.body.take().expect("a body is being read");
+                response::write(out, body.status, body.keep_alive, body.head_only);
+                if body.keep_alive {
+                    // Every framing ends by consuming at least one byte, so this is progress.
+                    Step::Consumed(consumed)
+                } else {
+                    Step::Close
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    /// This many input bytes were used; 0 means more input is needed.
+    Consumed(usize),
+    /// A final response was written; the connection closes.
+    Close,
+}
+
+fn fail(out: &mut Vec<u8>, status: Status) -> Step {
+    response::write(out, status, false, false);
+    Step::Close
+}
+
+/// 414 or 431 when an incomplete (or complete) head is already over a limit.
+fn oversize(head: &[u8]) -> Option<Status> {
+    match head.iter().position(|&b| b == b'\n') {
+        None if head.len() > MAX_REQUEST_LINE => Some(Status::UriTooLong),
+        Some(line_end) if line_end > MAX_REQUEST_LINE => Some(Status::UriTooLong),
+        Some(line_end) if head.len() - line_end > MAX_HEADER_SECTION => {
+            Some(Status::HeaderFieldsTooLarge)
+        }
+        _ => None,
+    }
+}
+
+fn evaluate(request: &httparse::Request<'_, '_>) -> Head {
+    let http11 = request.version == Some(1);
+    let method = request.method.unwrap_or("");
+    let head_only = method == "HEAD";
+    let mut content_length: Option<u64> = None;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let (mut close, mut keep_alive, mut hosts) = (false, false, 0);
+    let bad = |keep| Head {
+        status: Status::BadRequest,
+        keep_alive: keep,
+        head_only: false,
+        framing: None,
+    };
+    for header in request.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            // Digits only: no sign, no spaces inside, no list. Repeats must agree.
+            let Some(value) = parse_length(header.value) else {
+                return bad(false);
+            };
+            if content_length.is_some_and(|existing| existing != value) {
+                return bad(false);
+            }
+            content_length = Some(value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if transfer_encoding.is_some() {
+                return bad(false);
+            }
+            transfer_encoding = Some(header.value);
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in header.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        }
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host.
+    if hosts > 1 || (http11 && hosts == 0) {
+        return bad(false);
+    }
+    let framing = match (content_length, transfer_encoding) {
+        // Both framings at once is the classic smuggling shape: refuse it.
+        (Some(_), Some(_)) => return bad(false),
+        // HTTP/1.0 has no transfer codings; only a lone `chunked` is understood.
+        (None, Some(te)) if !http11 || !te.trim_ascii().eq_ignore_ascii_case(b"chunked") => {
+            return bad(false)
+        }
+        (None, Some(_)) => Some(Framing::ChunkSize),
+        (Some(length), None) if length > MAX_BODY => {
+            return Head {
+                status: Status::PayloadTooLarge,
+                keep_alive: false,
+                head_only: false,
+                framing: None,
+            }
+        }
+        (Some(0), None) | (None, None) => None,
+        (Some(length), None) => Some(Framing::Length(length)),
+    };
+    let keep_alive = if http11 { !close } else { keep_alive && !close };
+    let status = if method == "GET" || head_only {
+        Status::Ok
+    } else {
+        Status::NotImplemented
+    };
+    Head {
+        status,
+        keep_alive,
+        head_only,
+        framing,
+    }
+}
+
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}

@@ -1,0 +1,771 @@
+//! `cargo xtask bench echo`: does answering in the kernel pay off against the user-space echo?
+//!
+//! Why: khttpd's claim is that a sockmap stream verdict echoing inside the kernel beats reading and
+//! writing every byte from user space. That holds only if the numbers say so, measured the same way
+//! for every mode, against the same binary, on the same machine, in one run.
+//!
+//! Method: for each mode (kernel fast path; user space on the unbound work queue; user space on the
+//! bound, per-CPU work queue) this starts its own `khttpd` on free ports, waits until the echo port
+//! accepts and `/metrics` answers, then measures:
+//! 1. Latency, as kecho's `bench` does: N clients, each on its own connection, are released together
+//!    by a barrier, send one message and time the full echo. Repeated for R rounds (new connections
+//!    each round); the per-slot average (slot = client index) is plotted like kecho's `bench.txt`,
+//!    p50/p99 are over all N × R samples.
+//! 2. Throughput: C connections ping-pong fixed-size messages for S seconds, driven by a tokio runtime
+//!    with one worker per core, so the load generator is not the bottleneck it can avoid being.
+//! 3. The CPU split of the whole machine (`/proc/stat`) during the throughput run — the load
+//!    generator shares the machine, so this says where time goes, not what the server alone costs.
+//! 4. Memory: the server's VmRSS with many idle connections open, and the change of the kernel's
+//!    Slab (`/proc/meminfo`), which counts the sockets of both ends of each loopback connection.
+//!
+//! `/metrics` before and after the throughput run tells who answered (kernel vs user-space bytes).
+//! Results go to stdout as a markdown table, to `target/bench/echo.md`, and as a per-slot latency
+//! plot to `target/bench/echo.png`. Every wait is bounded, so a stuck server fails the bench instead
+//! of hanging it, and each server is stopped (SIGTERM, then waited for) even when a phase fails.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, ensure, Context as _};
+use plotters::prelude::*;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    runtime::Runtime,
+    sync::{Barrier, Semaphore},
+    task::JoinSet,
+};
+
+use crate::workspace_root;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Latency: concurrent clients per round, each with its own connection.
+    #[arg(long, default_value_t = 500)]
+    clients: usize,
+    /// Latency: rounds (each with new connections).
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Throughput: connections doing ping-pong at once.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Throughput: length of the run in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Memory: idle connections held open while the server's RSS is read.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Bytes per message, in the latency and the throughput runs.
+    #[arg(long, default_value_t = 64)]
+    message_size: usize,
+}
+
+/// One way of running the server.
+struct Mode {
+    name: &'static str,
+    server_args: &'static [&'static str],
+}
+
+const MODES: [Mode; 3] = [
+    Mode {
+        name: "kernel",
+        server_args: &["--fast-path", "on"],
+    },
+    Mode {
+        name: "user-unbound",
+        server_args: &["--fast-path", "off", "--workqueue", "unbound"],
+    },
+    Mode {
+        name: "user-bound",
+        server_args: &["--fast-path", "off", "--workqueue", "bound"],
+    },
+];
+
+/// Longest any single connect, write+read or scrape may take before the bench gives up.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the server may take to load its programs and start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the server may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connects in flight at once, well under the server's listen backlog: an overflowing backlog drops
+/// SYNs, and each drop costs a one-second retransmit that would pollute the measurement.
+const CONNECT_CONCURRENCY: usize = 256;
+/// How long idle connections sit before memory is read, so lazily allocated state is in place.
+const SETTLE: Duration = Duration::from_secs(1);
+/// File descriptors the bench needs besides its connections (runtime, scrapes, stdio).
+const FD_HEADROOM: usize = 64;
+const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const KIB_PER_MIB: f64 = 1024.0;
+
+pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
+    validate(args)?;
+    raise_fd_limit(
+        args.idle_connections
+            .max(args.clients)
+            .max(args.connections)
+            + FD_HEADROOM,
+    )?;
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("cannot start the load generator's runtime")?;
+
+    let mut reports = Vec::with_capacity(MODES.len());
+    for mode in &MODES {
+        let report = bench_mode(&runtime, args, khttpd, mode)
+            .with_context(|| format!("{} mode", mode.name))?;
+        reports.push(report);
+    }
+
+    let table = render_table(args, &reports);
+    print!("{table}");
+    let out_dir = workspace_root().join("target/bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let table_path = out_dir.join("echo.md");
+    fs::write(&table_path, &table)
+        .with_context(|| format!("cannot write {}", table_path.display()))?;
+    let plot_path = out_dir.join("echo.png");
+    plot(&plot_path, args, &reports)
+        .with_context(|| format!("cannot plot {}", plot_path.display()))?;
+    println!(
+        "\nwrote {}\nwrote {}",
+        table_path.display(),
+        plot_path.display()
+    );
+    Ok(())
+}
+
+fn validate(args: &Args) -> anyhow::Result<()> {
+    ensure!(args.clients > 0, "--clients must be at least 1");
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
+    ensure!(args.connections > 0, "--connections must be at least 1");
+    ensure!(args.seconds > 0, "--seconds must be at least 1");
+    ensure!(args.message_size > 0, "--message-size must be at least 1");
+    Ok(())
+}
+
+/// Everything measured for one mode.
+struct ModeReport {
+    mode: &'static str,
+    latency: Latency,
+    req_per_s: f64,
+    cpu: CpuSplit,
+    idle_rss_mib: f64,
+    slab_delta_mib: f64,
+    echoed: EchoedBytes,
+}
+
+fn bench_mode(
+    runtime: &Runtime,
+    args: &Args,
+    khttpd: &Path,
+    mode: &Mode,
+) -> anyhow::Result<ModeReport> {
+    let progress = |phase: &str| eprintln!("[{}] {phase}", mode.name);
+    progress("starting the server");
+    let server = Server::start(khttpd, mode)?;
+    let message: Arc<[u8]> = dummy_message(args.message_size).into();
+
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for round in 1..=args.rounds {
+        progress(&format!("latency round {round}/{}", args.rounds));
+        let samples = runtime.block_on(latency_round(server.echo, args.clients, &message))?;
+        rounds.push(samples);
+    }
+    let latency = Latency::from_rounds(&rounds);
+
+    progress(&format!(
+        "throughput: {} connections for {} s",
+        args.connections, args.seconds
+    ));
+    let streams = runtime.block_on(connect_all(server.echo, args.connections))?;
+    let metrics_before = server.scrape()?;
+    let cpu_before = CpuTimes::read()?;
+    let duration = Duration::from_secs(args.seconds);
+    let (messages, elapsed) = runtime.block_on(ping_pong(streams, duration, &message))?;
+    let cpu = CpuSplit::between(&cpu_before, &CpuTimes::read()?);
+    let echoed = EchoedBytes::between(&metrics_before, &server.scrape()?)?;
+
+    progress(&format!(
+        "memory: {} idle connections",
+        args.idle_connections
+    ));
+    let (idle_rss_kib, slab_delta_kib) = idle_memory(runtime, &server, args.idle_connections)?;
+
+    progress("stopping the server");
+    drop(server);
+    Ok(ModeReport {
+        mode: mode.name,
+        latency,
+        req_per_s: messages as f64 / elapsed.as_secs_f64(),
+        cpu,
+        idle_rss_mib: idle_rss_kib as f64 / KIB_PER_MIB,
+        slab_delta_mib: slab_delta_kib as f64 / KIB_PER_MIB,
+        echoed,
+    })
+}
+
+/// kecho's bench sends "dummy message"; this repeats it to the requested size.
+fn dummy_message(size: usize) -> Vec<u8> {
+    b"dummy message "
+        .iter()
+        .copied()
+        .cycle()
+        .take(size)
+        .collect()
+}
+
+/// Lets this process hold every connection the bench opens (the default soft limit is 1024).
+fn raise_fd_limit(needed: usize) -> anyhow::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/setrlimit on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    ensure!(
+        limit.rlim_max as usize >= needed,
+        "the bench needs {needed} file descriptors but the hard limit is {} (lower --idle-connections)",
+        limit.rlim_max
+    );
+    Ok(())
+}
+
+/// A khttpd child process; dropping it stops the server (SIGTERM, wait, SIGKILL as a last resort).
+struct Server {
+    child: Child,
+    echo: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Server {
+    fn start(khttpd: &Path, mode: &Mode) -> anyhow::Result<Self> {
+        let (echo, metrics) = two_free_ports()?;
+        let child = Command::new(khttpd)
+            .args(mode.server_args)
+            .arg("--echo-port")
+            .arg(echo.port().to_string())
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .arg("-q")
+            .stdin(Stdio::null())
+            // Keep stdout for the table; the server's warnings still reach stderr.
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", khttpd.display()))?;
+        // From here on the guard stops the server whatever happens.
+        let mut server = Self {
+            child,
+            echo,
+            metrics,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the echo port accepts and `/metrics` answers, or the server exits.
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("khttpd exited during start-up ({status})");
+            }
+            let echo_up = std::net::TcpStream::connect_timeout(&self.echo, IO_TIMEOUT).is_ok();
+            if echo_up && self.scrape().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "khttpd did not answer on {} within {START_TIMEOUT:?}",
+                    self.echo
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `/metrics` body.
+    fn scrape(&self) -> anyhow::Result<Metrics> {
+        get_metrics(self.metrics)
+            .with_context(|| format!("cannot scrape http://{}/metrics", self.metrics))
+    }
+
+    /// The server's resident set size, in KiB.
+    fn vm_rss_kib(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        kib_field(&status, "VmRSS").with_context(|| format!("no VmRSS in {path}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A graceful stop, so the server detaches its programs itself.
+        if let Ok(pid) = libc::pid_t::try_from(self.pid()) {
+            // SAFETY: signals only the child this guard started, which is not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        eprintln!("khttpd (pid {}) ignored SIGTERM; killing it", self.pid());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `GET /metrics` over HTTP/1.1, bounded by `IO_TIMEOUT` per step.
+fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("truncated response")?;
+    ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(Metrics(body.to_owned()))
+}
+
+/// Two distinct free ports on 127.0.0.1 (echo, metrics): both are bound before either is released.
+fn two_free_ports() -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let echo = TcpListener::bind("127.0.0.1:0")?;
+    let metrics = TcpListener::bind("127.0.0.1:0")?;
+    Ok((echo.local_addr()?, metrics.local_addr()?))
+}
+
+/// A `/metrics` body in the Prometheus text format.
+struct Metrics(String);
+
+impl Metrics {
+    /// The sum of every series of `name` (all label sets), or `None` when the metric is absent.
+    fn sum(&self, name: &str) -> Option<u64> {
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter(|(series, _)| series.split('{').next() == Some(name))
+            .map(|(_, value)| value.parse::<u64>().ok())
+            .reduce(|a, b| Some(a? + b?))
+            .flatten()
+    }
+}
+
+/// Bytes echoed during the throughput run, by who echoed them.
+struct EchoedBytes {
+    /// `None` when the server has no kernel path.
+    kernel: Option<u64>,
+    user: u64,
+}
+
+impl EchoedBytes {
+    fn between(before: &Metrics, after: &Metrics) -> anyhow::Result<Self> {
+        let delta = |name| Some(after.sum(name)?.saturating_sub(before.sum(name)?));
+        Ok(Self {
+            kernel: delta("khttpd_echo_kernel_bytes_total"),
+            user: delta("khttpd_echo_user_bytes_total")
+                .context("/metrics has no khttpd_echo_user_bytes_total")?,
+        })
+    }
+}
+
+/// Opens `count` connections to `addr`, a bounded number at a time, in the order they were asked for.
+async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let in_flight = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    for index in 0..count {
+        let in_flight = Arc::clone(&in_flight);
+        tasks.spawn(async move {
+            let _permit = in_flight.acquire_owned().await?;
+            let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow!("connect to {addr} timed out"))?
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            // Each message is written whole; waiting to coalesce would only add latency.
+            stream.set_nodelay(true)?;
+            anyhow::Ok((index, stream))
+        });
+    }
+    let mut streams: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, stream) = joined??;
+        streams[index] = Some(stream);
+    }
+    Ok(streams.into_iter().flatten().collect())
+}
+
+/// Sends `message` and waits for all of it to come back unchanged.
+async fn round_trip(
+    stream: &mut TcpStream,
+    message: &[u8],
+    reply: &mut [u8],
+) -> anyhow::Result<()> {
+    tokio::time::timeout(IO_TIMEOUT, async {
+        stream.write_all(message).await?;
+        stream.read_exact(reply).await
+    })
+    .await
+    .map_err(|_| anyhow!("no echo within {IO_TIMEOUT:?}"))?
+    .context("echo failed")?;
+    ensure!(reply == message, "the echo differs from the message");
+    Ok(())
+}
+
+/// One kecho-style round: every client connects, all are released at once, each times one echo.
+/// Returns the latency per slot (client index).
+async fn latency_round(
+    echo: SocketAddr,
+    clients: usize,
+    message: &Arc<[u8]>,
+) -> anyhow::Result<Vec<Duration>> {
+    // Connecting before the barrier means no client can fail before it and leave the others waiting.
+    let streams = connect_all(echo, clients).await?;
+    let start_together = Arc::new(Barrier::new(clients));
+    let mut tasks = JoinSet::new();
+    for (slot, mut stream) in streams.into_iter().enumerate() {
+        let start_together = Arc::clone(&start_together);
+        let message = Arc::clone(message);
+        tasks.spawn(async move {
+            let mut reply = vec![0; message.len()];
+            start_together.wait().await;
+            let start = Instant::now();
+            round_trip(&mut stream, &message, &mut reply).await?;
+            anyhow::Ok((slot, start.elapsed()))
+        });
+    }
+    let mut latencies = vec![Duration::ZERO; clients];
+    while let Some(joined) = tasks.join_next().await {
+        let (slot, latency) = joined??;
+        latencies[slot] = latency;
+    }
+    Ok(latencies)
+}
+
+/// Every stream echoes `message` back and forth until `duration` is over.
+/// Returns the messages echoed and the time it took.
+async fn ping_pong(
+    streams: Vec<TcpStream>,
+    duration: Duration,
+    message: &Arc<[u8]>,
+) -> anyhow::Result<(u64, Duration)> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = JoinSet::new();
+    for mut stream in streams {
+        let message = Arc::clone(message);
+        tasks.spawn(async move {
+            let mut reply = vec![0; message.len()];
+            let mut echoed = 0u64;
+            while Instant::now() < deadline {
+                round_trip(&mut stream, &message, &mut reply).await?;
+                echoed += 1;
+            }
+            anyhow::Ok(echoed)
+        });
+    }
+    let mut total = 0;
+    while let Some(joined) = tasks.join_next().await {
+        total += joined??;
+    }
+    Ok((total, start.elapsed()))
+}
+
+/// Holds `count` idle connections open and returns the server's VmRSS (KiB) and the growth of the
+/// kernel's Slab (KiB) meanwhile.
+fn idle_memory(runtime: &Runtime, server: &Server, count: usize) -> anyhow::Result<(u64, i64)> {
+    let slab_before = slab_kib()?;
+    let accepted_before = accepted(server)?;
+    let idle = runtime.block_on(connect_all(server.echo, count))?;
+    wait_accepted(server, accepted_before + count as u64)?;
+    thread::sleep(SETTLE);
+    let rss = server.vm_rss_kib()?;
+    let slab_delta = slab_kib()? as i64 - slab_before as i64;
+    drop(idle);
+    Ok((rss, slab_delta))
+}
+
+/// Connections the server has accepted so far, on either path.
+fn accepted(server: &Server) -> anyhow::Result<u64> {
+    server
+        .scrape()?
+        .sum("khttpd_echo_connections_total")
+        .context("/metrics has no khttpd_echo_connections_total")
+}
+
+/// Waits until the server has accepted `target` connections, so its RSS covers all of them.
+fn wait_accepted(server: &Server, target: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let now = accepted(server)?;
+        if now >= target {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the server accepted only {now} of {target} connections within {IO_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn slab_kib() -> anyhow::Result<u64> {
+    let meminfo = fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    kib_field(&meminfo, "Slab").context("no Slab in /proc/meminfo")
+}
+
+/// The value of a `Name:   123 kB` line.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The aggregate `cpu` line of `/proc/stat`, in clock ticks.
+struct CpuTimes {
+    user: u64,
+    system: u64,
+    softirq: u64,
+    idle: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn read() -> anyhow::Result<Self> {
+        let stat = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .find_map(|line| line.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("malformed cpu line in /proc/stat")?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+        let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
+            bail!("short cpu line in /proc/stat");
+        };
+        Ok(Self {
+            user: user + nice,
+            system,
+            softirq: softirq + irq,
+            idle: idle + iowait,
+            total: user + nice + system + idle + iowait + irq + softirq + steal,
+        })
+    }
+}
+
+/// Shares of CPU time, in percent.
+struct CpuSplit {
+    user: f64,
+    system: f64,
+    softirq: f64,
+    idle: f64,
+}
+
+impl CpuSplit {
+    fn between(before: &CpuTimes, after: &CpuTimes) -> Self {
+        let total = after.total.saturating_sub(before.total).max(1) as f64;
+        let share = |a: u64, b: u64| a.saturating_sub(b) as f64 * 100.0 / total;
+        Self {
+            user: share(after.user, before.user),
+            system: share(after.system, before.system),
+            softirq: share(after.softirq, before.softirq),
+            idle: share(after.idle, before.idle),
+        }
+    }
+}
+
+/// Latency summary over all rounds.
+struct Latency {
+    /// Average over the rounds, per client slot, in µs.
+    per_slot_avg_us: Vec<f64>,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Latency {
+    fn from_rounds(rounds: &[Vec<Duration>]) -> Self {
+        let micros = |d: &Duration| d.as_secs_f64() * 1e6;
+        let slots = rounds.first().map_or(0, Vec::len);
+        let per_slot_avg_us = (0..slots)
+            .map(|slot| {
+                rounds.iter().map(|round| micros(&round[slot])).sum::<f64>() / rounds.len() as f64
+            })
+            .collect();
+        let mut all: Vec<f64> = rounds.iter().flatten().map(micros).collect();
+        all.sort_by(f64::total_cmp);
+        Self {
+            per_slot_avg_us,
+            p50_us: percentile(&all, 0.50),
+            p99_us: percentile(&all, 0.99),
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.saturating_sub(1)).copied().unwrap_or(0.0)
+}
+
+fn render_table(args: &Args, reports: &[ModeReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| mode | req/s | p50 µs | p99 µs | CPU user/sys/softirq/idle % | RSS at {} idle conns (MiB) | slab delta (MiB) |",
+        args.idle_connections
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---|---:|---:|");
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0}/{:.0}/{:.0}/{:.0} | {:.1} | {:.1} |",
+            r.mode,
+            r.req_per_s,
+            r.latency.p50_us,
+            r.latency.p99_us,
+            r.cpu.user,
+            r.cpu.system,
+            r.cpu.softirq,
+            r.cpu.idle,
+            r.idle_rss_mib,
+            r.slab_delta_mib,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nLatency: {} concurrent clients × {} rounds, one {}-byte message each. Throughput: {} connections \
+         ping-pong {}-byte messages for {} s. CPU: whole machine during the throughput run, load generator \
+         included. Slab delta: both ends of each loopback connection.",
+        args.clients, args.rounds, args.message_size, args.connections, args.message_size, args.seconds
+    );
+    for r in reports {
+        let kernel = r
+            .echoed
+            .kernel
+            .map_or("no kernel path".to_owned(), |b| format!("kernel {b} B"));
+        let _ = writeln!(
+            out,
+            "- {}: bytes echoed during the throughput run: {kernel}, user space {} B",
+            r.mode, r.echoed.user
+        );
+    }
+    out
+}
+
+/// Makes DejaVu Sans the plot's sans-serif font; false when it is not installed.
+fn register_font() -> bool {
+    let Ok(bytes) = fs::read(FONT_PATH) else {
+        eprintln!("{FONT_PATH} not found: the plot will have no text");
+        return false;
+    };
+    // plotters keeps fonts for the life of the process.
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .is_ok()
+}
+
+/// Per-slot average latency, one line per mode, like kecho's `bench.txt` plot.
+fn plot(path: &Path, args: &Args, reports: &[ModeReport]) -> anyhow::Result<()> {
+    let with_text = register_font();
+    let root = BitMapBackend::new(path, (1280, 720)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_us = reports
+        .iter()
+        .flat_map(|r| r.latency.per_slot_avg_us.iter().copied())
+        .fold(1.0, f64::max);
+
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    // Axes and their labels live in the label areas: without a font there are none, so no text.
+    if with_text {
+        builder
+            .caption(plot_title(args, reports), ("sans-serif", 20))
+            .x_label_area_size(50)
+            .y_label_area_size(80);
+    }
+    let last_slot = (args.clients - 1).max(1);
+    let mut chart = builder.build_cartesian_2d(0..last_slot, 0.0..max_us * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("client slot")
+        .y_desc("average latency (µs)")
+        .y_label_formatter(&|us| format!("{us:.0}"))
+        .draw()?;
+
+    let colors = [RED, BLUE, GREEN];
+    for (report, color) in reports.iter().zip(colors) {
+        let points = report.latency.per_slot_avg_us.iter().copied().enumerate();
+        let series = chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?;
+        if with_text {
+            series.label(report.mode).legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        }
+    }
+    if with_text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn plot_title(args: &Args, reports: &[ModeReport]) -> String {
+    let throughput: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} {:.0}", r.mode, r.req_per_s))
+        .collect();
+    format!(
+        "Echo latency per slot ({} clients × {} rounds) — req/s: {}",
+        args.clients,
+        args.rounds,
+        throughput.join(", ")
+    )
+}
