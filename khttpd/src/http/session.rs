@@ -304,3 +304,162 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     }
     std::str::from_utf8(value).ok()?.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in chunks of `chunk` bytes; returns (status codes, Connection values, body
+    /// lengths) of the responses and whether the session asked to close.
+    fn run(input: &[u8], chunk: usize) -> (Vec<u16>, Vec<String>, bool) {
+        let mut session = Session::new();
+        let mut out = Vec::new();
+        let mut closed = false;
+        for piece in input.chunks(chunk.max(1)) {
+            if session.receive(piece, &mut out) == Next::Close {
+                closed = true;
+                break;
+            }
+        }
+        let text = String::from_utf8(out).unwrap();
+        let mut codes = Vec::new();
+        let mut connections = Vec::new();
+        for head in text.split("HTTP/1.1 ").skip(1) {
+            codes.push(head[..3].parse().unwrap());
+            let connection = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Connection: "))
+                .unwrap();
+            connections.push(connection.to_owned());
+        }
+        (codes, connections, closed)
+    }
+
+    fn whole_and_bytewise(input: &[u8]) -> (Vec<u16>, Vec<String>, bool) {
+        let whole = run(input, input.len());
+        assert_eq!(
+            run(input, 1),
+            whole,
+            "byte-at-a-time differs for {:?}",
+            String::from_utf8_lossy(input)
+        );
+        whole
+    }
+
+    #[test]
+    fn persistence_follows_rfc_9112() {
+        let cases: [(&[u8], &str, bool); 6] = [
+            (b"GET / HTTP/1.0\r\n\r\n", "close", true),
+            (
+                b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                "keep-alive",
+                false,
+            ),
+            (
+                b"GET / HTTP/1.0\r\nConnection: Keep-Alive, close\r\n\r\n",
+                "close",
+                true,
+            ),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", "keep-alive", false),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                "close",
+                true,
+            ),
+            (
+                b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: foo, CLOSE\r\n\r\n",
+                "close",
+                true,
+            ),
+        ];
+        for (request, connection, closes) in cases {
+            let (codes, connections, closed) = whole_and_bytewise(request);
+            assert_eq!(
+                (codes, connections, closed),
+                (vec![200], vec![connection.to_owned()], closes)
+            );
+        }
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_and_stop_at_close() {
+        let input = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcHEAD /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\nT: 1\r\n\r\nGET /d HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /never HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (codes, connections, closed) = whole_and_bytewise(input);
+        assert_eq!(codes, [200, 501, 200, 200]);
+        assert_eq!(
+            connections,
+            ["keep-alive", "keep-alive", "keep-alive", "close"]
+        );
+        assert!(closed);
+    }
+
+    #[test]
+    fn head_has_headers_but_no_body() {
+        let mut out = Vec::new();
+        Session::new().receive(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("Content-Length: 14\r\n") && text.ends_with("\r\n\r\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_input_gets_the_right_status_and_closes() {
+        let long_target = format!(
+            "GET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "a".repeat(MAX_REQUEST_LINE)
+        );
+        let big_headers = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "b".repeat(MAX_HEADER_SECTION)
+        );
+        let too_big_body = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (b"GARBAGE\r\n\r\n".to_vec(), 400),
+            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), 400), // no Host
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n".to_vec(), 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n".to_vec(), 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(), 400),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n".to_vec(), 400),
+            (b"GET / HTTP/2.0\r\n\r\n".to_vec(), 505),
+            (long_target.into_bytes(), 414),
+            (big_headers.into_bytes(), 431),
+            (too_big_body.into_bytes(), 413),
+        ];
+        for (request, status) in cases {
+            let (codes, connections, closed) = whole_and_bytewise(&request);
+            let shown = String::from_utf8_lossy(&request[..request.len().min(80)]).into_owned();
+            assert_eq!(
+                (codes, connections, closed),
+                (vec![status], vec!["close".to_owned()], true),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_over_the_limit_get_413() {
+        let mut request =
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            request.extend_from_slice(format!("{:x}\r\n", MAX_BODY / 2).as_bytes());
+            request.extend(std::iter::repeat_n(b'x', (MAX_BODY / 2) as usize));
+            request.extend_from_slice(b"\r\n");
+        }
+        let (codes, _, closed) = run(&request, 64 * 1024);
+        assert_eq!((codes, closed), (vec![413], true));
+    }
+
+    #[test]
+    fn a_partial_request_waits_for_more() {
+        let (codes, _, closed) = run(b"GET / HTTP/1.1\r\nHost: a\r\n", 1);
+        assert!(codes.is_empty() && !closed);
+    }
+}

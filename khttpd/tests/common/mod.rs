@@ -64,6 +64,7 @@ pub fn free_port() -> u16 {
 pub struct Server {
     child: Child,
     pub echo_port: u16,
+    pub http_port: u16,
     pub metrics_addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
 }
@@ -71,15 +72,13 @@ pub struct Server {
 impl Server {
     pub fn start(mode: Mode, extra: &[&str]) -> Server {
         let echo_port = free_port();
+        let http_port = free_port();
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(KHTTPD)
             .args(mode.args())
-            .args([
-                "--echo-port",
-                &echo_port.to_string(),
-                "--metrics",
-                &metrics_addr.to_string(),
-            ])
+            .args(["--echo-port", &echo_port.to_string()])
+            .args(["--port", &http_port.to_string()])
+            .args(["--metrics", &metrics_addr.to_string()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -99,6 +98,7 @@ impl Server {
         let server = Server {
             child,
             echo_port,
+            http_port,
             metrics_addr,
             stderr,
         };
@@ -137,6 +137,10 @@ impl Server {
 
     pub fn echo_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.echo_port))
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.http_port))
     }
 
     pub fn stderr(&self) -> String {

@@ -1,0 +1,157 @@
+//! The HTTP service against a real server process, in both dispatch modes: persistence, closing
+//! with a FIN (never a reset), and agreement with curl.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use common::{Mode, Server};
+
+const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
+
+fn connect(server: &Server) -> TcpStream {
+    let stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Sends `request` and reads until the server closes; a reset fails the test.
+fn exchange_until_close(server: &Server, request: &[u8]) -> String {
+    let mut stream = connect(server);
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("the server must close with a FIN, not a reset or a hang");
+    String::from_utf8(response).unwrap()
+}
+
+fn status_lines(response: &str) -> Vec<&str> {
+    // Bodies end in '\n' and the next response starts right after, so split on '\n'.
+    response
+        .lines()
+        .filter(|line| line.starts_with("HTTP/1.1 "))
+        .collect()
+}
+
+#[test]
+fn htstress_style_requests_end_with_the_server_closing() {
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        for _ in 0..200 {
+            let response =
+                exchange_until_close(&server, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            assert!(
+                response.starts_with("HTTP/1.1 200 OK\r\n"),
+                "{dispatch}: {response}"
+            );
+            assert!(
+                response.contains("\r\nConnection: close\r\n")
+                    && response.ends_with("\r\n\r\nHello, World!\n"),
+                "{dispatch}: {response}"
+            );
+        }
+        assert_eq!(
+            server.metric(&format!(
+                "khttpd_http_connections_total{{dispatch=\"{dispatch}\"}}"
+            )),
+            200
+        );
+    }
+}
+
+#[test]
+fn keep_alive_and_pipelining_on_one_connection() {
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let request = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nHEAD /2 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nDELETE /3 HTTP/1.1\r\nHost: a\r\n\r\nGET /4 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let response = exchange_until_close(&server, request);
+        assert_eq!(
+            status_lines(&response),
+            [
+                "HTTP/1.1 200 OK",
+                "HTTP/1.1 200 OK",
+                "HTTP/1.1 501 Not Implemented",
+                "HTTP/1.1 200 OK"
+            ],
+            "{dispatch}"
+        );
+    }
+}
+
+#[test]
+fn errors_close_cleanly_even_with_unread_bytes() {
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        // The bytes after the bad request are never read as requests, but must not turn the
+        // close into a reset.
+        let mut request = b"BAD\x01REQUEST\r\n\r\n".to_vec();
+        request.extend(std::iter::repeat_n(b'x', 64 * 1024));
+        let response = exchange_until_close(&server, &request);
+        assert_eq!(
+            status_lines(&response),
+            ["HTTP/1.1 400 Bad Request"],
+            "{dispatch}"
+        );
+
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(10_000));
+        let response = exchange_until_close(&server, long.as_bytes());
+        assert_eq!(
+            status_lines(&response),
+            ["HTTP/1.1 414 URI Too Long"],
+            "{dispatch}"
+        );
+    }
+}
+
+#[test]
+fn a_client_sending_one_byte_at_a_time_gets_its_answer() {
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let mut stream = connect(&server);
+        stream.set_nodelay(true).unwrap();
+        for byte in b"GET / HTTP/1.0\r\nHost: a\r\n\r\n" {
+            stream.write_all(&[*byte]).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK"),
+            "{dispatch}: {response}"
+        );
+    }
+}
+
+#[test]
+fn curl_agrees() {
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let url = format!("http://{}/", server.http_addr());
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-i", &url, &url])
+            .output()
+            .expect("curl is installed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "{dispatch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Two requests on one kept-alive connection, each a full response with the right length.
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert_eq!(text.matches("Content-Length: 14").count(), 2, "{text}");
+        let head = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-I", &url])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&head.stdout).starts_with("HTTP/1.1 200 OK"));
+    }
+}
