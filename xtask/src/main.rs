@@ -4,6 +4,7 @@
 //! clone on a fresh machine needs nothing but these two commands.
 
 mod bench_echo;
+mod htstress;
 mod toolchain;
 
 use std::{
@@ -41,6 +42,8 @@ enum Task {
     Bench(Bench),
     /// Only check (and install) the eBPF toolchain.
     Toolchain,
+    /// HTTP load generator compatible with htstress (sysprog21/khttpd).
+    Htstress(htstress::Args),
 }
 
 #[derive(Subcommand)]
@@ -52,6 +55,7 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Toolchain => toolchain::ensure(),
+        Task::Htstress(args) => htstress::run(&args),
         Task::Run { args } => {
             toolchain::ensure()?;
             let khttpd = build_khttpd()?;
