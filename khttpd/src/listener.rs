@@ -145,14 +145,20 @@ unsafe fn socket_addr(addr: *const libc::sockaddr) -> Option<SocketAddr> {
 pub async fn accept_loop(
     listener: TcpListener,
     mut shutdown: Shutdown,
-    service: &str,
+    service: &'static str,
     mut dispatch: impl FnMut(TcpStream),
-) -> io::Result<()> {
-    let listener = async_readable(listener)?;
+) {
+    let listener = match async_readable(listener) {
+        Ok(listener) => listener,
+        Err(e) => return warn!("{service}: cannot poll the listener: {e}"),
+    };
     loop {
         let mut ready = tokio::select! {
-            ready = listener.readable() => ready?,
-            () = shutdown.recv() => return Ok(()),
+            ready = listener.readable() => match ready {
+                Ok(ready) => ready,
+                Err(e) => return warn!("{service}: listener failed: {e}"),
+            },
+            () = shutdown.recv() => return,
         };
         loop {
             match ready.get_inner().accept() {

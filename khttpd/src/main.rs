@@ -32,6 +32,9 @@ use crate::{
     workqueue::{Config, Kind, WorkQueue},
 };
 
+/// Hands an accepted connection to its service.
+type Dispatcher = Arc<dyn Fn(std::net::TcpStream) + Send + Sync>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum FastPathMode {
     /// Use the kernel path when the programs load; otherwise warn once and serve from user space.
@@ -181,33 +184,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         "user space"
     };
-    for listener in http_listeners {
-        info!(
-            "http: listening on {} ({} dispatch)",
-            listener.local_addr()?,
-            args.dispatch.as_str()
-        );
+    let http_dispatch: Dispatcher = {
         let http = http.clone();
-        let shutdown = shutdown();
-        tasks.spawn(async move {
-            if let Err(e) = http.accept_loop(listener, shutdown).await {
-                warn!("http: listener failed: {e}");
-            }
-        });
-    }
-    for listener in echo_listeners {
-        info!(
-            "echo: listening on {} ({path}, {} work queue)",
-            listener.local_addr()?,
-            args.workqueue
-        );
+        Arc::new(move |stream| http.dispatch(stream))
+    };
+    let echo_dispatch: Dispatcher = {
         let echo = echo.clone();
-        let shutdown = shutdown();
-        tasks.spawn(async move {
-            if let Err(e) = echo.accept_loop(listener, shutdown).await {
-                warn!("echo: listener failed: {e}");
-            }
-        });
+        Arc::new(move |stream| echo.dispatch(stream))
+    };
+    let services = [
+        (
+            "http",
+            format!("{} dispatch", args.dispatch.as_str()),
+            http_listeners,
+            http_dispatch,
+        ),
+        (
+            "echo",
+            format!("{path}, {} work queue", args.workqueue),
+            echo_listeners,
+            echo_dispatch,
+        ),
+    ];
+    for (service, detail, listeners, dispatch) in services {
+        for listener in listeners {
+            info!(
+                "{service}: listening on {} ({detail})",
+                listener.local_addr()?
+            );
+            let dispatch = Arc::clone(&dispatch);
+            tasks.spawn(listener::accept_loop(
+                listener,
+                shutdown(),
+                service,
+                move |stream| dispatch(stream),
+            ));
+        }
     }
     tasks.spawn(echo.clone().handoff_loop(shutdown()));
 

@@ -12,19 +12,15 @@
 pub mod kernel;
 pub mod user;
 
-use std::{
-    io,
-    net::TcpListener,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
 };
 
 use log::{debug, warn};
 use tokio::sync::broadcast;
 
-use crate::{listener, shutdown::Shutdown, workqueue::WorkQueue};
+use crate::{shutdown::Shutdown, workqueue::WorkQueue};
 use kernel::KernelEcho;
 
 /// Counters of the user-space side (the kernel keeps its own, see `KernelEcho::counters`).
@@ -56,16 +52,8 @@ impl EchoService {
         })
     }
 
-    /// Accepts connections on `listener` until shutdown.
-    pub async fn accept_loop(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: Shutdown,
-    ) -> io::Result<()> {
-        listener::accept_loop(listener, shutdown, "echo", |stream| self.dispatch(stream)).await
-    }
-
-    fn dispatch(&self, stream: std::net::TcpStream) {
+    /// Serves one accepted connection.
+    pub fn dispatch(&self, stream: std::net::TcpStream) {
         let stream = match &self.kernel {
             Some(kernel) => match kernel.install(stream) {
                 Ok(()) => {

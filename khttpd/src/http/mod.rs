@@ -14,8 +14,7 @@ pub mod response;
 pub mod session;
 
 use std::{
-    io::{self, Read as _, Write as _},
-    net::TcpListener,
+    io::{Read as _, Write as _},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -30,7 +29,7 @@ use tokio::{
     sync::broadcast,
 };
 
-use crate::{listener, shutdown::Shutdown, workqueue::WorkQueue};
+use crate::{shutdown::Shutdown, workqueue::WorkQueue};
 use session::{Next, Session};
 
 /// Bytes read per system call.
@@ -78,15 +77,8 @@ impl HttpService {
         })
     }
 
-    pub async fn accept_loop(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: Shutdown,
-    ) -> io::Result<()> {
-        listener::accept_loop(listener, shutdown, "http", |stream| self.dispatch(stream)).await
-    }
-
-    fn dispatch(&self, stream: std::net::TcpStream) {
+    /// Serves one accepted connection.
+    pub fn dispatch(&self, stream: std::net::TcpStream) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         match self.dispatch {
             Dispatch::Cmwq => {
