@@ -6,13 +6,23 @@ use std::{
     os::fd::{AsRawFd, OwnedFd, RawFd},
 };
 
-use tokio::io::{unix::AsyncFd, Interest};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    net::TcpStream,
+};
 
 /// Registers an owned fd (listener, BPF ring buffer) with tokio for readability.
 pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
     // SAFETY: `inner` owns its fd, which stays open and the same for as long as the AsyncFd holds it.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Registers an accepted connection with the current runtime. `listener::accept_loop` hands out
+/// blocking sockets (what the thread-per-connection mode wants); tokio needs them non-blocking.
+pub fn into_tokio(stream: std::net::TcpStream) -> io::Result<TcpStream> {
+    stream.set_nonblocking(true)?;
+    TcpStream::from_std(stream)
 }
 
 pub fn cvt(ret: i32) -> io::Result<i32> {

@@ -277,8 +277,9 @@ async fn ebpf_log_records_reach_the_server_log_at_verbose() {
     );
 }
 
-/// Runs khttpd expecting it to fail at start-up; returns its stderr.
-fn start_fails(prefix: &[&str], args: &[&str]) -> String {
+/// khttpd, optionally under a wrapper (`prefix`), with stderr captured and an HTTP port of its own
+/// (not the default, which other tests' servers or the machine may hold).
+fn khttpd(prefix: &[&str], args: &[&str]) -> Command {
     let mut command = match prefix {
         [] => Command::new(KHTTPD),
         [program, rest @ ..] => {
@@ -287,18 +288,25 @@ fn start_fails(prefix: &[&str], args: &[&str]) -> String {
             command
         }
     };
-    let mut child = command
+    command
         .args(args)
-        // Not the default HTTP port, which other tests' servers or the machine may hold.
         .args(["--port", &free_port().to_string()])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status =
-        common::wait_bounded(&mut child, Duration::from_secs(20)).expect("khttpd should exit");
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// Waits (bounded) for `child` to exit; returns its status and everything it wrote to stderr.
+fn exit_and_stderr(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    let status = common::wait_bounded(child, Duration::from_secs(20)).expect("khttpd should exit");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+/// Runs khttpd expecting it to fail at start-up; returns its one error line.
+fn start_fails(prefix: &[&str], args: &[&str]) -> String {
+    let (status, stderr) = exit_and_stderr(&mut khttpd(prefix, args).spawn().unwrap());
     assert!(
         !status.success(),
         "khttpd {args:?} should fail; stderr:\n{stderr}"
@@ -360,12 +368,7 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
         return;
     }
     let port = free_port();
-    let mut child = Command::new(UNPRIVILEGED[0])
-        .args(&UNPRIVILEGED[1..])
-        .arg(KHTTPD)
-        .args(["--echo-port", &port.to_string()])
-        .args(["--port", &free_port().to_string()])
-        .stderr(std::process::Stdio::piped())
+    let mut child = khttpd(UNPRIVILEGED, &["--echo-port", &port.to_string()])
         .spawn()
         .unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -380,10 +383,7 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
     let echoed = timeout(Duration::from_secs(20), answered).await;
     // SAFETY: our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status =
-        common::wait_bounded(&mut child, Duration::from_secs(15)).expect("exit after SIGTERM");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = exit_and_stderr(&mut child);
     assert_eq!(
         echoed.expect("no echo from the fallback server"),
         b"fallback"

@@ -9,7 +9,7 @@ use log::debug;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::UserCounters;
-use crate::shutdown::Shutdown;
+use crate::{fd::into_tokio, shutdown::Shutdown};
 
 /// Bytes read per system call. The buffer only exists while data is flowing, so an idle connection
 /// costs its socket and a small future, not a buffer.
@@ -23,11 +23,7 @@ pub async fn echo(
 ) {
     // Registering here, not in the acceptor, ties the socket to the runtime this work runs on
     // (a bound queue's per-CPU runtime).
-    // Accepted sockets start blocking; tokio needs them non-blocking.
-    let registered = stream
-        .set_nonblocking(true)
-        .and_then(|()| TcpStream::from_std(stream));
-    let mut stream = match registered {
+    let mut stream = match into_tokio(stream) {
         Ok(stream) => stream,
         Err(e) => {
             debug!("echo: cannot register connection: {e}");

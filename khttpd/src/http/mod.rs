@@ -25,11 +25,10 @@ use std::{
 use log::debug;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     sync::broadcast,
 };
 
-use crate::{shutdown::Shutdown, workqueue::WorkQueue};
+use crate::{fd::into_tokio, shutdown::Shutdown, workqueue::WorkQueue};
 use session::{Next, Session};
 
 /// Bytes read per system call.
@@ -109,11 +108,7 @@ impl HttpService {
 
 /// The `cmwq` work item.
 async fn serve_async(stream: std::net::TcpStream, mut shutdown: Shutdown) {
-    // Accepted sockets start blocking; tokio needs them non-blocking.
-    let Ok(mut stream) = stream
-        .set_nonblocking(true)
-        .and_then(|()| TcpStream::from_std(stream))
-    else {
+    let Ok(mut stream) = into_tokio(stream) else {
         return;
     };
     let mut session = Session::new();
@@ -151,11 +146,8 @@ async fn serve_async(stream: std::net::TcpStream, mut shutdown: Shutdown) {
     }
 }
 
-/// The `thread` connection: the same session, blocking I/O.
+/// The `thread` connection: the same session, blocking I/O (accepted sockets start blocking).
 fn serve_blocking(mut stream: std::net::TcpStream) {
-    if stream.set_nonblocking(false).is_err() {
-        return;
-    }
     let mut session = Session::new();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut out = Vec::new();

@@ -10,6 +10,8 @@ pub const SERVER: &str = "khttpd";
 /// The body of every GET/HEAD while no document root is configured.
 pub const HELLO: &[u8] = b"Hello, World!\n";
 pub const ALLOW: &str = "GET, HEAD";
+/// Both the greeting and the error bodies are plain text.
+const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -51,11 +53,11 @@ impl Status {
 /// Appends a complete response to `out`. `head_only` (HEAD) keeps the headers, drops the body.
 pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: bool) {
     let error_body;
-    let (content_type, body): (&str, &[u8]) = if status == Status::Ok {
-        ("text/plain; charset=utf-8", HELLO)
+    let body: &[u8] = if status == Status::Ok {
+        HELLO
     } else {
         error_body = format!("{} {}\n", status.code(), status.reason());
-        ("text/plain; charset=utf-8", error_body.as_bytes())
+        error_body.as_bytes()
     };
     let allow = if status == Status::NotImplemented {
         format!("Allow: {ALLOW}\r\n")
@@ -64,7 +66,7 @@ pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: boo
     };
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let head = format!(
-        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: {connection}\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n{allow}Connection: {connection}\r\n\r\n",
         status.code(),
         status.reason(),
         http_date(),

@@ -228,26 +228,20 @@ fn evaluate(request: &httparse::Request<'_, '_>) -> Head {
     let mut content_length: Option<u64> = None;
     let mut transfer_encoding: Option<&[u8]> = None;
     let (mut close, mut keep_alive, mut hosts) = (false, false, 0);
-    let bad = |keep| Head {
-        status: Status::BadRequest,
-        keep_alive: keep,
-        head_only: false,
-        framing: None,
-    };
     for header in request.headers.iter() {
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
             // Digits only: no sign, no spaces inside, no list. Repeats must agree.
             let Some(value) = parse_length(header.value) else {
-                return bad(false);
+                return refuse(Status::BadRequest);
             };
             if content_length.is_some_and(|existing| existing != value) {
-                return bad(false);
+                return refuse(Status::BadRequest);
             }
             content_length = Some(value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if transfer_encoding.is_some() {
-                return bad(false);
+                return refuse(Status::BadRequest);
             }
             transfer_encoding = Some(header.value);
         } else if name.eq_ignore_ascii_case("connection") {
@@ -262,24 +256,17 @@ fn evaluate(request: &httparse::Request<'_, '_>) -> Head {
     }
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host.
     if hosts > 1 || (http11 && hosts == 0) {
-        return bad(false);
+        return refuse(Status::BadRequest);
     }
     let framing = match (content_length, transfer_encoding) {
         // Both framings at once is the classic smuggling shape: refuse it.
-        (Some(_), Some(_)) => return bad(false),
+        (Some(_), Some(_)) => return refuse(Status::BadRequest),
         // HTTP/1.0 has no transfer codings; only a lone `chunked` is understood.
         (None, Some(te)) if !http11 || !te.trim_ascii().eq_ignore_ascii_case(b"chunked") => {
-            return bad(false)
+            return refuse(Status::BadRequest)
         }
         (None, Some(_)) => Some(Framing::ChunkSize),
-        (Some(length), None) if length > MAX_BODY => {
-            return Head {
-                status: Status::PayloadTooLarge,
-                keep_alive: false,
-                head_only: false,
-                framing: None,
-            }
-        }
+        (Some(length), None) if length > MAX_BODY => return refuse(Status::PayloadTooLarge),
         (Some(0), None) | (None, None) => None,
         (Some(length), None) => Some(Framing::Length(length)),
     };
@@ -294,6 +281,16 @@ fn evaluate(request: &httparse::Request<'_, '_>) -> Head {
         keep_alive,
         head_only,
         framing,
+    }
+}
+
+/// An error answer: no body is read and the connection closes.
+fn refuse(status: Status) -> Head {
+    Head {
+        status,
+        keep_alive: false,
+        head_only: false,
+        framing: None,
     }
 }
 
