@@ -260,11 +260,14 @@ struct Server {
 
 impl Server {
     fn start(khttpd: &Path, mode: &Mode) -> anyhow::Result<Self> {
-        let (echo, metrics) = two_free_ports()?;
+        let [echo, metrics, http] = free_ports()?;
         let child = Command::new(khttpd)
             .args(mode.server_args)
             .arg("--echo-port")
             .arg(echo.port().to_string())
+            // The HTTP service is not measured here, but must not collide with a server on 8081.
+            .arg("--port")
+            .arg(http.port().to_string())
             .arg("--metrics")
             .arg(metrics.to_string())
             .arg("-q")
@@ -364,11 +367,16 @@ fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
     Ok(Metrics(body.to_owned()))
 }
 
-/// Two distinct free ports on 127.0.0.1 (echo, metrics): both are bound before either is released.
-fn two_free_ports() -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let echo = TcpListener::bind("127.0.0.1:0")?;
-    let metrics = TcpListener::bind("127.0.0.1:0")?;
-    Ok((echo.local_addr()?, metrics.local_addr()?))
+/// Distinct free ports on 127.0.0.1: all are bound before any is released.
+fn free_ports<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?;
+    Ok(addrs.try_into().expect("N addresses"))
 }
 
 /// A `/metrics` body in the Prometheus text format.
