@@ -12,7 +12,7 @@ pub const MAX_SOCKETS: u32 = 65_536;
 /// Per-CPU array of `u64` counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "ECHO_COUNTERS";
 
-/// Ring buffer of [`Handoff`] records.
+/// Ring buffer of [`crate::Handoff`] records.
 pub const HANDOFFS_MAP: &str = "ECHO_HANDOFFS";
 /// Size of [`HANDOFFS_MAP`] in bytes (a power of two and a multiple of the page size).
 pub const HANDOFFS_BYTES: u32 = 64 * 1024;
@@ -28,7 +28,7 @@ pub enum Counter {
     Messages = 0,
     /// Bytes in those skbs.
     Bytes = 1,
-    /// skbs with data left to user space (each one also causes a [`Handoff`]).
+    /// skbs with data left to user space (each one also causes a [`crate::Handoff`]).
     Passes = 2,
     /// Redirects the kernel refused; such skbs are passed to user space.
     RedirectFailures = 3,
@@ -44,15 +44,3 @@ impl Counter {
     /// Number of slots in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
 }
-
-/// Sent on [`HANDOFFS_MAP`] when the kernel could not echo data on a socket and left it in the
-/// socket's receive queue: user space must take the connection over, or the data would never be
-/// echoed.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Handoff {
-    pub cookie: u64,
-}
-
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for Handoff {}

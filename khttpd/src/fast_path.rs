@@ -8,11 +8,11 @@
 use std::{fmt, io};
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{ProgramError, SkSkb},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{Program, ProgramError, SkMsg, SkSkb},
     Ebpf, EbpfLoader,
 };
-use khttpd_common::echo;
+use khttpd_common::{echo, http};
 use log::{debug, warn};
 
 /// The compiled programs, built by build.rs.
@@ -83,6 +83,19 @@ pub struct EchoMaps {
     pub handoffs: RingBuf<MapData>,
 }
 
+/// The HTTP fast path's maps (see `khttpd_common::http`).
+pub struct HttpMaps {
+    pub sockets: SockHash<MapData, u64>,
+    pub connections: HashMap<MapData, u64, http::Connection>,
+    pub requests: HashMap<MapData, http::RequestKey, http::Route>,
+    pub responses: Array<MapData, http::ResponseMeta>,
+    pub blocks: Array<MapData, http::ResponseBlock>,
+    pub dates: Array<MapData, http::HttpDate>,
+    pub date_index: Array<MapData, u32>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub handoffs: RingBuf<MapData>,
+}
+
 /// The loaded and attached programs. Dropping it detaches them.
 pub struct FastPath {
     _ebpf: Ebpf,
@@ -98,13 +111,19 @@ impl Drop for FastPath {
 }
 
 impl FastPath {
-    /// Loads the programs, attaches the echo verdict to the echo sockhash and starts forwarding the
-    /// programs' aya-log records to this process's logger. Must run inside the tokio runtime.
-    pub fn load() -> Result<(FastPath, EchoMaps), FastPathError> {
+    /// Loads the programs, attaches the echo verdict to the echo sockhash and the HTTP verdict and
+    /// synthesizer to the HTTP sockhash, and starts forwarding the programs' aya-log records to
+    /// this process's logger. Must run inside the tokio runtime.
+    pub fn load() -> Result<(FastPath, EchoMaps, HttpMaps), FastPathError> {
         // Programs skip log statements above this level without touching the ring buffer.
         let level = log::max_level() as u8;
+        let mut secret = [0u8; 8];
+        getrandom(&mut secret).map_err(|e| FastPathError::Other(format!("getrandom: {e}")))?;
+        let secret = u64::from_ne_bytes(secret);
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
+            .override_global(http::SECRET_GLOBAL, &secret, true)
+            .override_global(http::BYTES_ACKED_OFFSET_GLOBAL, &bytes_acked_offset()?, true)
             .load(PROGRAMS)
             .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
 
@@ -116,42 +135,37 @@ impl FastPath {
             }
         };
 
-        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, echo::SOCKETS_MAP)?;
-        let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, echo::COUNTERS_MAP)?;
-        let handoffs: RingBuf<MapData> = take_map(&mut ebpf, echo::HANDOFFS_MAP)?;
+        let echo_maps = EchoMaps {
+            sockets: take_map(&mut ebpf, echo::SOCKETS_MAP)?,
+            counters: take_map(&mut ebpf, echo::COUNTERS_MAP)?,
+            handoffs: take_map(&mut ebpf, echo::HANDOFFS_MAP)?,
+        };
+        let http_maps = HttpMaps {
+            sockets: take_map(&mut ebpf, http::SOCKETS_MAP)?,
+            connections: take_map(&mut ebpf, http::CONNECTIONS_MAP)?,
+            requests: take_map(&mut ebpf, http::REQUESTS_MAP)?,
+            responses: take_map(&mut ebpf, http::RESPONSES_MAP)?,
+            blocks: take_map(&mut ebpf, http::RESPONSE_BLOCKS_MAP)?,
+            dates: take_map(&mut ebpf, http::DATES_MAP)?,
+            date_index: take_map(&mut ebpf, http::DATE_INDEX_MAP)?,
+            counters: take_map(&mut ebpf, http::COUNTERS_MAP)?,
+            handoffs: take_map(&mut ebpf, http::HANDOFFS_MAP)?,
+        };
 
-        let program: &mut SkSkb = ebpf
-            .program_mut(echo::VERDICT_PROGRAM)
-            .ok_or_else(|| {
-                FastPathError::Other(format!("program {} missing", echo::VERDICT_PROGRAM))
-            })?
-            .try_into()
-            .map_err(|e: ProgramError| FastPathError::Other(e.to_string()))?;
-        program.load().map_err(|e| match e {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => {
-                if matches!(io_error.raw_os_error(), Some(libc::EPERM)) {
-                    return FastPathError::MissingCapability("loading program echo_verdict".into());
-                }
-                let log = verifier_log.to_string();
-                debug!("verifier log for {}:\n{log}", echo::VERDICT_PROGRAM);
-                let reason = log
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("no log")
-                    .to_owned();
-                FastPathError::VerifierRejected {
-                    program: echo::VERDICT_PROGRAM,
-                    reason: format!("{reason} ({io_error})"),
-                }
-            }
-            other => FastPathError::classify("loading program echo_verdict", &other),
-        })?;
-        program.attach(sockets.fd()).map_err(|e| {
+        let program: &mut SkSkb = find_program(&mut ebpf, echo::VERDICT_PROGRAM)?;
+        load_program(echo::VERDICT_PROGRAM, program.load())?;
+        program.attach(echo_maps.sockets.fd()).map_err(|e| {
             FastPathError::classify("attaching echo_verdict to the echo sockhash", &e)
+        })?;
+        let program: &mut SkSkb = find_program(&mut ebpf, http::VERDICT_PROGRAM)?;
+        load_program(http::VERDICT_PROGRAM, program.load())?;
+        program.attach(http_maps.sockets.fd()).map_err(|e| {
+            FastPathError::classify("attaching http_verdict to the HTTP sockhash", &e)
+        })?;
+        let program: &mut SkMsg = find_program(&mut ebpf, http::SYNTHESIZER_PROGRAM)?;
+        load_program(http::SYNTHESIZER_PROGRAM, program.load())?;
+        program.attach(http_maps.sockets.fd()).map_err(|e| {
+            FastPathError::classify("attaching http_synthesize to the HTTP sockhash", &e)
         })?;
 
         Ok((
@@ -159,12 +173,63 @@ impl FastPath {
                 _ebpf: ebpf,
                 logger,
             },
-            EchoMaps {
-                sockets,
-                counters,
-                handoffs,
-            },
+            echo_maps,
+            http_maps,
         ))
+    }
+}
+
+fn find_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, FastPathError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| FastPathError::Other(format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e: ProgramError| FastPathError::Other(e.to_string()))
+}
+
+/// Turns a program's load result into the error the user sees.
+fn load_program(name: &'static str, loaded: Result<(), ProgramError>) -> Result<(), FastPathError> {
+    loaded.map_err(|e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if matches!(io_error.raw_os_error(), Some(libc::EPERM)) {
+                return FastPathError::MissingCapability(format!("loading program {name}"));
+            }
+            let log = verifier_log.to_string();
+            debug!("verifier log for {name}:\n{log}");
+            let reason = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no log")
+                .to_owned();
+            FastPathError::VerifierRejected {
+                program: name,
+                reason: format!("{reason} ({io_error})"),
+            }
+        }
+        other => FastPathError::classify(&format!("loading program {name}"), &other),
+    })
+}
+
+/// Where `bytes_acked` lives in this kernel's `struct tcp_sock`, from its BTF.
+fn bytes_acked_offset() -> Result<u32, FastPathError> {
+    crate::btf::kernel_member_offset("tcp_sock", "bytes_acked")
+        .map_err(|e| FastPathError::Other(format!("reading the kernel's BTF: {e}")))?
+        .ok_or_else(|| FastPathError::Other("the kernel's BTF has no tcp_sock.bytes_acked".into()))
+}
+
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == buf.len() as isize {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

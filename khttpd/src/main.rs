@@ -1,12 +1,16 @@
 //! khttpd: an echo and web server whose hot path runs inside the Linux kernel.
 //!
 //! Following a connection:
-//! 1. `listener` binds the interface's addresses; `echo::EchoService::accept_loop` accepts.
-//! 2. With the fast path (`fast_path`), `echo::kernel` puts the socket into the echo sockhash and the
-//!    kernel echoes every byte; user space only closes the socket when the client is done.
-//! 3. Otherwise `echo::user` echoes it as one work item on the cmwq-style `workqueue`.
+//! 1. `listener` binds the interface's addresses; `listener::accept_loop` accepts and hands each
+//!    socket to its service's dispatcher.
+//! 2. With the fast path (`fast_path`), the socket goes into the service's sockhash (`sockmap`):
+//!    `echo::kernel` echoes every byte in the kernel; `http::kernel` answers the requests user
+//!    space has taught it and hands the connection back at the first one it cannot answer.
+//! 3. Otherwise (and after a hand-off) the connection is one work item on the cmwq-style
+//!    `workqueue` (`echo::user`, `http::serve_async`), or a thread (`--dispatch thread`).
 //! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
 
+mod btf;
 mod echo;
 mod fast_path;
 mod fd;
@@ -14,6 +18,7 @@ mod http;
 mod listener;
 mod metrics;
 mod shutdown;
+mod sockmap;
 mod workqueue;
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc};
@@ -26,7 +31,7 @@ use tokio::{signal::unix, sync::broadcast};
 use crate::{
     echo::{kernel::KernelEcho, EchoService},
     fast_path::FastPath,
-    http::{Dispatch, HttpService},
+    http::{kernel::KernelHttp, Dispatch, HttpService},
     metrics::Services,
     shutdown::Shutdown,
     workqueue::{Config, Kind, WorkQueue},
@@ -146,12 +151,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     };
-    let (fast_path, kernel) = match fast_path {
-        Some((fast_path, maps)) => (
+    let (fast_path, kernel_echo, kernel_http) = match fast_path {
+        Some((fast_path, echo_maps, http_maps)) => (
             Some(fast_path),
-            Some(KernelEcho::start(maps).context("starting the kernel echo")?),
+            Some(KernelEcho::start(echo_maps).context("starting the kernel echo")?),
+            Some(KernelHttp::start(http_maps).context("starting the kernel HTTP path")?),
         ),
-        None => (None, None),
+        None => (None, None, None),
     };
 
     let queue = |name| {
@@ -159,10 +165,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("allocating a work queue")
     };
     let (notify_shutdown, _) = broadcast::channel(1);
-    let echo = EchoService::new(queue("khttpd_echo")?, kernel, notify_shutdown.clone());
+    let echo = EchoService::new(queue("khttpd_echo")?, kernel_echo, notify_shutdown.clone());
     let http = HttpService::new(
         queue("khttpd_http")?,
         args.dispatch,
+        kernel_http,
         notify_shutdown.clone(),
     );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());
@@ -195,7 +202,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let services = [
         (
             "http",
-            format!("{} dispatch", args.dispatch.as_str()),
+            format!("{path}, {} dispatch", args.dispatch.as_str()),
             http_listeners,
             http_dispatch,
         ),
@@ -222,6 +229,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     tasks.spawn(echo.clone().handoff_loop(shutdown()));
+    tasks.spawn(http.clone().handoff_loop(shutdown()));
+    tasks.spawn(http.clone().date_loop(shutdown()));
 
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM: shutting down"),

@@ -5,7 +5,10 @@
 
 use std::{fmt::Write as _, sync::atomic::Ordering, sync::Arc, time::Duration};
 
-use khttpd_common::echo::Counter;
+use khttpd_common::{
+    echo::Counter,
+    http::{Counter as HttpCounter, PassReason},
+};
 use log::debug;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -107,8 +110,73 @@ pub fn render(services: &Services) -> String {
             http.connections.load(Ordering::Relaxed),
         )],
     );
+    render_http_kernel(&mut out, http);
     render_queues(&mut out, &[&services.echo.queue, &http.queue]);
     out
+}
+
+fn render_http_kernel(out: &mut String, http: &HttpService) {
+    let Some(kernel) = &http.kernel else { return };
+    metric(
+        out,
+        "khttpd_http_kernel_responses_total",
+        "counter",
+        "HTTP requests answered in the kernel.",
+        &[("", kernel.counter(HttpCounter::KernelResponses))],
+    );
+    let passed: Vec<(String, u64)> = PassReason::ALL
+        .iter()
+        .map(|reason| (format!("reason=\"{}\"", reason.label()), kernel.passed(*reason)))
+        .collect();
+    let passed: Vec<(&str, u64)> = passed.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        out,
+        "khttpd_http_passed_total",
+        "counter",
+        "skbs of HTTP data the kernel passed to user space, by reason.",
+        &passed,
+    );
+    metric(
+        out,
+        "khttpd_http_kernel_errors_total",
+        "counter",
+        "Kernel fast-path failures, by kind (a synthesis error drops the request).",
+        &[
+            (
+                "kind=\"synthesis\"",
+                kernel.counter(HttpCounter::SynthesisErrors),
+            ),
+            (
+                "kind=\"redirect\"",
+                kernel.counter(HttpCounter::RedirectFailures),
+            ),
+            (
+                "kind=\"handoff_lost\"",
+                kernel.counter(HttpCounter::HandoffsLost),
+            ),
+        ],
+    );
+    metric(
+        out,
+        "khttpd_http_handoffs_total",
+        "counter",
+        "HTTP connections the kernel handed to user space.",
+        &[("", http.handoffs.load(Ordering::Relaxed))],
+    );
+    metric(
+        out,
+        "khttpd_http_kernel_sockets",
+        "gauge",
+        "Entries in the HTTP sockhash.",
+        &[("", kernel.sockhash_entries() as u64)],
+    );
+    metric(
+        out,
+        "khttpd_http_kernel_connections",
+        "gauge",
+        "HTTP connections the kernel serves while user space holds them open.",
+        &[("", kernel.connections() as u64)],
+    );
 }
 
 fn render_echo(out: &mut String, echo: &EchoService) {

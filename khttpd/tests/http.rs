@@ -1,16 +1,18 @@
 //! The HTTP service against a real server process, in both dispatch modes: persistence, closing
-//! with a FIN (never a reset), and agreement with curl.
+//! with a FIN (never a reset), agreement with curl, and a clean `cargo xtask htstress` run.
 
 mod common;
 
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    process::Command,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::OnceLock,
     time::Duration,
 };
 
-use common::{Mode, Server};
+use common::{wait_bounded, Mode, Server, KHTTPD};
 
 const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
 
@@ -153,5 +155,110 @@ fn curl_agrees() {
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&head.stdout).starts_with("HTTP/1.1 200 OK"));
+    }
+}
+
+/// The xtask binary of the same profile as the khttpd under test, built (or found up to date) by
+/// cargo once per test process, so the htstress it runs is never a stale one.
+fn xtask_binary() -> &'static Path {
+    static XTASK: OnceLock<PathBuf> = OnceLock::new();
+    XTASK.get_or_init(|| {
+        // target/<profile dir>/khttpd → build xtask into the same directory.
+        let profile_dir = Path::new(KHTTPD).parent().unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => "dev",
+            other => other,
+        };
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--profile",
+                profile,
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "cargo build --package xtask: {status}");
+        profile_dir.join("xtask")
+    })
+}
+
+/// The number after `label` on its line of an htstress report (`good requests: 10000 [100%]`).
+fn report_number(report: &str, label: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in:\n{report}"))
+}
+
+#[test]
+fn htstress_gets_only_good_answers() {
+    const REQUESTS: u64 = 10_000;
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let url = format!("http://{}/", server.http_addr());
+        // -q: no progress lines, so the report is all there is on stdout (and fits the pipe).
+        let mut htstress = Command::new(xtask_binary())
+            .args([
+                "htstress",
+                "-q",
+                "-n",
+                &REQUESTS.to_string(),
+                "-c",
+                "8",
+                "-t",
+                "2",
+            ])
+            .arg(&url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start xtask htstress");
+        let Some(status) = wait_bounded(&mut htstress, Duration::from_secs(120)) else {
+            let _ = htstress.kill();
+            let _ = htstress.wait();
+            panic!("{dispatch}: htstress -n {REQUESTS} took over 120 s");
+        };
+        let mut report = String::new();
+        htstress
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut report)
+            .unwrap();
+        assert!(status.success(), "{dispatch}: htstress {status}:\n{report}");
+
+        let count = |label| report_number(&report, label);
+        assert_eq!(count("requests:"), REQUESTS, "{dispatch}:\n{report}");
+        assert_eq!(count("good requests:"), REQUESTS, "{dispatch}:\n{report}");
+        assert!(
+            report.contains(&format!("good requests: {REQUESTS} [100%]")),
+            "{dispatch}:\n{report}"
+        );
+        assert_eq!(count("bad requests:"), 0, "{dispatch}:\n{report}");
+        assert_eq!(count("socket errors:"), 0, "{dispatch}:\n{report}");
+        // The latency lines htstress adds after the seed's lines: p50 ≤ p99.
+        assert!(
+            count("latency p50:") <= count("latency p99:"),
+            "{dispatch}:\n{report}"
+        );
+        // Every request was a connection to this server, not to some other one.
+        assert_eq!(
+            server.metric(&format!(
+                "khttpd_http_connections_total{{dispatch=\"{dispatch}\"}}"
+            )),
+            REQUESTS,
+            "{dispatch}"
+        );
     }
 }

@@ -26,10 +26,8 @@
 use std::{
     fmt::Write as _,
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -45,7 +43,10 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::workspace_root;
+use crate::bench::{
+    kib_field, percentile, register_font, write_results, CpuSplit, CpuTimes, Metrics, Server,
+    IO_TIMEOUT, PALETTE,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -90,12 +91,6 @@ const MODES: [Mode; 3] = [
     },
 ];
 
-/// Longest any single connect, write+read or scrape may take before the bench gives up.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest the server may take to load its programs and start listening.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest the server may take to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects in flight at once, well under the server's listen backlog: an overflowing backlog drops
 /// SYNs, and each drop costs a one-second retransmit that would pollute the measurement.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -103,7 +98,6 @@ const CONNECT_CONCURRENCY: usize = 256;
 const SETTLE: Duration = Duration::from_secs(1);
 /// File descriptors the bench needs besides its connections (runtime, scrapes, stdio).
 const FD_HEADROOM: usize = 64;
-const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const KIB_PER_MIB: f64 = 1024.0;
 
 pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
@@ -130,20 +124,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     }
 
     let table = render_table(args, &reports);
-    print!("{table}");
-    let out_dir = workspace_root().join("target/bench");
-    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let table_path = out_dir.join("echo.md");
-    fs::write(&table_path, &table)
-        .with_context(|| format!("cannot write {}", table_path.display()))?;
-    let plot_path = out_dir.join("echo.png");
-    plot(&plot_path, args, &reports)
-        .with_context(|| format!("cannot plot {}", plot_path.display()))?;
-    println!(
-        "\nwrote {}\nwrote {}",
-        table_path.display(),
-        plot_path.display()
-    );
+    write_results("echo", &table, |path| plot(path, args, &reports))?;
     Ok(())
 }
 
@@ -175,7 +156,7 @@ fn bench_mode(
 ) -> anyhow::Result<ModeReport> {
     let progress = |phase: &str| eprintln!("[{}] {phase}", mode.name);
     progress("starting the server");
-    let server = Server::start(khttpd, mode)?;
+    let server = Server::start(khttpd, mode.server_args)?;
     let message: Arc<[u8]> = dummy_message(args.message_size).into();
 
     let mut rounds = Vec::with_capacity(args.rounds);
@@ -249,151 +230,6 @@ fn raise_fd_limit(needed: usize) -> anyhow::Result<()> {
         limit.rlim_max
     );
     Ok(())
-}
-
-/// A khttpd child process; dropping it stops the server (SIGTERM, wait, SIGKILL as a last resort).
-struct Server {
-    child: Child,
-    echo: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Server {
-    fn start(khttpd: &Path, mode: &Mode) -> anyhow::Result<Self> {
-        let [echo, metrics, http] = free_ports()?;
-        let child = Command::new(khttpd)
-            .args(mode.server_args)
-            .arg("--echo-port")
-            .arg(echo.port().to_string())
-            // The HTTP service is not measured here, but must not collide with a server on 8081.
-            .arg("--port")
-            .arg(http.port().to_string())
-            .arg("--metrics")
-            .arg(metrics.to_string())
-            .arg("-q")
-            .stdin(Stdio::null())
-            // Keep stdout for the table; the server's warnings still reach stderr.
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", khttpd.display()))?;
-        // From here on the guard stops the server whatever happens.
-        let mut server = Self {
-            child,
-            echo,
-            metrics,
-        };
-        server.wait_ready()?;
-        Ok(server)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits until the echo port accepts and `/metrics` answers, or the server exits.
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("khttpd exited during start-up ({status})");
-            }
-            let echo_up = std::net::TcpStream::connect_timeout(&self.echo, IO_TIMEOUT).is_ok();
-            if echo_up && self.scrape().is_ok() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "khttpd did not answer on {} within {START_TIMEOUT:?}",
-                    self.echo
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The `/metrics` body.
-    fn scrape(&self) -> anyhow::Result<Metrics> {
-        get_metrics(self.metrics)
-            .with_context(|| format!("cannot scrape http://{}/metrics", self.metrics))
-    }
-
-    /// The server's resident set size, in KiB.
-    fn vm_rss_kib(&self) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        kib_field(&status, "VmRSS").with_context(|| format!("no VmRSS in {path}"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // A graceful stop, so the server detaches its programs itself.
-        if let Ok(pid) = libc::pid_t::try_from(self.pid()) {
-            // SAFETY: signals only the child this guard started, which is not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        eprintln!("khttpd (pid {}) ignored SIGTERM; killing it", self.pid());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One `GET /metrics` over HTTP/1.1, bounded by `IO_TIMEOUT` per step.
-fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("truncated response")?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "{}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(Metrics(body.to_owned()))
-}
-
-/// Distinct free ports on 127.0.0.1: all are bound before any is released.
-fn free_ports<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<Result<_, _>>()?;
-    Ok(addrs.try_into().expect("N addresses"))
-}
-
-/// A `/metrics` body in the Prometheus text format.
-struct Metrics(String);
-
-impl Metrics {
-    /// The sum of every series of `name` (all label sets), or `None` when the metric is absent.
-    fn sum(&self, name: &str) -> Option<u64> {
-        self.0
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .filter(|(series, _)| series.split('{').next() == Some(name))
-            .map(|(_, value)| value.parse::<u64>().ok())
-            .reduce(|a, b| Some(a? + b?))
-            .flatten()
-    }
 }
 
 /// Bytes echoed during the throughput run, by who echoed them.
@@ -557,71 +393,6 @@ fn slab_kib() -> anyhow::Result<u64> {
     kib_field(&meminfo, "Slab").context("no Slab in /proc/meminfo")
 }
 
-/// The value of a `Name:   123 kB` line.
-fn kib_field(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The aggregate `cpu` line of `/proc/stat`, in clock ticks.
-struct CpuTimes {
-    user: u64,
-    system: u64,
-    softirq: u64,
-    idle: u64,
-    total: u64,
-}
-
-impl CpuTimes {
-    fn read() -> anyhow::Result<Self> {
-        let stat = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .find_map(|line| line.strip_prefix("cpu "))
-            .context("no cpu line in /proc/stat")?
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .context("malformed cpu line in /proc/stat")?;
-        // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
-        let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
-            bail!("short cpu line in /proc/stat");
-        };
-        Ok(Self {
-            user: user + nice,
-            system,
-            softirq: softirq + irq,
-            idle: idle + iowait,
-            total: user + nice + system + idle + iowait + irq + softirq + steal,
-        })
-    }
-}
-
-/// Shares of CPU time, in percent.
-struct CpuSplit {
-    user: f64,
-    system: f64,
-    softirq: f64,
-    idle: f64,
-}
-
-impl CpuSplit {
-    fn between(before: &CpuTimes, after: &CpuTimes) -> Self {
-        let total = after.total.saturating_sub(before.total).max(1) as f64;
-        let share = |a: u64, b: u64| a.saturating_sub(b) as f64 * 100.0 / total;
-        Self {
-            user: share(after.user, before.user),
-            system: share(after.system, before.system),
-            softirq: share(after.softirq, before.softirq),
-            idle: share(after.idle, before.idle),
-        }
-    }
-}
-
 /// Latency summary over all rounds.
 struct Latency {
     /// Average over the rounds, per client slot, in µs.
@@ -647,12 +418,6 @@ impl Latency {
             p99_us: percentile(&all, 0.99),
         }
     }
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.saturating_sub(1)).copied().unwrap_or(0.0)
 }
 
 fn render_table(args: &Args, reports: &[ModeReport]) -> String {
@@ -700,21 +465,6 @@ fn render_table(args: &Args, reports: &[ModeReport]) -> String {
     out
 }
 
-/// Makes DejaVu Sans the plot's sans-serif font; false when it is not installed.
-fn register_font() -> bool {
-    let Ok(bytes) = fs::read(FONT_PATH) else {
-        eprintln!("{FONT_PATH} not found: the plot will have no text");
-        return false;
-    };
-    // plotters keeps fonts for the life of the process.
-    plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        Box::leak(bytes.into_boxed_slice()),
-    )
-    .is_ok()
-}
-
 /// Per-slot average latency, one line per mode, like kecho's `bench.txt` plot.
 fn plot(path: &Path, args: &Args, reports: &[ModeReport]) -> anyhow::Result<()> {
     let with_text = register_font();
@@ -743,8 +493,7 @@ fn plot(path: &Path, args: &Args, reports: &[ModeReport]) -> anyhow::Result<()> 
         .y_label_formatter(&|us| format!("{us:.0}"))
         .draw()?;
 
-    let colors = [RED, BLUE, GREEN];
-    for (report, color) in reports.iter().zip(colors) {
+    for (report, &color) in reports.iter().zip(&PALETTE) {
         let points = report.latency.per_slot_avg_us.iter().copied().enumerate();
         let series = chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?;
         if with_text {

@@ -30,6 +30,8 @@ use tokio::{
     task::JoinSet,
 };
 
+use crate::bench::percentile;
+
 /// How long one connect, read or write may take before it counts as a socket error.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes asked for per read; responses are drained, not kept.
@@ -99,6 +101,11 @@ pub struct Report {
     pub socket_errors: u64,
     /// Wall-clock time of the whole run.
     pub seconds: f64,
+    /// Median time from a request's start (its connect, or its send on a kept-alive connection)
+    /// to the end of its response, in µs, over answered (good or bad) requests; none if none was.
+    pub p50_us: Option<u32>,
+    /// 99th percentile of the same.
+    pub p99_us: Option<u32>,
 }
 
 impl Report {
@@ -140,7 +147,22 @@ impl fmt::Display for Report {
             self.percent(self.socket_errors)
         )?;
         writeln!(f, "seconds:       {:.3}", self.seconds)?;
-        write!(f, "requests/sec:  {:.3}", self.requests_per_sec())
+        writeln!(f, "requests/sec:  {:.3}", self.requests_per_sec())?;
+        // Not in htstress: these follow its lines, which keep their order and format.
+        writeln!(f, "latency p50:   {}", Micros(self.p50_us))?;
+        write!(f, "latency p99:   {}", Micros(self.p99_us))
+    }
+}
+
+/// A latency for the report: `123 us`, or `n/a` without samples.
+struct Micros(Option<u32>);
+
+impl fmt::Display for Micros {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(us) => write!(f, "{us} us"),
+            None => f.write_str("n/a"),
+        }
     }
 }
 
@@ -155,19 +177,37 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 pub fn load(args: &Args) -> anyhow::Result<Report> {
     let plan = Arc::new(Plan::new(args)?);
     let start = Instant::now();
-    std::thread::scope(|scope| {
+    let mut latencies = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..args.threads)
             .map(|_| scope.spawn(|| drive_connections(&plan, args.concurrency)))
             .collect();
         threads
             .into_iter()
-            .try_for_each(|thread| thread.join().expect("a load thread panicked"))
+            .map(|thread| thread.join().expect("a load thread panicked"))
+            .try_fold(Vec::new(), |mut all, latencies| {
+                all.extend(latencies?);
+                anyhow::Ok(all)
+            })
     })?;
-    Ok(plan.tally.report(start.elapsed()))
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    let at = |p| (!latencies.is_empty()).then(|| percentile(&latencies, p));
+    Ok(Report {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        ..plan.tally.report(elapsed)
+    })
 }
 
-/// One thread's share of the load.
-fn drive_connections(plan: &Arc<Plan>, connections: usize) -> anyhow::Result<()> {
+/// Latencies of answered requests, in µs (saturating), one vector per connection task.
+type Latencies = Vec<u32>;
+
+fn micros(since: Instant) -> u32 {
+    u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
+}
+
+/// One thread's share of the load; returns the latencies of its answered requests.
+fn drive_connections(plan: &Arc<Plan>, connections: usize) -> anyhow::Result<Latencies> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -178,16 +218,17 @@ fn drive_connections(plan: &Arc<Plan>, connections: usize) -> anyhow::Result<()>
             let plan = Arc::clone(plan);
             tasks.spawn(async move {
                 if plan.keep_alive {
-                    keep_alive_requests(&plan).await;
+                    keep_alive_requests(&plan).await
                 } else {
-                    one_shot_requests(&plan).await;
+                    one_shot_requests(&plan).await
                 }
             });
         }
+        let mut latencies = Vec::new();
         while let Some(task) = tasks.join_next().await {
-            task.context("a connection task failed")?;
+            latencies.extend(task.context("a connection task failed")?);
         }
-        Ok(())
+        Ok(latencies)
     })
 }
 
@@ -309,7 +350,11 @@ impl Tally {
         }
     }
 
-    fn record(&self, outcome: Outcome) {
+    /// Counts `outcome`; an answered request's latency goes to `latencies`.
+    fn record(&self, outcome: Outcome, start: Instant, latencies: &mut Latencies) {
+        if outcome != Outcome::SocketError {
+            latencies.push(micros(start));
+        }
         let counter = match outcome {
             Outcome::Good => &self.good,
             Outcome::Bad => &self.bad,
@@ -338,6 +383,8 @@ impl Tally {
             bad,
             socket_errors,
             seconds: elapsed.as_secs_f64(),
+            p50_us: None,
+            p99_us: None,
         }
     }
 }
@@ -360,16 +407,19 @@ fn first_line(head: &[u8]) -> &[u8] {
 }
 
 /// htstress's mode: a new connection per request, answered until the server closes it.
-async fn one_shot_requests(plan: &Plan) {
+async fn one_shot_requests(plan: &Plan) -> Latencies {
     let mut buffer = Vec::with_capacity(READ_CHUNK);
+    let mut latencies = Vec::new();
     while plan.budget.claim() {
+        let start = Instant::now();
         let outcome = match request_until_close(plan, &mut buffer).await {
             Ok(head) if !head.is_empty() => plan.judge(&head),
             // A response that never came, or came empty.
             _ => Outcome::SocketError,
         };
-        plan.tally.record(outcome);
+        plan.tally.record(outcome, start, &mut latencies);
     }
+    latencies
 }
 
 /// Connects, sends the request and reads to EOF; returns the start of the response.
@@ -389,10 +439,12 @@ async fn request_until_close(plan: &Plan, buffer: &mut Vec<u8>) -> io::Result<Ve
 
 /// `--keep-alive`: requests one after another on a persistent connection, opening a new one when
 /// there is none yet or the server closed (or will close) the last one.
-async fn keep_alive_requests(plan: &Plan) {
+async fn keep_alive_requests(plan: &Plan) -> Latencies {
     let mut buffer = Vec::with_capacity(READ_CHUNK);
     let mut idle: Option<Stream> = None;
+    let mut latencies = Vec::new();
     while plan.budget.claim() {
+        let start = Instant::now();
         let outcome = match request_persistent(plan, idle.take(), &mut buffer).await {
             Ok(Answer {
                 status_line,
@@ -403,8 +455,9 @@ async fn keep_alive_requests(plan: &Plan) {
             }
             Err(_) => Outcome::SocketError,
         };
-        plan.tally.record(outcome);
+        plan.tally.record(outcome, start, &mut latencies);
     }
+    latencies
 }
 
 /// A response read on a persistent connection.
@@ -792,6 +845,8 @@ mod tests {
             bad: 1,
             socket_errors: 1,
             seconds: 0.5,
+            p50_us: Some(120),
+            p99_us: None,
         };
         assert_eq!(
             report.to_string(),
@@ -800,7 +855,9 @@ mod tests {
              bad requests:  1 [25%]\n\
              socket errors: 1 [25%]\n\
              seconds:       0.500\n\
-             requests/sec:  6.000"
+             requests/sec:  6.000\n\
+             latency p50:   120 us\n\
+             latency p99:   n/a"
         );
     }
 }

@@ -1,9 +1,12 @@
-//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask bench echo`.
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask bench echo|http`,
+//! `cargo xtask htstress`.
 //!
 //! `run` and `test` first make sure the eBPF toolchain is installed (see `toolchain`), so a fresh
 //! clone on a fresh machine needs nothing but these two commands.
 
+mod bench;
 mod bench_echo;
+mod bench_http;
 mod htstress;
 mod toolchain;
 
@@ -50,6 +53,8 @@ enum Task {
 enum Bench {
     /// Echo: kernel fast path vs user space on the unbound and bound work queues.
     Echo(bench_echo::Args),
+    /// HTTP: thread per connection vs work queue vs kernel fast path vs nginx, under htstress and wrk.
+    Http(bench_http::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,6 +93,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Echo(args)) => {
             toolchain::ensure()?;
             bench_echo::run(&args, &build_khttpd()?)
+        }
+        Task::Bench(Bench::Http(args)) => {
+            toolchain::ensure()?;
+            bench_http::run(&args, &build_khttpd()?)
         }
     }
 }

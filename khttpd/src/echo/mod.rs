@@ -91,6 +91,7 @@ impl EchoService {
             match cookie {
                 Ok(cookie) => {
                     if let Some(stream) = kernel.take_back(cookie) {
+                        kernel.leave_sockhash(cookie);
                         warn!("echo: kernel handed connection {cookie} back; echoing it in user space");
                         self.serve_in_user_space(stream);
                     }

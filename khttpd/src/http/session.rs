@@ -6,6 +6,8 @@
 //! closes unless the request asks for `keep-alive`. Pipelined requests are answered in order. A
 //! request's response is produced once its body (if any) has been read and discarded.
 
+use khttpd_common::http::REQUEST_KEY_BYTES;
+
 use super::response::{self, Status};
 
 /// Longest request line (method, target, version).
@@ -34,6 +36,19 @@ pub struct Session {
     input: Vec<u8>,
     /// The request whose body is being discarded, if any.
     body: Option<Body>,
+    /// Requests the kernel may answer from now on, when the fast path is on.
+    learned: Option<Vec<Learned>>,
+}
+
+/// A request whose answer depends on its bytes alone (a `200` to a request without a body), so the
+/// kernel may send the same answer for the same bytes (see `super::kernel`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    /// The request head, exactly as received.
+    pub request: Vec<u8>,
+    pub status: Status,
+    pub keep_alive: bool,
+    pub head_only: bool,
 }
 
 struct Body {
@@ -65,6 +80,19 @@ struct Head {
 impl Session {
     pub fn new() -> Session {
         Session::default()
+    }
+
+    /// A session that also records the requests it answers that the kernel could answer.
+    pub fn learning() -> Session {
+        Session {
+            learned: Some(Vec::new()),
+            ..Session::default()
+        }
+    }
+
+    /// Requests recorded since the last call (always empty unless [`Session::learning`]).
+    pub fn take_learned(&mut self) -> Vec<Learned> {
+        self.learned.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Takes bytes from the client and appends every response they complete to `out`.
@@ -107,6 +135,16 @@ impl Session {
                 match head.framing {
                     None => {
                         response::write(out, head.status, head.keep_alive, head.head_only);
+                        if let Some(learned) = &mut self.learned {
+                            if head.status == Status::Ok && len <= REQUEST_KEY_BYTES {
+                                learned.push(Learned {
+                                    request: input[..len].to_vec(),
+                                    status: head.status,
+                                    keep_alive: head.keep_alive,
+                                    head_only: head.head_only,
+                                });
+                            }
+                        }
                         if head.keep_alive {
                             Step::Consumed(len)
                         } else {

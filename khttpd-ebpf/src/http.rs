@@ -1,0 +1,324 @@
+//! The kernel HTTP fast path: `http_verdict` (sk_skb stream verdict) classifies each skb a client
+//! sends, `http_synthesize` (sk_msg) turns a marked request into its response on the way out. The
+//! scheme and the maps are described in `khttpd_common::http`.
+//!
+//! Two rules keep a kernel answer from ever differing from user space's:
+//! - the verdict answers only bytes user space has answered before (exact match in
+//!   `HTTP_REQUESTS`), on a connection no byte of which has gone to user space yet;
+//! - it answers only while the socket's unacknowledged output plus the response fits
+//!   `MAX_UNACKNOWLEDGED`, so the kworker's send of the synthesized message cannot be partial
+//!   (a partial send would put the marked request bytes on the wire; see docs/kernel-facts.md).
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        __sk_buff,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::{
+        bpf_get_socket_cookie, bpf_msg_pull_data, bpf_probe_read_kernel, bpf_skb_load_bytes,
+        bpf_skb_pull_data, bpf_skb_store_bytes, bpf_skc_to_tcp_sock,
+    },
+    macros::{map, sk_msg, stream_verdict},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkBuffContext, SkMsgContext},
+};
+use khttpd_common::{
+    http::{
+        self, Connection, Counter, HttpDate, Marker, PassReason, RequestKey, ResponseBlock,
+        ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
+        MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
+    },
+    Handoff,
+};
+
+/// Set by the control plane at load time (random); a message must start with it to be
+/// synthesized, so neither a client nor user space can forge a marker.
+#[unsafe(no_mangle)]
+static HTTP_SECRET: u64 = 0;
+
+/// Byte offset of `bytes_acked` in the kernel's `struct tcp_sock`, set by the control plane at
+/// load time from the running kernel's BTF; 0 (unknown) makes the verdict pass everything.
+#[unsafe(no_mangle)]
+static TCP_BYTES_ACKED_OFFSET: u32 = 0;
+
+#[map(name = "HTTP_SOCKETS")]
+static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKETS, 0);
+
+#[map(name = "HTTP_CONNECTIONS")]
+static HTTP_CONNECTIONS: HashMap<u64, Connection> =
+    HashMap::with_max_entries(http::MAX_SOCKETS, 0);
+
+#[map(name = "HTTP_REQUESTS")]
+static HTTP_REQUESTS: LruHashMap<RequestKey, Route> =
+    LruHashMap::with_max_entries(http::MAX_REQUESTS, 0);
+
+#[map(name = "HTTP_RESPONSES")]
+static HTTP_RESPONSES: Array<ResponseMeta> = Array::with_max_entries(http::MAX_RESPONSES, 0);
+
+#[map(name = "HTTP_RESPONSE_BLOCKS")]
+static HTTP_RESPONSE_BLOCKS: Array<ResponseBlock> =
+    Array::with_max_entries(http::MAX_RESPONSES * BLOCKS_PER_RESPONSE, 0);
+
+#[map(name = "HTTP_DATES")]
+static HTTP_DATES: Array<HttpDate> = Array::with_max_entries(2, 0);
+
+#[map(name = "HTTP_DATE_INDEX")]
+static HTTP_DATE_INDEX: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "HTTP_COUNTERS")]
+static HTTP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "HTTP_HANDOFFS")]
+static HTTP_HANDOFFS: RingBuf = RingBuf::with_byte_size(http::HANDOFFS_BYTES, 0);
+
+/// Room to assemble a request key (too big for the 512-byte stack next to everything else).
+#[map(name = "HTTP_SCRATCH")]
+static HTTP_SCRATCH: PerCpuArray<RequestKey> = PerCpuArray::with_max_entries(1, 0);
+
+#[stream_verdict]
+pub fn http_verdict(ctx: SkBuffContext) -> u32 {
+    try_http_verdict(&ctx)
+}
+
+fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
+    if ctx.len() == 0 {
+        // The peer's FIN (no stream parser): nothing to answer.
+        return SK_PASS;
+    }
+    // SAFETY: the context pointer is the program's own `__sk_buff`.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // The control plane creates the entry before it puts the socket into the sockhash.
+    let Some(connection) = HTTP_CONNECTIONS.get_ptr_mut(&cookie) else {
+        count(Counter::PassedNoState);
+        hand_off(cookie);
+        return SK_PASS;
+    };
+    // SAFETY: a live map value; verdicts on one socket run one at a time (under its lock).
+    let connection = unsafe { &mut *connection };
+    if connection.user_owned != 0 {
+        count(Counter::PassedUserOwned);
+        return SK_PASS;
+    }
+    match answer(ctx, connection, &mut cookie) {
+        Ok(()) => count(Counter::KernelResponses),
+        Err(reason) => {
+            connection.user_owned = 1;
+            count(reason.counter());
+            hand_off(cookie);
+        }
+    }
+    SK_PASS
+}
+
+/// Marks the skb as a request for a known response and sends it to the socket's egress, or says why
+/// not. On `Err` the skb's bytes are as they arrived.
+fn answer(
+    ctx: &SkBuffContext,
+    connection: &mut Connection,
+    cookie: &mut u64,
+) -> Result<(), PassReason> {
+    let skb = ctx.skb.skb;
+    let len = ctx.len();
+    if len < MIN_REQUEST as u32 || len > REQUEST_KEY_BYTES as u32 {
+        return Err(PassReason::NotCandidate);
+    }
+    let key = HTTP_SCRATCH.get_ptr_mut(0).ok_or(PassReason::NoState)?;
+    // SAFETY: this CPU's scratch slot; programs do not migrate while they run.
+    let key = unsafe { &mut *key };
+    zero_key(key);
+    key.len = len;
+    // SAFETY: `len` is within 1..=REQUEST_KEY_BYTES, the size of `bytes`.
+    if unsafe { bpf_skb_load_bytes(skb.cast(), 0, key.bytes.as_mut_ptr().cast(), len) } != 0 {
+        return Err(PassReason::NotCandidate);
+    }
+    key.is_candidate()?;
+    // SAFETY: the value is copied out at once.
+    let route = *unsafe { HTTP_REQUESTS.get(&*key) }.ok_or(PassReason::Unknown)?;
+    if route.close != 0 {
+        return Err(PassReason::Close);
+    }
+    let response = *HTTP_RESPONSES
+        .get(route.response)
+        .ok_or(PassReason::Unknown)?;
+    if response.len == 0 || response.len > MAX_RESPONSE {
+        return Err(PassReason::Unknown);
+    }
+    // User space never writes on a connection the kernel answers on, so everything written on it
+    // is the kernel's.
+    let acked = bytes_acked(skb).ok_or(PassReason::Backpressure)?;
+    let unacknowledged = connection.kernel_bytes.saturating_sub(acked);
+    if unacknowledged + u64::from(response.len) > u64::from(MAX_UNACKNOWLEDGED) {
+        return Err(PassReason::Backpressure);
+    }
+    // One linear buffer goes out in one sendmsg, so the sk_msg program sees the whole request.
+    // SAFETY: plain helper call on our skb.
+    if unsafe { bpf_skb_pull_data(skb.cast(), len) } != 0 {
+        return Err(PassReason::NotCandidate);
+    }
+    let marker = Marker {
+        // SAFETY: a global the loader fills in; volatile so it is not folded to its initial 0.
+        secret: unsafe { read_volatile(&HTTP_SECRET) },
+        response: route.response,
+        request_len: len,
+    };
+    let marker_len = size_of::<Marker>() as u32;
+    // SAFETY: writes `marker_len` bytes from a stack value into the skb, which is at least that long.
+    if unsafe { bpf_skb_store_bytes(skb.cast(), 0, (&raw const marker).cast(), marker_len, 0) } != 0
+    {
+        return Err(PassReason::NotCandidate);
+    }
+    connection.kernel_bytes += u64::from(response.len);
+    if HTTP_SOCKETS.redirect_skb(ctx, cookie, 0) != i64::from(SK_PASS) {
+        // Put the request back as it came, for user space.
+        // SAFETY: as above; the key holds the original first bytes.
+        unsafe { bpf_skb_store_bytes(skb.cast(), 0, key.bytes.as_ptr().cast(), marker_len, 0) };
+        connection.kernel_bytes -= u64::from(response.len);
+        count(Counter::RedirectFailures);
+        return Err(PassReason::NoState);
+    }
+    Ok(())
+}
+
+/// TCP's count of our bytes the client has acknowledged (`tcp_sock.bytes_acked`). The field's
+/// offset differs between kernel builds: the control plane reads it from the running kernel's BTF
+/// and sets `TCP_BYTES_ACKED_OFFSET` at load time.
+fn bytes_acked(skb: *mut __sk_buff) -> Option<u64> {
+    // SAFETY: the socket pointer comes from the context and is checked by the helper; the read
+    // goes through bpf_probe_read_kernel, which cannot fault.
+    unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return None;
+        }
+        let tcp = bpf_skc_to_tcp_sock(sk.cast());
+        if tcp.is_null() {
+            return None;
+        }
+        let offset = read_volatile(&TCP_BYTES_ACKED_OFFSET) as usize;
+        if offset == 0 {
+            return None;
+        }
+        let field = tcp.cast::<u8>().wrapping_add(offset);
+        bpf_probe_read_kernel(field.cast::<u64>()).ok()
+    }
+}
+
+/// Zeroes a key with word stores (a `memset` call would not link for BPF).
+fn zero_key(key: &mut RequestKey) {
+    let words = (&raw mut *key).cast::<u64>();
+    for i in 0..size_of::<RequestKey>() / 8 {
+        // SAFETY: `RequestKey` is a multiple of 8 bytes long and 8-byte aligned in the map.
+        unsafe { write_volatile(words.add(i), 0) };
+    }
+}
+
+/// Tells user space that data on `cookie` waits in its receive queue.
+fn hand_off(cookie: u64) {
+    if HTTP_HANDOFFS.output(Handoff { cookie }, 0).is_err() {
+        count(Counter::HandoffsLost);
+    }
+}
+
+#[sk_msg]
+pub fn http_synthesize(ctx: SkMsgContext) -> u32 {
+    match try_http_synthesize(&ctx) {
+        Ok(action) => action,
+        Err(()) => {
+            // A marked request must never reach the client; dropping it is the lesser harm.
+            count(Counter::SynthesisErrors);
+            SK_DROP
+        }
+    }
+}
+
+fn try_http_synthesize(ctx: &SkMsgContext) -> Result<u32, ()> {
+    let marker_len = size_of::<Marker>() as u32;
+    if ctx.size() < marker_len {
+        return Ok(SK_PASS);
+    }
+    // SAFETY: plain helper call on our message.
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, marker_len, 0) } != 0 {
+        return Ok(SK_PASS);
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + marker_len as usize > end {
+        return Ok(SK_PASS);
+    }
+    // SAFETY: bounds checked just above.
+    let marker = unsafe { core::ptr::read_unaligned(data as *const Marker) };
+    // SAFETY: see `answer`.
+    if marker.secret != unsafe { read_volatile(&HTTP_SECRET) } {
+        // User space's own writes, and anything else: untouched.
+        return Ok(SK_PASS);
+    }
+    if marker.request_len != ctx.size() {
+        return Err(());
+    }
+    let response = *HTTP_RESPONSES.get(marker.response).ok_or(())?;
+    let len = response.len;
+    if len == 0 || len > MAX_RESPONSE {
+        return Err(());
+    }
+    let padded = (len + BLOCK as u32 - 1) & !(BLOCK as u32 - 1);
+    ctx.push_data(0, padded, 0).map_err(drop)?;
+    let first_block = marker.response * BLOCKS_PER_RESPONSE;
+    for i in 0..BLOCKS_PER_RESPONSE {
+        let offset = i * BLOCK as u32;
+        if offset >= len {
+            break;
+        }
+        // SAFETY: plain helper call; the range lies inside the one element push_data made.
+        if unsafe { bpf_msg_pull_data(ctx.msg, offset, offset + BLOCK as u32, 0) } != 0 {
+            return Err(());
+        }
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + BLOCK > end {
+            return Err(());
+        }
+        let block = HTTP_RESPONSE_BLOCKS.get(first_block + i).ok_or(())?;
+        copy_block(data as *mut u8, block);
+        if i == 0 && response.date_offset != 0 {
+            patch_date(ctx, response.date_offset as usize)?;
+        }
+    }
+    ctx.pop_data(len, padded - len + marker.request_len, 0)
+        .map_err(drop)?;
+    Ok(SK_PASS)
+}
+
+/// Copies one block into message data known to have `BLOCK` bytes at `to`.
+fn copy_block(to: *mut u8, block: &ResponseBlock) {
+    let (to, from) = (to.cast::<u64>(), block.bytes.as_ptr().cast::<u64>());
+    for i in 0..BLOCK / 8 {
+        // SAFETY: both sides hold `BLOCK` bytes; volatile keeps LLVM from emitting a memcpy call.
+        unsafe { write_volatile(to.add(i), read_volatile(from.add(i))) };
+    }
+}
+
+/// Writes the current date at `offset` of the message's data (the first block).
+fn patch_date(ctx: &SkMsgContext, offset: usize) -> Result<(), ()> {
+    if offset > BLOCK - DATE_LEN {
+        return Err(());
+    }
+    let index = *HTTP_DATE_INDEX.get(0).ok_or(())?;
+    let date = HTTP_DATES.get(index & 1).ok_or(())?;
+    // Bounds checked on the very pointer written through, as the verifier wants.
+    let to = ctx.data() + offset;
+    if to + DATE_LEN > ctx.data_end() {
+        return Err(());
+    }
+    for (i, byte) in date.bytes[..DATE_LEN].iter().enumerate() {
+        // SAFETY: `to + DATE_LEN <= data_end`, checked above.
+        unsafe { write_volatile((to as *mut u8).add(i), *byte) };
+    }
+    Ok(())
+}
+
+fn count(counter: Counter) {
+    if let Some(slot) = HTTP_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}

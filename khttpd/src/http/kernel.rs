@@ -1,0 +1,292 @@
+//! The control plane of the kernel HTTP fast path: it installs connections into the HTTP sockhash,
+//! teaches the kernel the requests user space has answered, keeps the kernel's response table and
+//! its `Date` current, and takes connections back when the kernel passes data to user space.
+//!
+//! How a connection moves (the programs are in khttpd-ebpf/src/http.rs):
+//! 1. accept → [`KernelHttp::install`]: kernel state entry, sockhash, hang-up watcher;
+//! 2. requests the kernel knows are answered there; user space does nothing;
+//! 3. the first byte the kernel does not answer makes the connection user space's for good: the
+//!    verdict passes it and sends a hand-off; [`KernelHttp::take_back`] waits until the kernel's
+//!    responses are in the send queue (so user space's cannot overtake them) and returns the socket
+//!    to be served like any other. It stays in the sockhash: removing it would discard the bytes
+//!    the verdict passed, which sit in the psock's queue.
+//!
+//! Learning: user space reports each request it answered with a keep-alive `200` and no body
+//! ([`super::session::Learned`]); its exact bytes become a key of the kernel's request table and
+//! the response (minus its Date, which the kernel patches) goes into a response slot.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    net::TcpStream,
+    ops::Deref,
+    os::fd::AsRawFd,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use khttpd_common::http::{
+    self, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock, ResponseMeta,
+    Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
+};
+use log::{debug, warn};
+
+use super::{
+    response::{self, Status},
+    session::Learned,
+};
+use crate::{
+    fast_path::HttpMaps,
+    fd::tcp_info,
+    sockmap::{KernelConnections, Service},
+};
+
+/// How long a taken-back connection waits for the kernel's responses to reach the send queue.
+const ORDER_LIMIT: Duration = Duration::from_secs(30);
+/// A learned request is re-sent to the kernel after this long (it may have left the LRU table).
+const RELEARN_AFTER: Duration = Duration::from_secs(10);
+/// Most requests remembered as already taught.
+const TAUGHT_LIMIT: usize = 4 * http::MAX_REQUESTS as usize;
+
+/// The kernel's per-connection state, seen from the connection watcher.
+pub struct Http {
+    connections: Mutex<HashMap<MapData, u64, Connection>>,
+}
+
+impl Http {
+    fn state(&self, cookie: u64) -> Option<Connection> {
+        self.connections.lock().unwrap().get(&cookie, 0).ok()
+    }
+}
+
+impl Service for Http {
+    const NAME: &'static str = "http";
+
+    fn prepare(&self, cookie: u64) -> io::Result<()> {
+        self.connections
+            .lock()
+            .unwrap()
+            .insert(cookie, Connection::default(), 0)
+            .map_err(io::Error::other)
+    }
+
+    fn drained(&self, stream: &TcpStream, cookie: u64) -> bool {
+        match (self.state(cookie), tcp_info(stream.as_raw_fd())) {
+            // A hand-off is on its way: user space will take the connection and answer.
+            (Some(state), _) if state.user_owned != 0 => false,
+            (Some(state), Ok(info)) => info.tcpi_bytes_acked >= state.kernel_bytes,
+            _ => true,
+        }
+    }
+
+    fn forget(&self, cookie: u64) {
+        let _ = self.connections.lock().unwrap().remove(&cookie);
+    }
+}
+
+/// Which response slot holds what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ResponseKind {
+    status: Status,
+    head_only: bool,
+}
+
+pub struct KernelHttp {
+    connections: KernelConnections<Http>,
+    requests: Mutex<HashMap<MapData, RequestKey, Route>>,
+    responses: Mutex<Responses>,
+    dates: Mutex<(Array<MapData, HttpDate>, Array<MapData, u32>, u32)>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Requests already taught, and when.
+    taught: Mutex<StdHashMap<Vec<u8>, Instant>>,
+}
+
+struct Responses {
+    meta: Array<MapData, ResponseMeta>,
+    blocks: Array<MapData, ResponseBlock>,
+    slots: Vec<ResponseKind>,
+}
+
+impl KernelHttp {
+    pub fn start(maps: HttpMaps) -> io::Result<KernelHttp> {
+        let service = Http {
+            connections: Mutex::new(maps.connections),
+        };
+        let kernel = KernelHttp {
+            connections: KernelConnections::start(service, maps.sockets, maps.handoffs)?,
+            requests: Mutex::new(maps.requests),
+            responses: Mutex::new(Responses {
+                meta: maps.responses,
+                blocks: maps.blocks,
+                slots: Vec::new(),
+            }),
+            dates: Mutex::new((maps.dates, maps.date_index, 0)),
+            counters: maps.counters,
+            taught: Mutex::new(StdHashMap::new()),
+        };
+        kernel.refresh_date()?;
+        Ok(kernel)
+    }
+
+    /// Writes the current date into the spare slot and makes it current. Called every second.
+    pub fn refresh_date(&self) -> io::Result<()> {
+        let mut guard = self.dates.lock().unwrap();
+        let (dates, index, current) = &mut *guard;
+        let next = (*current + 1) & 1;
+        let mut date = HttpDate { bytes: [0; 32] };
+        date.bytes[..DATE_LEN].copy_from_slice(response::http_date().as_bytes());
+        dates.set(next, date, 0).map_err(io::Error::other)?;
+        index.set(0, next, 0).map_err(io::Error::other)?;
+        *current = next;
+        Ok(())
+    }
+
+    /// Teaches the kernel requests user space just answered.
+    pub fn learn(&self, learned: &[Learned]) {
+        for item in learned {
+            if let Err(e) = self.learn_one(item) {
+                debug!("http: cannot teach the kernel a request: {e}");
+            }
+        }
+    }
+
+    fn learn_one(&self, item: &Learned) -> io::Result<()> {
+        let now = Instant::now();
+        {
+            let mut taught = self.taught.lock().unwrap();
+            if taught
+                .get(&item.request)
+                .is_some_and(|at| now.duration_since(*at) < RELEARN_AFTER)
+            {
+                return Ok(());
+            }
+            if taught.len() >= TAUGHT_LIMIT {
+                taught.clear();
+            }
+            taught.insert(item.request.clone(), now);
+        }
+        let Some(key) = RequestKey::new(&item.request) else {
+            return Ok(());
+        };
+        if key.is_candidate().is_err() {
+            return Ok(());
+        }
+        let route = if item.keep_alive {
+            let kind = ResponseKind {
+                status: item.status,
+                head_only: item.head_only,
+            };
+            let Some(response) = self.slot(kind)? else {
+                return Ok(());
+            };
+            Route { response, close: 0 }
+        } else {
+            Route {
+                response: 0,
+                close: 1,
+            }
+        };
+        self.requests
+            .lock()
+            .unwrap()
+            .insert(key, route, 0)
+            .map_err(io::Error::other)
+    }
+
+    /// The slot holding the keep-alive response of `kind`, filled on first use.
+    fn slot(&self, kind: ResponseKind) -> io::Result<Option<u32>> {
+        let mut responses = self.responses.lock().unwrap();
+        if let Some(slot) = responses.slots.iter().position(|k| *k == kind) {
+            return Ok(Some(slot as u32));
+        }
+        if responses.slots.len() >= http::MAX_RESPONSES as usize {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        response::write(&mut bytes, kind.status, true, kind.head_only);
+        if bytes.len() > MAX_RESPONSE as usize {
+            return Ok(None);
+        }
+        let date_offset = match bytes.windows(8).position(|w| w == b"\r\nDate: ") {
+            Some(at) if at + 8 + DATE_LEN <= BLOCK => (at + 8) as u32,
+            _ => return Ok(None),
+        };
+        let slot = responses.slots.len() as u32;
+        for (i, chunk) in bytes.chunks(BLOCK).enumerate() {
+            let mut block = ResponseBlock { bytes: [0; BLOCK] };
+            block.bytes[..chunk.len()].copy_from_slice(chunk);
+            responses
+                .blocks
+                .set(slot * BLOCKS_PER_RESPONSE + i as u32, block, 0)
+                .map_err(io::Error::other)?;
+        }
+        let meta = ResponseMeta {
+            len: bytes.len() as u32,
+            date_offset,
+        };
+        responses
+            .meta
+            .set(slot, meta, 0)
+            .map_err(io::Error::other)?;
+        responses.slots.push(kind);
+        Ok(Some(slot))
+    }
+
+    /// Takes a connection the kernel handed off, once every response the kernel queued on it has
+    /// reached the send queue. `None` if it is gone (closed meanwhile).
+    pub async fn take_back(&self, cookie: u64) -> Option<TcpStream> {
+        let stream = self.connections.take_back(cookie)?;
+        let owed = self
+            .connections
+            .service()
+            .state(cookie)
+            .map_or(0, |state| state.kernel_bytes);
+        let deadline = Instant::now() + ORDER_LIMIT;
+        let mut pause = Duration::from_micros(50);
+        while queued_bytes(&stream).is_ok_and(|queued| queued < owed) {
+            if Instant::now() > deadline {
+                warn!("http: kernel responses on connection {cookie} not sent in {ORDER_LIMIT:?}; closing it");
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        Some(stream)
+    }
+
+    /// Deletes the kernel's state of a connection user space has finished with.
+    pub fn forget(&self, cookie: u64) {
+        self.connections.service().forget(cookie);
+    }
+
+    /// The kernel's per-CPU counter, summed.
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.counters
+            .get(&(counter as u32), 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn passed(&self, reason: PassReason) -> u64 {
+        self.counter(reason.counter())
+    }
+}
+
+impl Deref for KernelHttp {
+    type Target = KernelConnections<Http>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.connections
+    }
+}
+
+/// Every byte ever written to the socket's send queue: acknowledged ones plus those still queued.
+fn queued_bytes(stream: &TcpStream) -> io::Result<u64> {
+    let fd = stream.as_raw_fd();
+    let info = tcp_info(fd)?;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    crate::fd::cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) })?;
+    Ok(info.tcpi_bytes_acked + outq as u64)
+}

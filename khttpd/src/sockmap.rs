@@ -1,0 +1,331 @@
+//! Connections served by a sockmap program: installing accepted sockets into a service's sockhash,
+//! closing them when the client is done, and handing them back to user space when the kernel asks.
+//! The echo service and the HTTP fast path both use it; a [`Service`] says what differs.
+//!
+//! Two kernel behaviours shape this module (measured, see docs/kernel-facts.md):
+//! - **Accept race.** Bytes that arrived before the socket was accepted and inserted are not run
+//!   through the verdict on their own. One `recv(MSG_PEEK | MSG_DONTWAIT)` after the insert pushes
+//!   them through (MSG_PEEK, because a consuming recv leaves a phantom Recv-Q).
+//! - **Wake-ups.** Every redirected skb still wakes the socket's readers with EPOLLIN. tokio always
+//!   registers for EPOLLIN, so the sockets are watched by a thread of our own whose epoll asks only
+//!   for EPOLLRDHUP (EPOLLHUP and EPOLLERR are always reported).
+//!
+//! Closing: when the client shuts its side (EPOLLRDHUP) the socket is closed once the service says
+//! everything it owes was delivered ([`Service::drained`]), so a client that half-closes still gets
+//! its answers; a reset or error (EPOLLHUP/EPOLLERR) closes at once. The kernel removes a closed
+//! socket from the sockhash by itself.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::TcpStream,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf, SockHash};
+use khttpd_common::Handoff;
+use log::{debug, warn};
+use tokio::io::unix::AsyncFd;
+
+use crate::fd::{async_readable, cvt, epoll_ctl, socket_cookie};
+
+/// How long a half-closed connection may take to get its last bytes acknowledged.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How often half-closed connections are re-checked.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// epoll token of the wake-up eventfd; socket cookies start at 1.
+const WAKE_TOKEN: u64 = 0;
+
+/// What a service adds to the shared connection handling.
+pub trait Service: Send + Sync + 'static {
+    /// Used in log lines and the watcher thread's name.
+    const NAME: &'static str;
+    /// Runs before the socket enters the sockhash (e.g. to create the kernel's per-connection
+    /// state); an error keeps the connection in user space.
+    fn prepare(&self, _cookie: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Whether everything the kernel owes a client that has shut its side has been delivered.
+    fn drained(&self, stream: &TcpStream, cookie: u64) -> bool;
+    /// Runs when the connection leaves the kernel path, closed or taken back.
+    fn forget(&self, _cookie: u64) {}
+}
+
+pub struct KernelConnections<S: Service> {
+    inner: Arc<Inner<S>>,
+    watcher: Mutex<Option<thread::JoinHandle<()>>>,
+    handoffs: tokio::sync::Mutex<AsyncFd<RingBuf<MapData>>>,
+}
+
+struct Inner<S> {
+    service: S,
+    sockets: Mutex<SockHash<MapData, u64>>,
+    /// Installed connections by socket cookie. Dropping one closes it.
+    connections: Mutex<HashMap<u64, TcpStream>>,
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    stopping: AtomicBool,
+}
+
+impl<S: Service> KernelConnections<S> {
+    pub fn start(
+        service: S,
+        sockets: SockHash<MapData, u64>,
+        handoffs: RingBuf<MapData>,
+    ) -> io::Result<Self> {
+        // SAFETY: plain syscalls; the returned fds are owned below.
+        let epoll = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
+        let wake = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::eventfd(
+                0,
+                libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
+            ))?)
+        };
+        epoll_ctl(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            wake.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            WAKE_TOKEN,
+        )?;
+        let inner = Arc::new(Inner {
+            service,
+            sockets: Mutex::new(sockets),
+            connections: Mutex::new(HashMap::new()),
+            epoll,
+            wake,
+            stopping: AtomicBool::new(false),
+        });
+        let watcher = {
+            let inner = Arc::clone(&inner);
+            thread::Builder::new()
+                .name(format!("{}-hangups", S::NAME))
+                .spawn(move || inner.watch_hangups())?
+        };
+        Ok(KernelConnections {
+            inner,
+            watcher: Mutex::new(Some(watcher)),
+            handoffs: tokio::sync::Mutex::new(async_readable(handoffs)?),
+        })
+    }
+
+    pub fn service(&self) -> &S {
+        &self.inner.service
+    }
+
+    /// Hands `stream` to the kernel. Gives it back when it cannot be installed (sockhash full, or
+    /// the socket is already gone), so the caller can serve it in user space.
+    pub fn install(&self, stream: TcpStream) -> Result<(), TcpStream> {
+        let fd = stream.as_raw_fd();
+        let name = S::NAME;
+        let cookie = match socket_cookie(fd) {
+            Ok(cookie) => cookie,
+            Err(e) => {
+                debug!("{name}: no socket cookie ({e}); serving in user space");
+                return Err(stream);
+            }
+        };
+        if let Err(e) = self.inner.service.prepare(cookie) {
+            debug!("{name}: no kernel state for the connection ({e}); serving in user space");
+            return Err(stream);
+        }
+        // Hold the table while installing, so the watcher cannot close the socket half-way.
+        let mut connections = self.inner.connections.lock().unwrap();
+        let watch = libc::EPOLLRDHUP as u32;
+        if let Err(e) = epoll_ctl(&self.inner.epoll, libc::EPOLL_CTL_ADD, fd, watch, cookie) {
+            debug!("{name}: cannot watch connection ({e}); serving in user space");
+            self.inner.service.forget(cookie);
+            return Err(stream);
+        }
+        if let Err(e) = self.inner.sockets.lock().unwrap().insert(cookie, fd, 0) {
+            debug!("{name}: sockhash insert failed ({e}); serving in user space");
+            let _ = epoll_ctl(&self.inner.epoll, libc::EPOLL_CTL_DEL, fd, 0, cookie);
+            self.inner.service.forget(cookie);
+            return Err(stream);
+        }
+        // The accept-race kick: run bytes that arrived before the insert through the verdict.
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a stack byte.
+        unsafe {
+            libc::recv(
+                fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        connections.insert(cookie, stream);
+        Ok(())
+    }
+
+    /// Waits for the next connection the kernel handed back to user space.
+    pub async fn next_handoff(&self) -> io::Result<u64> {
+        let mut ring = self.handoffs.lock().await;
+        loop {
+            let mut ready = ring.readable_mut().await?;
+            if let Some(item) = ready.get_inner_mut().next() {
+                if item.len() >= size_of::<Handoff>() {
+                    // SAFETY: the programs write whole `Handoff` records; read unaligned to be safe.
+                    let handoff: Handoff =
+                        unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    return Ok(handoff.cookie);
+                }
+                continue;
+            }
+            ready.clear_ready();
+        }
+    }
+
+    /// Takes a connection out of the watcher's hands. It stays in the sockhash (the caller decides
+    /// when it may leave: see [`KernelConnections::leave_sockhash`]).
+    pub fn take_back(&self, cookie: u64) -> Option<TcpStream> {
+        let stream = self.inner.connections.lock().unwrap().remove(&cookie)?;
+        let _ = epoll_ctl(
+            &self.inner.epoll,
+            libc::EPOLL_CTL_DEL,
+            stream.as_raw_fd(),
+            0,
+            cookie,
+        );
+        Some(stream)
+    }
+
+    /// Removes a taken-back connection from the sockhash; from then on its bytes reach user space
+    /// without passing any program.
+    pub fn leave_sockhash(&self, cookie: u64) {
+        let _ = self.inner.sockets.lock().unwrap().remove(&cookie);
+        self.inner.service.forget(cookie);
+    }
+
+    /// Entries in the sockhash, counted by walking its keys.
+    pub fn sockhash_entries(&self) -> usize {
+        self.inner
+            .sockets
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(Result::is_ok)
+            .count()
+    }
+
+    /// Connections user space holds open for the kernel path.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.lock().unwrap().len()
+    }
+
+    /// Stops the watcher and closes every connection.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a u64 to our eventfd.
+        unsafe { libc::write(self.inner.wake.as_raw_fd(), (&raw const one).cast(), 8) };
+        if let Some(watcher) = self.watcher.lock().unwrap().take() {
+            let _ = watcher.join();
+        }
+        let mut connections = self.inner.connections.lock().unwrap();
+        for cookie in connections.keys() {
+            self.inner.service.forget(*cookie);
+        }
+        connections.clear();
+    }
+}
+
+impl<S: Service> Inner<S> {
+    fn watch_hangups(&self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        // Half-closed connections waiting for their last bytes to be acknowledged.
+        let mut draining: HashMap<u64, Instant> = HashMap::new();
+        loop {
+            let timeout = if draining.is_empty() {
+                -1
+            } else {
+                DRAIN_POLL.as_millis() as i32
+            };
+            // SAFETY: `events` has room for its length.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    timeout,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!(
+                    "{}: epoll_wait failed: {e}; kernel connections are no longer closed",
+                    S::NAME
+                );
+                return;
+            }
+            for event in &events[..n as usize] {
+                let (cookie, flags) = (event.u64, event.events);
+                if cookie == WAKE_TOKEN {
+                    if self.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    continue;
+                }
+                if flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                    draining.remove(&cookie);
+                    self.close(cookie);
+                } else if flags & libc::EPOLLRDHUP as u32 != 0 && !self.close_if_drained(cookie)
+                {
+                    // Keep watching for a reset only; poll for the drain.
+                    if let Some(stream) = self.connections.lock().unwrap().get(&cookie) {
+                        let _ = epoll_ctl(
+                            &self.epoll,
+                            libc::EPOLL_CTL_MOD,
+                            stream.as_raw_fd(),
+                            0,
+                            cookie,
+                        );
+                    }
+                    draining.insert(cookie, Instant::now() + DRAIN_LIMIT);
+                }
+            }
+            let now = Instant::now();
+            draining.retain(|&cookie, deadline| {
+                if *deadline <= now {
+                    warn!(
+                        "{}: connection {cookie} did not drain in {DRAIN_LIMIT:?}; closing it",
+                        S::NAME
+                    );
+                    self.close(cookie);
+                    return false;
+                }
+                !self.close_if_drained(cookie)
+            });
+        }
+    }
+
+    /// Closes the connection if the kernel delivered everything it owes. Returns whether it is
+    /// gone (also when user space took it back meanwhile).
+    fn close_if_drained(&self, cookie: u64) -> bool {
+        let mut connections = self.connections.lock().unwrap();
+        let Some(stream) = connections.get(&cookie) else {
+            return true;
+        };
+        if !self.service.drained(stream, cookie) {
+            return false;
+        }
+        connections.remove(&cookie);
+        self.service.forget(cookie);
+        true
+    }
+
+    fn close(&self, cookie: u64) {
+        if self.connections.lock().unwrap().remove(&cookie).is_some() {
+            self.service.forget(cookie);
+        }
+    }
+}

@@ -1,0 +1,892 @@
+//! `cargo xtask bench http`: what each way of serving HTTP costs, against nginx as a yardstick.
+//!
+//! Why: khttpd serves HTTP from user space today, with a work item per connection (`cmwq`) or a
+//! thread per connection (`thread`, the original kthread khttpd), and is getting a kernel fast path
+//! (`kernel`, i.e. `--fast-path on`). Whether each step pays off shows only when every mode is
+//! measured the same way, on the same machine, in one run — and next to a well-known server.
+//!
+//! Method: for each mode this starts its own server on free loopback ports (khttpd also gets its
+//! own echo and metrics ports; nginx gets a config written into a temporary directory), checks that
+//! `GET /` answers `200` with `Hello, World!\n`, and runs each load `--reps` times:
+//! 1. `htstress -n N -c 1 -t 4`: the seed's benchmark — a new connection per request, HTTP/1.0,
+//!    the server closes; four connections in flight.
+//! 2. `htstress -n N -c 25 -t 4`: the same with 100 connections in flight, enough to saturate
+//!    both vCPUs of the machine this was written on (more only adds queueing).
+//! 3. Keep-alive: `wrk -t2 -c100 -d5s --latency` (persistent HTTP/1.1 connections), or
+//!    `htstress --keep-alive` for the same time when wrk is not installed (or with `--no-wrk`).
+//!
+//! htstress runs in this process; wrk is a child process. Around each run the whole machine's CPU
+//! split is read from `/proc/stat`, load generator included (it shares the machine), and the
+//! non-idle CPU time is divided by the answered requests: CPU-seconds per 100k requests. The
+//! table shows medians over the repetitions and the totals of good, bad and failed requests, so a
+//! single error in any run stays visible. Results go to stdout and `target/bench/http.md`, and as
+//! grouped bar charts (requests/s and CPU-seconds per 100k requests) to `target/bench/http.png`.
+//! Every run is bounded in requests and time; each server is stopped (and waited for) even when a
+//! run fails.
+
+use std::{
+    env,
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context as _};
+use clap::Parser as _;
+use plotters::prelude::*;
+
+use crate::{
+    bench::{
+        accepts, free_ports, http_get, output_bounded, register_font, wait_until, write_results,
+        CpuSplit, CpuTimes, GroupedBars, Guarded, Metrics, Server,
+    },
+    htstress,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Runs of each load per mode; the table shows their medians.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Requests per run of each htstress (close-per-request) load.
+    #[arg(short = 'n', long, default_value_t = 100_000)]
+    requests: u64,
+    /// htstress threads (`-t`) in the close-per-request loads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Connections per htstress thread (`-c`) in the high-concurrency load.
+    #[arg(long, default_value_t = 25)]
+    concurrency: usize,
+    /// Keep-alive load: length of each run in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Keep-alive load: persistent connections (over two client threads).
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Keep-alive load with `htstress --keep-alive` even when wrk is installed.
+    #[arg(long)]
+    no_wrk: bool,
+    /// Modes to run, comma-separated [default: all; nginx only when installed].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    modes: Vec<ModeName>,
+}
+
+/// Client threads of the keep-alive load (wrk's `-t`, htstress's `-t`).
+const KEEP_ALIVE_THREADS: usize = 2;
+/// How long wrk may run past its `-d` before it is killed.
+const WRK_GRACE: Duration = Duration::from_secs(30);
+/// What every server under test answers to `GET /`.
+const HELLO: &str = "Hello, World!\n";
+
+/// One way of serving HTTP.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ModeName {
+    /// khttpd, one OS thread per connection.
+    Thread,
+    /// khttpd, one work item per connection on the work queue.
+    Cmwq,
+    /// khttpd with the kernel fast path required (`--fast-path on`).
+    Kernel,
+    /// nginx with a one-line `return 200` location.
+    Nginx,
+}
+
+impl ModeName {
+    const ALL: [Self; 4] = [Self::Thread, Self::Cmwq, Self::Kernel, Self::Nginx];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Thread => "thread",
+            Self::Cmwq => "cmwq",
+            Self::Kernel => "kernel",
+            Self::Nginx => "nginx",
+        }
+    }
+
+    /// khttpd's flags for this mode; `None` for nginx.
+    fn khttpd_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Self::Thread => Some(&["--dispatch", "thread", "--fast-path", "off"]),
+            Self::Cmwq => Some(&["--dispatch", "cmwq", "--fast-path", "off"]),
+            Self::Kernel => Some(&["--dispatch", "cmwq", "--fast-path", "on"]),
+            Self::Nginx => None,
+        }
+    }
+}
+
+/// One kind of load.
+#[derive(Clone, Copy)]
+enum Load {
+    /// htstress, the seed's benchmark: `-c 1`.
+    Close,
+    /// htstress with `-c <concurrency>`.
+    CloseConcurrent,
+    /// wrk (or htstress --keep-alive) on persistent connections.
+    KeepAlive,
+}
+
+const LOADS: [Load; 3] = [Load::Close, Load::CloseConcurrent, Load::KeepAlive];
+
+/// How the load generators are run: the flags and whether wrk is used.
+struct Plan<'a> {
+    args: &'a Args,
+    wrk: bool,
+}
+
+impl Plan<'_> {
+    fn label(&self, load: Load) -> String {
+        let args = self.args;
+        match load {
+            Load::Close => format!("htstress -c 1 -t {}", args.threads),
+            Load::CloseConcurrent => {
+                format!("htstress -c {} -t {}", args.concurrency, args.threads)
+            }
+            Load::KeepAlive if self.wrk => format!(
+                "wrk -t{KEEP_ALIVE_THREADS} -c{} -d{}s",
+                args.connections, args.seconds
+            ),
+            Load::KeepAlive => format!(
+                "htstress --keep-alive -c {} -t {KEEP_ALIVE_THREADS} --duration {}",
+                self.keep_alive_per_thread(),
+                args.seconds
+            ),
+        }
+    }
+
+    fn keep_alive_per_thread(&self) -> usize {
+        self.args.connections.div_ceil(KEEP_ALIVE_THREADS)
+    }
+
+    /// One run of `load` against `url`, with the machine's CPU split over it.
+    fn run(&self, load: Load, url: &str) -> anyhow::Result<Run> {
+        let args = self.args;
+        let before = CpuTimes::read()?;
+        let counts = match load {
+            Load::Close => htstress_counts(&[
+                "-n",
+                &args.requests.to_string(),
+                "-c",
+                "1",
+                "-t",
+                &args.threads.to_string(),
+                url,
+            ])?,
+            Load::CloseConcurrent => htstress_counts(&[
+                "-n",
+                &args.requests.to_string(),
+                "-c",
+                &args.concurrency.to_string(),
+                "-t",
+                &args.threads.to_string(),
+                url,
+            ])?,
+            Load::KeepAlive if self.wrk => wrk_counts(args, url)?,
+            Load::KeepAlive => htstress_counts(&[
+                "--keep-alive",
+                "--duration",
+                &args.seconds.to_string(),
+                "-c",
+                &self.keep_alive_per_thread().to_string(),
+                "-t",
+                &KEEP_ALIVE_THREADS.to_string(),
+                url,
+            ])?,
+        };
+        Ok(Run {
+            counts,
+            cpu: CpuSplit::between(&before, &CpuTimes::read()?),
+        })
+    }
+}
+
+/// What one run of a load generator reported.
+struct Counts {
+    req_per_s: f64,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    good: u64,
+    bad: u64,
+    errors: u64,
+}
+
+/// One run: the load generator's counts and the machine's CPU over it.
+struct Run {
+    counts: Counts,
+    cpu: CpuSplit,
+}
+
+impl Run {
+    /// Non-idle CPU-seconds (whole machine) per 100,000 answered requests.
+    fn cpu_seconds_per_100k(&self) -> Option<f64> {
+        let answered = self.counts.good + self.counts.bad;
+        (answered > 0).then(|| self.cpu.busy_seconds / answered as f64 * 100_000.0)
+    }
+}
+
+/// htstress in this process, quiet, with `flags` (the URL last).
+fn htstress_counts(flags: &[&str]) -> anyhow::Result<Counts> {
+    let argv = ["htstress", "-q"].iter().chain(flags);
+    let args = htstress::Args::try_parse_from(argv).context("bad htstress arguments")?;
+    let report = htstress::load(&args)?;
+    Ok(Counts {
+        req_per_s: report.requests_per_sec(),
+        p50_us: report.p50_us.map(f64::from),
+        p99_us: report.p99_us.map(f64::from),
+        good: report.good,
+        bad: report.bad,
+        errors: report.socket_errors,
+    })
+}
+
+/// `wrk -t2 -c<connections> -d<seconds>s --latency`, killed if it overruns.
+fn wrk_counts(args: &Args, url: &str) -> anyhow::Result<Counts> {
+    let output = output_bounded(
+        Command::new("wrk").args([
+            format!("-t{KEEP_ALIVE_THREADS}"),
+            format!("-c{}", args.connections),
+            format!("-d{}s", args.seconds),
+            "--latency".to_owned(),
+            "--timeout".to_owned(),
+            "10s".to_owned(),
+            url.to_owned(),
+        ]),
+        Duration::from_secs(args.seconds) + WRK_GRACE,
+    )
+    .context("wrk failed")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    parse_wrk(&stdout).with_context(|| {
+        format!(
+            "cannot read wrk's report (exit: {}):\n{stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// Reads wrk's `--latency` report: `Requests/sec`, the 50% and 99% lines, `N requests in`,
+/// `Socket errors: connect A, read B, write C, timeout D` and `Non-2xx or 3xx responses: N`
+/// (the last two only appear when non-zero).
+fn parse_wrk(text: &str) -> Option<Counts> {
+    let line_after = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let latency = |prefix| wrk_duration_us(line_after(prefix)?);
+    let responses: u64 = text
+        .lines()
+        .find(|line| line.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let errors = match line_after("Socket errors:") {
+        // "connect 0, read 12, write 0, timeout 3"
+        Some(list) => list
+            .split(',')
+            .map(|item| item.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<Option<u64>>()?,
+        None => 0,
+    };
+    let bad = match line_after("Non-2xx or 3xx responses:") {
+        Some(count) => count.parse().ok()?,
+        None => 0,
+    };
+    Some(Counts {
+        req_per_s: line_after("Requests/sec:")?.parse().ok()?,
+        p50_us: Some(latency("50%")?),
+        p99_us: Some(latency("99%")?),
+        good: responses.checked_sub(bad)?,
+        bad,
+        errors,
+    })
+}
+
+/// wrk's durations (`251.00us`, `4.13ms`, `1.20s`, `2.00m`) in µs.
+fn wrk_duration_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    Some(number.parse::<f64>().ok()? * scale)
+}
+
+/// A server under test.
+enum Target {
+    Khttpd(Server),
+    Nginx(Nginx),
+}
+
+impl Target {
+    fn http(&self) -> SocketAddr {
+        match self {
+            Self::Khttpd(server) => server.http,
+            Self::Nginx(nginx) => nginx.http,
+        }
+    }
+
+    /// khttpd's `/metrics`; nginx has none.
+    fn metrics(&self) -> anyhow::Result<Option<Metrics>> {
+        match self {
+            Self::Khttpd(server) => server.scrape().map(Some),
+            Self::Nginx(_) => Ok(None),
+        }
+    }
+
+    /// One HTTP/1.0 `GET /` must be answered `200` with the expected body: every mode serves the
+    /// same bytes, or the comparison means nothing.
+    fn check_hello(&self) -> anyhow::Result<()> {
+        let (head, body) = http_get(self.http(), "GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .context("GET / failed")?;
+        ensure!(
+            head.starts_with("HTTP/1.1 200 ") && body == HELLO,
+            "GET / was answered with:\n{head}\n\n{body}"
+        );
+        Ok(())
+    }
+}
+
+/// nginx in the foreground on a free port, with its config, pid file and logs in its own temporary
+/// directory; dropping it stops the master (SIGQUIT, then SIGTERM, each waited for) and then
+/// removes the directory.
+struct Nginx {
+    // Declared first: dropped (stopped) before the directory it writes into is removed.
+    process: Guarded,
+    dir: TempDir,
+    http: SocketAddr,
+}
+
+impl Nginx {
+    fn start(binary: &Path) -> anyhow::Result<Self> {
+        let [http] = free_ports()?;
+        let dir = TempDir::create("nginx")?;
+        let conf = dir.0.join("nginx.conf");
+        fs::write(&conf, nginx_conf(&dir.0, http))
+            .with_context(|| format!("cannot write {}", conf.display()))?;
+        let error_log = dir.0.join("error.log");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&dir.0)
+            // Start-up messages too go to the directory, not to the system's log.
+            .arg("-e")
+            .arg(&error_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut nginx = Self {
+            process: Guarded::new(child, "nginx", &[libc::SIGQUIT, libc::SIGTERM]),
+            dir,
+            http,
+        };
+        wait_until(&mut nginx.process, &http.to_string(), || accepts(http)).with_context(|| {
+            format!(
+                "nginx's error log:\n{}",
+                fs::read_to_string(&error_log).unwrap_or_default()
+            )
+        })?;
+        Ok(nginx)
+    }
+
+    /// Errors nginx logged (warn and above), for the report.
+    fn error_log(&self) -> String {
+        fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+    }
+}
+
+/// The whole nginx config: one `return 200` location, every path inside `dir`, no access log,
+/// and no per-connection request limit (khttpd has none either).
+fn nginx_conf(dir: &Path, listen: SocketAddr) -> String {
+    let dir = dir.display();
+    format!(
+        r#"# Written by `cargo xtask bench http`.
+daemon off;
+master_process on;
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+
+    server {{
+        listen {listen};
+        location / {{
+            default_type text/plain;
+            return 200 "Hello, World!\n";
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// A directory under the system's temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create(name: &str) -> anyhow::Result<Self> {
+        let path = env::temp_dir().join(format!("xtask-bench-http-{name}.{}", std::process::id()));
+        // Left over from a run that was killed: nothing in it is needed.
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Everything measured for one mode: the runs of each load (in `LOADS` order) and what the
+/// server's counters say happened meanwhile.
+struct ModeReport {
+    mode: ModeName,
+    loads: Vec<Vec<Run>>,
+    notes: Vec<String>,
+}
+
+pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
+    validate(args)?;
+    let started = Instant::now();
+    let nginx = find_nginx();
+    let mut skipped = Vec::new();
+    let modes: Vec<ModeName> = if args.modes.is_empty() {
+        ModeName::ALL
+            .into_iter()
+            .filter(|&mode| {
+                let missing = mode == ModeName::Nginx && nginx.is_none();
+                if missing {
+                    skipped.push("nginx: not installed (no /usr/sbin/nginx, none on PATH)");
+                }
+                !missing
+            })
+            .collect()
+    } else {
+        ensure!(
+            !args.modes.contains(&ModeName::Nginx) || nginx.is_some(),
+            "--modes nginx: nginx is not installed (no /usr/sbin/nginx, none on PATH)"
+        );
+        args.modes.clone()
+    };
+    let plan = Plan {
+        args,
+        wrk: !args.no_wrk && find_on_path("wrk").is_some(),
+    };
+    if !plan.wrk && !args.no_wrk {
+        skipped.push("wrk: not installed, the keep-alive load uses htstress --keep-alive");
+    }
+    for note in &skipped {
+        eprintln!("{note}");
+    }
+
+    // A mode that fails is reported in the table and fails the bench at the end, but does not
+    // keep the other modes from being measured.
+    let results: Vec<ModeResult> = modes
+        .into_iter()
+        .map(|mode| {
+            let result = bench_mode(&plan, mode, khttpd, nginx.as_deref()).map_err(|error| {
+                let error = format!("{error:#}").replace('\n', " / ");
+                eprintln!("[{}] failed: {error}", mode.label());
+                error
+            });
+            (mode, result)
+        })
+        .collect();
+
+    let table = render_table(&plan, &results, &skipped, started.elapsed());
+    let reports: Vec<&ModeReport> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    write_results("http", &table, |path| plot(path, &plan, &reports))?;
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, result)| result.is_err())
+        .map(|(mode, _)| mode.label())
+        .collect();
+    ensure!(failed.is_empty(), "failed modes: {}", failed.join(", "));
+    Ok(())
+}
+
+/// A mode and what measuring it gave: its report, or why it could not be measured.
+type ModeResult = (ModeName, Result<ModeReport, String>);
+
+fn validate(args: &Args) -> anyhow::Result<()> {
+    ensure!(args.reps > 0, "--reps must be at least 1");
+    ensure!(args.requests > 0, "-n must be at least 1");
+    ensure!(args.threads > 0, "--threads must be at least 1");
+    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    ensure!(args.seconds > 0, "--seconds must be at least 1");
+    ensure!(
+        args.connections >= KEEP_ALIVE_THREADS,
+        "--connections must be at least {KEEP_ALIVE_THREADS} (one per client thread)"
+    );
+    Ok(())
+}
+
+/// `/usr/sbin/nginx`, else `nginx` on PATH.
+fn find_nginx() -> Option<PathBuf> {
+    let debian = Path::new("/usr/sbin/nginx");
+    if debian.is_file() {
+        return Some(debian.to_owned());
+    }
+    find_on_path("nginx")
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}
+
+fn bench_mode(
+    plan: &Plan,
+    mode: ModeName,
+    khttpd: &Path,
+    nginx: Option<&Path>,
+) -> anyhow::Result<ModeReport> {
+    let progress = |what: &str| eprintln!("[{}] {what}", mode.label());
+    progress("starting the server");
+    let target = match (mode.khttpd_args(), nginx) {
+        (Some(server_args), _) => Target::Khttpd(Server::start(khttpd, server_args)?),
+        (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx)?),
+        (None, None) => unreachable!("nginx mode without nginx"),
+    };
+    target.check_hello()?;
+    let url = format!("http://{}/", target.http());
+    let before = target.metrics()?;
+
+    let reps = plan.args.reps;
+    let mut loads = Vec::with_capacity(LOADS.len());
+    for load in LOADS {
+        let label = plan.label(load);
+        let mut runs = Vec::with_capacity(reps);
+        for rep in 1..=reps {
+            let run = plan
+                .run(load, &url)
+                .with_context(|| format!("{label}, run {rep}"))?;
+            let c = &run.counts;
+            progress(&format!(
+                "{label} {rep}/{reps}: {} req/s, good {} bad {} errors {}",
+                thousands(c.req_per_s),
+                c.good,
+                c.bad,
+                c.errors
+            ));
+            runs.push(run);
+        }
+        loads.push(runs);
+    }
+
+    let notes = match (&target, before, target.metrics()?) {
+        (Target::Khttpd(_), Some(before), Some(after)) => http_counter_deltas(&before, &after),
+        (Target::Nginx(nginx), ..) => {
+            let log = nginx.error_log();
+            vec![if log.trim().is_empty() {
+                "error log empty".to_owned()
+            } else {
+                format!("error log: {}", log.trim().replace('\n', " / "))
+            }]
+        }
+        _ => Vec::new(),
+    };
+    progress("stopping the server");
+    drop(target);
+    Ok(ModeReport { mode, loads, notes })
+}
+
+/// Whether the kernel path was on, and how every `khttpd_http_*_total` series grew during the
+/// loads: who answered, by khttpd's own count (a kernel HTTP path adds its counters here).
+fn http_counter_deltas(before: &Metrics, after: &Metrics) -> Vec<String> {
+    let mut notes: Vec<String> = after
+        .samples()
+        .filter(|(series, _)| series.starts_with("khttpd_fast_path_enabled"))
+        .map(|(series, value)| format!("{series} {value}"))
+        .collect();
+    for (series, value) in after.samples() {
+        let name = series.split('{').next().unwrap_or(series);
+        if name.starts_with("khttpd_http_") && name.ends_with("_total") {
+            let old = before
+                .samples()
+                .find_map(|(s, v)| (s == series).then_some(v))
+                .unwrap_or(0);
+            notes.push(format!(
+                "{series} +{}",
+                thousands(value.saturating_sub(old) as f64)
+            ));
+        }
+    }
+    notes
+}
+
+/// The median of the values that exist.
+fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().flatten().collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[mid]),
+        _ => Some((values[mid - 1] + values[mid]) / 2.0),
+    }
+}
+
+fn median_of(runs: &[Run], value: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+    median(runs.iter().map(value))
+}
+
+/// `1234567.8` as `1,234,568`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// A count, in bold when it is not zero: bad answers and errors must stand out.
+fn flagged(count: u64) -> String {
+    if count == 0 {
+        "0".to_owned()
+    } else {
+        format!("**{}**", thousands(count as f64))
+    }
+}
+
+fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| "–".to_owned(), show)
+}
+
+fn render_table(
+    plan: &Plan,
+    results: &[ModeResult],
+    skipped: &[&str],
+    elapsed: Duration,
+) -> String {
+    let args = plan.args;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| mode | load | req/s | p50 µs | p99 µs | CPU user/sys/softirq/idle % | CPU-s per 100k req | good | bad | errors |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---|---:|---:|---:|---:|");
+    for (mode, result) in results {
+        let Ok(report) = result else {
+            let _ = writeln!(
+                out,
+                "| {} | **failed** (see below) | – | – | – | – | – | – | – | – |",
+                mode.label()
+            );
+            continue;
+        };
+        for (load, runs) in LOADS.iter().zip(&report.loads) {
+            let m = |value: fn(&Run) -> Option<f64>| median_of(runs, value);
+            let cpu = [
+                m(|r| Some(r.cpu.user)),
+                m(|r| Some(r.cpu.system)),
+                m(|r| Some(r.cpu.softirq)),
+                m(|r| Some(r.cpu.idle)),
+            ]
+            .map(|share| or_dash(share, |v| format!("{v:.0}")));
+            let total = |count: fn(&Counts) -> u64| runs.iter().map(|r| count(&r.counts)).sum();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                report.mode.label(),
+                plan.label(*load),
+                or_dash(m(|r| Some(r.counts.req_per_s)), thousands),
+                or_dash(m(|r| r.counts.p50_us), thousands),
+                or_dash(m(|r| r.counts.p99_us), thousands),
+                cpu.join("/"),
+                or_dash(m(Run::cpu_seconds_per_100k), |v| format!("{v:.2}")),
+                thousands(total(|c| c.good) as f64),
+                flagged(total(|c| c.bad)),
+                flagged(total(|c| c.errors)),
+            );
+        }
+    }
+
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = writeln!(
+        out,
+        "\nMedians of {} runs per row; good/bad/errors are totals over the runs (errors: socket \
+         errors — refused, reset, timed out or truncated). htstress loads: -n {} per run, a new \
+         HTTP/1.0 connection per request. Keep-alive: {} s per run, {} persistent connections. \
+         p50/p99: per request, from connect (htstress) or send (keep-alive) to the response's end. \
+         CPU: the whole machine ({cores} CPUs) over each run, load generator included; \
+         CPU-s per 100k req = non-idle CPU time / answered requests × 100,000. \
+         Modes: thread = `--dispatch thread --fast-path off`, cmwq = `--dispatch cmwq \
+         --fast-path off`, kernel = `--dispatch cmwq --fast-path on`, nginx = `worker_processes \
+         auto`, `return 200`. Total time {:.0} s.",
+        args.reps,
+        thousands(args.requests as f64),
+        args.seconds,
+        args.connections,
+        elapsed.as_secs_f64(),
+    );
+    for note in skipped {
+        let _ = writeln!(out, "- skipped {note}");
+    }
+    for (mode, result) in results {
+        let report = match result {
+            Ok(report) => report,
+            Err(error) => {
+                let _ = writeln!(out, "- **{} failed**: {error}", mode.label());
+                continue;
+            }
+        };
+        for (load, runs) in LOADS.iter().zip(&report.loads) {
+            let each: Vec<String> = runs.iter().map(|r| thousands(r.counts.req_per_s)).collect();
+            let _ = writeln!(
+                out,
+                "- {}, {}: req/s per run {}",
+                report.mode.label(),
+                plan.label(*load),
+                each.join(" / ")
+            );
+        }
+        if !report.notes.is_empty() {
+            let _ = writeln!(
+                out,
+                "- {}: {}",
+                report.mode.label(),
+                report.notes.join("; ")
+            );
+        }
+    }
+    out
+}
+
+/// Two grouped bar charts side by side, one group per load and one bar per mode: the median
+/// requests/s, and the median CPU-seconds per 100k requests.
+fn plot(path: &Path, plan: &Plan, reports: &[&ModeReport]) -> anyhow::Result<()> {
+    let with_text = register_font();
+    let root = BitMapBackend::new(path, (1600, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(800);
+    let groups: Vec<String> = LOADS.iter().map(|&load| plan.label(load)).collect();
+    let series = |value: fn(&Run) -> Option<f64>| -> Vec<(String, Vec<f64>)> {
+        reports
+            .iter()
+            .map(|report| {
+                let values = report
+                    .loads
+                    .iter()
+                    .map(|runs| median_of(runs, value).unwrap_or(0.0))
+                    .collect();
+                (report.mode.label().to_owned(), values)
+            })
+            .collect()
+    };
+    let thousands_label = |v: f64| thousands(v);
+    GroupedBars {
+        caption: "HTTP requests/s (median; higher is better)",
+        y_desc: "requests/s",
+        groups: &groups,
+        series: &series(|r| Some(r.counts.req_per_s)),
+        value_label: &thousands_label,
+    }
+    .draw(&left, with_text)?;
+    GroupedBars {
+        caption: "CPU-seconds per 100k requests (whole machine; lower is better)",
+        y_desc: "CPU-s per 100k requests",
+        groups: &groups,
+        series: &series(Run::cpu_seconds_per_100k),
+        value_label: &|v| format!("{v:.2}"),
+    }
+    .draw(&right, with_text)?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK_REPORT: &str = "Running 5s test @ http://127.0.0.1:18081/
+  2 threads and 100 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   653.25us    0.87ms  10.42ms   86.95%
+    Req/Sec    97.29k     6.07k  110.30k    75.00%
+  Latency Distribution
+     50%  251.00us
+     75%  701.00us
+     90%    1.83ms
+     99%    4.13ms
+  970165 requests in 5.01s, 158.21MB read
+  Socket errors: connect 0, read 7, write 0, timeout 2
+  Non-2xx or 3xx responses: 5
+Requests/sec: 193469.27
+Transfer/sec:     31.55MB
+";
+
+    #[test]
+    fn reads_wrk_reports() {
+        let counts = parse_wrk(WRK_REPORT).unwrap();
+        assert_eq!(counts.req_per_s, 193469.27);
+        assert_eq!(counts.p50_us, Some(251.0));
+        assert_eq!(counts.p99_us, Some(4130.0));
+        assert_eq!((counts.good, counts.bad, counts.errors), (970160, 5, 9));
+
+        let clean: String = WRK_REPORT
+            .lines()
+            .filter(|line| !line.contains("errors") && !line.contains("Non-2xx"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let counts = parse_wrk(&clean).unwrap();
+        assert_eq!((counts.good, counts.bad, counts.errors), (970165, 0, 0));
+
+        assert!(parse_wrk("unable to connect to 127.0.0.1:1 Connection refused").is_none());
+        assert_eq!(wrk_duration_us("1.50s"), Some(1.5e6));
+        assert_eq!(wrk_duration_us("12"), None);
+    }
+
+    #[test]
+    fn medians_and_numbers() {
+        assert_eq!(median([Some(3.0), None, Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(median([Some(4.0), Some(1.0)]), Some(2.5));
+        assert_eq!(median([None]), None);
+        assert_eq!(thousands(1_234_567.6), "1,234,568");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(flagged(0), "0");
+        assert_eq!(flagged(1200), "**1,200**");
+    }
+
+    #[test]
+    fn nginx_config_answers_like_khttpd() {
+        let conf = nginx_conf(Path::new("/tmp/x"), "127.0.0.1:8080".parse().unwrap());
+        assert!(conf.contains("listen 127.0.0.1:8080;"));
+        assert!(conf.contains(r#"return 200 "Hello, World!\n";"#));
+        assert!(conf.contains("pid /tmp/x/nginx.pid;"));
+    }
+}
