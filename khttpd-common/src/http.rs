@@ -22,9 +22,11 @@ pub const SOCKETS_MAP: &str = "HTTP_SOCKETS";
 /// Connections the kernel serves at once; past it new connections are served in user space.
 pub const MAX_SOCKETS: u32 = 65_536;
 
-/// Hash of [`Connection`] by socket cookie. Only the kernel writes it; user space reads and
-/// deletes entries.
+/// Hash of [`Connection`] by socket cookie. Only the kernel writes it; user space creates, reads
+/// and deletes entries.
 pub const CONNECTIONS_MAP: &str = "HTTP_CONNECTIONS";
+/// Hash of [`Answered`] by socket cookie. Only user space writes it.
+pub const ANSWERED_MAP: &str = "HTTP_ANSWERED";
 
 /// LRU hash of [`RequestKey`] → [`Route`]: the requests user space taught the kernel.
 pub const REQUESTS_MAP: &str = "HTTP_REQUESTS";
@@ -165,16 +167,26 @@ pub struct HttpDate {
     pub bytes: [u8; 32],
 }
 
-/// Per-connection state, written by the kernel only.
+/// Per-connection state, written by the kernel only (after user space created it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Connection {
-    /// Set when data on the connection went to user space: from then on the kernel answers nothing
-    /// on it, so responses cannot overtake one another.
-    pub user_owned: u32,
-    pub _pad: u32,
+    /// Bytes the kernel passed to user space on the connection.
+    pub passed_bytes: u64,
     /// Bytes of responses the kernel queued on the connection.
     pub kernel_bytes: u64,
+}
+
+/// What user space has done on a connection, as of when it last stopped reading it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Answered {
+    /// Bytes of those the kernel passed that user space has read and answered. The kernel answers
+    /// on a connection only while this equals [`Connection::passed_bytes`], i.e. while user space
+    /// owes nothing on it, so responses cannot overtake one another.
+    pub read_bytes: u64,
+    /// Bytes user space has written on the connection (for the kernel's unacknowledged count).
+    pub written_bytes: u64,
 }
 
 /// Written over a request's first bytes by the verdict, read by the sk_msg program.
@@ -197,7 +209,7 @@ pub enum PassReason {
     Unknown,
     /// The answer closes the connection.
     Close,
-    /// Earlier data on the connection went to user space.
+    /// User space has not answered everything passed to it on the connection yet.
     UserOwned,
     /// Too much sent and not yet acknowledged.
     Backpressure,
@@ -221,7 +233,7 @@ impl PassReason {
             PassReason::NotCandidate => "not_candidate",
             PassReason::Unknown => "unknown_request",
             PassReason::Close => "close",
-            PassReason::UserOwned => "user_owned",
+            PassReason::UserOwned => "user_space_busy",
             PassReason::Backpressure => "backpressure",
             PassReason::NoState => "no_state",
         }
@@ -273,6 +285,7 @@ mod pod {
     unsafe impl aya::Pod for ResponseBlock {}
     unsafe impl aya::Pod for HttpDate {}
     unsafe impl aya::Pod for Connection {}
+    unsafe impl aya::Pod for Answered {}
 }
 
 #[cfg(test)]

@@ -4,12 +4,16 @@
 //!
 //! Two rules keep a kernel answer from ever differing from user space's:
 //! - the verdict answers only bytes user space has answered before (exact match in
-//!   `HTTP_REQUESTS`), on a connection no byte of which has gone to user space yet;
+//!   `HTTP_REQUESTS`), and only while user space owes no answer on the connection
+//!   (`HTTP_ANSWERED` == `Connection::passed_bytes`);
 //! - it answers only while the socket's unacknowledged output plus the response fits
 //!   `MAX_UNACKNOWLEDGED`, so the kworker's send of the synthesized message cannot be partial
 //!   (a partial send would put the marked request bytes on the wire; see docs/kernel-facts.md).
 
-use core::ptr::{read_volatile, write_volatile};
+use core::{
+    ptr::{read_volatile, write_volatile},
+    intrinsics::{atomic_xadd, AtomicOrdering},
+};
 
 use aya_ebpf::{
     bindings::{
@@ -26,7 +30,7 @@ use aya_ebpf::{
 };
 use khttpd_common::{
     http::{
-        self, Connection, Counter, HttpDate, Marker, PassReason, RequestKey, ResponseBlock,
+        self, Answered, Connection, Counter, HttpDate, Marker, PassReason, RequestKey, ResponseBlock,
         ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
         MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
     },
@@ -49,6 +53,9 @@ static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKET
 #[map(name = "HTTP_CONNECTIONS")]
 static HTTP_CONNECTIONS: HashMap<u64, Connection> =
     HashMap::with_max_entries(http::MAX_SOCKETS, 0);
+
+#[map(name = "HTTP_ANSWERED")]
+static HTTP_ANSWERED: HashMap<u64, Answered> = HashMap::with_max_entries(http::MAX_SOCKETS, 0);
 
 #[map(name = "HTTP_REQUESTS")]
 static HTTP_REQUESTS: LruHashMap<RequestKey, Route> =
@@ -83,28 +90,47 @@ pub fn http_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
-    if ctx.len() == 0 {
+    let len = ctx.len();
+    if len == 0 {
         // The peer's FIN (no stream parser): nothing to answer.
         return SK_PASS;
     }
     // SAFETY: the context pointer is the program's own `__sk_buff`.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    // The control plane creates the entry before it puts the socket into the sockhash.
+    // The control plane creates both entries before it puts the socket into the sockhash.
     let Some(connection) = HTTP_CONNECTIONS.get_ptr_mut(&cookie) else {
         count(Counter::PassedNoState);
         hand_off(cookie);
         return SK_PASS;
     };
-    // SAFETY: a live map value; verdicts on one socket run one at a time (under its lock).
+    // SAFETY: a live map value; verdicts on one socket run one at a time (under its lock), and
+    // user space does not write this entry while it exists.
     let connection = unsafe { &mut *connection };
-    if connection.user_owned != 0 {
+    // Count the bytes as passed *before* reading what user space answered (an atomic add is a full
+    // barrier): user space publishes its count and then reads ours, so at least one side sees the
+    // other's update and a passed skb is never left unread (see `KernelHttp::release`).
+    let passed = &raw mut connection.passed_bytes;
+    // SAFETY: `passed` points into the live map value above.
+    let passed_before = unsafe { read_volatile(passed) };
+    add_atomic(passed, u64::from(len));
+    // SAFETY: the value is copied out at once.
+    let Some(answered) = (unsafe { HTTP_ANSWERED.get(&cookie) }).copied() else {
+        count(Counter::PassedNoState);
+        hand_off(cookie);
+        return SK_PASS;
+    };
+    if answered.read_bytes != passed_before {
+        // User space still owes answers on this connection and reads its socket.
         count(Counter::PassedUserOwned);
         return SK_PASS;
     }
-    match answer(ctx, connection, &mut cookie) {
-        Ok(()) => count(Counter::KernelResponses),
+    match answer(ctx, connection, answered.written_bytes, &mut cookie) {
+        Ok(()) => {
+            add_atomic(passed, u64::from(len).wrapping_neg());
+            count(Counter::KernelResponses);
+        }
         Err(reason) => {
-            connection.user_owned = 1;
+            // User space may be parked (not reading): tell it.
             count(reason.counter());
             hand_off(cookie);
         }
@@ -112,11 +138,19 @@ fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
     SK_PASS
 }
 
+/// `*to += n` as one locked add (BPF_ATOMIC), which is also a full memory barrier. The result is
+/// unused, so it needs no BPF_FETCH (and no newer `-mcpu`).
+fn add_atomic(to: *mut u64, n: u64) {
+    // SAFETY: callers pass a pointer into a live map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(to, n) };
+}
+
 /// Marks the skb as a request for a known response and sends it to the socket's egress, or says why
 /// not. On `Err` the skb's bytes are as they arrived.
 fn answer(
     ctx: &SkBuffContext,
     connection: &mut Connection,
+    user_written: u64,
     cookie: &mut u64,
 ) -> Result<(), PassReason> {
     let skb = ctx.skb.skb;
@@ -145,10 +179,10 @@ fn answer(
     if response.len == 0 || response.len > MAX_RESPONSE {
         return Err(PassReason::Unknown);
     }
-    // User space never writes on a connection the kernel answers on, so everything written on it
-    // is the kernel's.
+    // User space writes nothing while the kernel answers, so everything written on the socket is
+    // the kernel's responses plus what user space wrote before it last stopped reading.
     let acked = bytes_acked(skb).ok_or(PassReason::Backpressure)?;
-    let unacknowledged = connection.kernel_bytes.saturating_sub(acked);
+    let unacknowledged = (connection.kernel_bytes + user_written).saturating_sub(acked);
     if unacknowledged + u64::from(response.len) > u64::from(MAX_UNACKNOWLEDGED) {
         return Err(PassReason::Backpressure);
     }

@@ -1,6 +1,9 @@
 //! khttpd's in-kernel data path: the echo service ([`echo`]) and the HTTP fast path ([`http`]).
 #![no_std]
 #![no_main]
+// `atomic_xadd`: core's atomics have no read-modify-write operations on the BPF target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod echo;
 mod http;

@@ -87,6 +87,7 @@ pub struct EchoMaps {
 pub struct HttpMaps {
     pub sockets: SockHash<MapData, u64>,
     pub connections: HashMap<MapData, u64, http::Connection>,
+    pub answered: HashMap<MapData, u64, http::Answered>,
     pub requests: HashMap<MapData, http::RequestKey, http::Route>,
     pub responses: Array<MapData, http::ResponseMeta>,
     pub blocks: Array<MapData, http::ResponseBlock>,
@@ -143,6 +144,7 @@ impl FastPath {
         let http_maps = HttpMaps {
             sockets: take_map(&mut ebpf, http::SOCKETS_MAP)?,
             connections: take_map(&mut ebpf, http::CONNECTIONS_MAP)?,
+            answered: take_map(&mut ebpf, http::ANSWERED_MAP)?,
             requests: take_map(&mut ebpf, http::REQUESTS_MAP)?,
             responses: take_map(&mut ebpf, http::RESPONSES_MAP)?,
             blocks: take_map(&mut ebpf, http::RESPONSE_BLOCKS_MAP)?,

@@ -18,7 +18,6 @@
 use std::{
     collections::HashMap,
     io,
-    net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -46,13 +45,16 @@ const WAKE_TOKEN: u64 = 0;
 pub trait Service: Send + Sync + 'static {
     /// Used in log lines and the watcher thread's name.
     const NAME: &'static str;
+    /// What is kept of a connection while the kernel serves it: its socket, and whatever the
+    /// service needs when it takes the connection back.
+    type Parked: AsRawFd + Send + 'static;
     /// Runs before the socket enters the sockhash (e.g. to create the kernel's per-connection
     /// state); an error keeps the connection in user space.
     fn prepare(&self, _cookie: u64) -> io::Result<()> {
         Ok(())
     }
     /// Whether everything the kernel owes a client that has shut its side has been delivered.
-    fn drained(&self, stream: &TcpStream, cookie: u64) -> bool;
+    fn drained(&self, parked: &Self::Parked, cookie: u64) -> bool;
     /// Runs when the connection leaves the kernel path, closed or taken back.
     fn forget(&self, _cookie: u64) {}
 }
@@ -63,11 +65,11 @@ pub struct KernelConnections<S: Service> {
     handoffs: tokio::sync::Mutex<AsyncFd<RingBuf<MapData>>>,
 }
 
-struct Inner<S> {
+struct Inner<S: Service> {
     service: S,
     sockets: Mutex<SockHash<MapData, u64>>,
-    /// Installed connections by socket cookie. Dropping one closes it.
-    connections: Mutex<HashMap<u64, TcpStream>>,
+    /// Connections the kernel serves, by socket cookie. Dropping one closes it.
+    connections: Mutex<HashMap<u64, S::Parked>>,
     epoll: OwnedFd,
     wake: OwnedFd,
     stopping: AtomicBool,
@@ -119,9 +121,9 @@ impl<S: Service> KernelConnections<S> {
         &self.inner.service
     }
 
-    /// Hands `stream` to the kernel. Gives it back when it cannot be installed (sockhash full, or
-    /// the socket is already gone), so the caller can serve it in user space.
-    pub fn install(&self, stream: TcpStream) -> Result<(), TcpStream> {
+    /// Hands a new connection to the kernel. Gives it back when it cannot be installed (sockhash
+    /// full, or the socket is already gone), so the caller can serve it in user space.
+    pub fn install(&self, stream: S::Parked) -> Result<(), S::Parked> {
         let fd = stream.as_raw_fd();
         let name = S::NAME;
         let cookie = match socket_cookie(fd) {
@@ -182,9 +184,23 @@ impl<S: Service> KernelConnections<S> {
         }
     }
 
+    /// Gives a taken-back connection (still in the sockhash) back to the watcher.
+    pub fn park(&self, cookie: u64, parked: S::Parked) -> Result<(), S::Parked> {
+        let mut connections = self.inner.connections.lock().unwrap();
+        let watch = libc::EPOLLRDHUP as u32;
+        let fd = parked.as_raw_fd();
+        if let Err(e) = epoll_ctl(&self.inner.epoll, libc::EPOLL_CTL_ADD, fd, watch, cookie) {
+            debug!("{}: cannot watch connection ({e})", S::NAME);
+            return Err(parked);
+        }
+        connections.insert(cookie, parked);
+        Ok(())
+    }
+
     /// Takes a connection out of the watcher's hands. It stays in the sockhash (the caller decides
-    /// when it may leave: see [`KernelConnections::leave_sockhash`]).
-    pub fn take_back(&self, cookie: u64) -> Option<TcpStream> {
+    /// when it may leave: see [`KernelConnections::leave_sockhash`]). `None` when the watcher does
+    /// not hold it (closed, or already taken).
+    pub fn take_back(&self, cookie: u64) -> Option<S::Parked> {
         let stream = self.inner.connections.lock().unwrap().remove(&cookie)?;
         let _ = epoll_ctl(
             &self.inner.epoll,

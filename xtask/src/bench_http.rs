@@ -141,10 +141,11 @@ impl Plan<'_> {
     fn label(&self, load: Load) -> String {
         let args = self.args;
         match load {
-            Load::Close => format!("htstress -c 1 -t {}", args.threads),
-            Load::CloseConcurrent => {
-                format!("htstress -c {} -t {}", args.concurrency, args.threads)
-            }
+            Load::Close | Load::CloseConcurrent => format!(
+                "htstress -c {} -t {}",
+                self.htstress_concurrency(load),
+                args.threads
+            ),
             Load::KeepAlive if self.wrk => format!(
                 "wrk -t{KEEP_ALIVE_THREADS} -c{} -d{}s",
                 args.connections, args.seconds
@@ -157,6 +158,14 @@ impl Plan<'_> {
         }
     }
 
+    /// htstress's `-c` in the close-per-request loads.
+    fn htstress_concurrency(&self, load: Load) -> usize {
+        match load {
+            Load::Close => 1,
+            _ => self.args.concurrency,
+        }
+    }
+
     fn keep_alive_per_thread(&self) -> usize {
         self.args.connections.div_ceil(KEEP_ALIVE_THREADS)
     }
@@ -166,20 +175,11 @@ impl Plan<'_> {
         let args = self.args;
         let before = CpuTimes::read()?;
         let counts = match load {
-            Load::Close => htstress_counts(&[
+            Load::Close | Load::CloseConcurrent => htstress_counts(&[
                 "-n",
                 &args.requests.to_string(),
                 "-c",
-                "1",
-                "-t",
-                &args.threads.to_string(),
-                url,
-            ])?,
-            Load::CloseConcurrent => htstress_counts(&[
-                "-n",
-                &args.requests.to_string(),
-                "-c",
-                &args.concurrency.to_string(),
+                &self.htstress_concurrency(load).to_string(),
                 "-t",
                 &args.threads.to_string(),
                 url,

@@ -20,6 +20,7 @@ pub struct Echo;
 
 impl Service for Echo {
     const NAME: &'static str = "echo";
+    type Parked = TcpStream;
 
     fn drained(&self, stream: &TcpStream, _cookie: u64) -> bool {
         // Only asked after the FIN arrived, which counts one in bytes_received.

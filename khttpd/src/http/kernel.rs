@@ -1,33 +1,37 @@
 //! The control plane of the kernel HTTP fast path: it installs connections into the HTTP sockhash,
 //! teaches the kernel the requests user space has answered, keeps the kernel's response table and
-//! its `Date` current, and takes connections back when the kernel passes data to user space.
+//! its `Date` current, and moves connections between the kernel and user space.
 //!
 //! How a connection moves (the programs are in khttpd-ebpf/src/http.rs):
-//! 1. accept → [`KernelHttp::install`]: kernel state entry, sockhash, hang-up watcher;
+//! 1. accept → [`KernelHttp::install`]: kernel state entries, sockhash, hang-up watcher;
 //! 2. requests the kernel knows are answered there; user space does nothing;
-//! 3. the first byte the kernel does not answer makes the connection user space's for good: the
-//!    verdict passes it and sends a hand-off; [`KernelHttp::take_back`] waits until the kernel's
-//!    responses are in the send queue (so user space's cannot overtake them) and returns the socket
-//!    to be served like any other. It stays in the sockhash: removing it would discard the bytes
-//!    the verdict passed, which sit in the psock's queue.
+//! 3. the first bytes the kernel does not answer are passed to the socket's receive queue and a
+//!    hand-off record wakes user space, which takes the connection from the watcher
+//!    ([`KernelConnections::take_back`]) and serves it like any other: before its first write it
+//!    waits until the kernel's responses are in the send queue ([`KernelHttp::wait_for_kernel`]),
+//!    so answers stay in order. The socket stays in the sockhash: removing it would discard the
+//!    bytes the verdict passed, which sit in the psock's queue;
+//! 4. when user space has answered everything it read with responses the kernel now knows, it
+//!    publishes how much it read and wrote and parks the connection with the watcher again
+//!    ([`KernelHttp::release`]); the kernel answers on it while nothing is owed.
 //!
-//! Learning: user space reports each request it answered with a keep-alive `200` and no body
+//! Learning: user space reports each request it answered with a `200` and no body
 //! ([`super::session::Learned`]); its exact bytes become a key of the kernel's request table and
-//! the response (minus its Date, which the kernel patches) goes into a response slot.
+//! the keep-alive response (its Date patched by the kernel) goes into a response slot.
 
 use std::{
     collections::HashMap as StdHashMap,
     io,
     net::TcpStream,
     ops::Deref,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, RawFd},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use khttpd_common::http::{
-    self, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock, ResponseMeta,
+    self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock, ResponseMeta,
     Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
 };
 use log::{debug, warn};
@@ -49,21 +53,44 @@ const RELEARN_AFTER: Duration = Duration::from_secs(10);
 /// Most requests remembered as already taught.
 const TAUGHT_LIMIT: usize = 4 * http::MAX_REQUESTS as usize;
 
+/// A connection while the kernel serves it, with what user space did on it before.
+pub struct Parked {
+    pub stream: TcpStream,
+    pub answered: Answered,
+}
+
+impl AsRawFd for Parked {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
 /// The kernel's per-connection state, seen from the connection watcher.
 pub struct Http {
     connections: Mutex<HashMap<MapData, u64, Connection>>,
+    answered: Mutex<HashMap<MapData, u64, Answered>>,
 }
 
 impl Http {
     fn state(&self, cookie: u64) -> Option<Connection> {
         self.connections.lock().unwrap().get(&cookie, 0).ok()
     }
+
+    fn publish(&self, cookie: u64, answered: Answered) -> io::Result<()> {
+        self.answered
+            .lock()
+            .unwrap()
+            .insert(cookie, answered, 0)
+            .map_err(io::Error::other)
+    }
 }
 
 impl Service for Http {
     const NAME: &'static str = "http";
+    type Parked = Parked;
 
     fn prepare(&self, cookie: u64) -> io::Result<()> {
+        self.publish(cookie, Answered::default())?;
         self.connections
             .lock()
             .unwrap()
@@ -71,18 +98,31 @@ impl Service for Http {
             .map_err(io::Error::other)
     }
 
-    fn drained(&self, stream: &TcpStream, cookie: u64) -> bool {
-        match (self.state(cookie), tcp_info(stream.as_raw_fd())) {
+    fn drained(&self, parked: &Parked, cookie: u64) -> bool {
+        match (self.state(cookie), tcp_info(parked.as_raw_fd())) {
             // A hand-off is on its way: user space will take the connection and answer.
-            (Some(state), _) if state.user_owned != 0 => false,
-            (Some(state), Ok(info)) => info.tcpi_bytes_acked >= state.kernel_bytes,
+            (Some(state), _) if state.passed_bytes != parked.answered.read_bytes => false,
+            (Some(state), Ok(info)) => {
+                info.tcpi_bytes_acked >= state.kernel_bytes + parked.answered.written_bytes
+            }
             _ => true,
         }
     }
 
     fn forget(&self, cookie: u64) {
         let _ = self.connections.lock().unwrap().remove(&cookie);
+        let _ = self.answered.lock().unwrap().remove(&cookie);
     }
+}
+
+/// What became of a connection user space offered back to the kernel.
+pub enum Release {
+    /// The kernel serves it now; user space is done with it until the next hand-off.
+    Parked,
+    /// Bytes arrived meanwhile: keep serving it.
+    Resumed(Parked),
+    /// The hand-off loop took it meanwhile (and serves it).
+    Gone,
 }
 
 /// Which response slot holds what.
@@ -112,6 +152,7 @@ impl KernelHttp {
     pub fn start(maps: HttpMaps) -> io::Result<KernelHttp> {
         let service = Http {
             connections: Mutex::new(maps.connections),
+            answered: Mutex::new(maps.answered),
         };
         let kernel = KernelHttp {
             connections: KernelConnections::start(service, maps.sockets, maps.handoffs)?,
@@ -233,26 +274,48 @@ impl KernelHttp {
         Ok(Some(slot))
     }
 
-    /// Takes a connection the kernel handed off, once every response the kernel queued on it has
-    /// reached the send queue. `None` if it is gone (closed meanwhile).
-    pub async fn take_back(&self, cookie: u64) -> Option<TcpStream> {
-        let stream = self.connections.take_back(cookie)?;
-        let owed = self
-            .connections
-            .service()
-            .state(cookie)
-            .map_or(0, |state| state.kernel_bytes);
+    /// Waits until every response the kernel queued on the connection is in its send queue, so a
+    /// response user space writes now cannot overtake one. `written` is what user space wrote on
+    /// it so far. Returns false if that takes longer than `ORDER_LIMIT`.
+    pub async fn wait_for_kernel(&self, cookie: u64, fd: RawFd, written: u64) -> bool {
+        let Some(state) = self.connections.service().state(cookie) else {
+            return true;
+        };
+        let owed = state.kernel_bytes + written;
         let deadline = Instant::now() + ORDER_LIMIT;
         let mut pause = Duration::from_micros(50);
-        while queued_bytes(&stream).is_ok_and(|queued| queued < owed) {
+        while queued_bytes(fd).is_ok_and(|queued| queued < owed) {
             if Instant::now() > deadline {
-                warn!("http: kernel responses on connection {cookie} not sent in {ORDER_LIMIT:?}; closing it");
-                return None;
+                warn!("http: kernel responses on connection {cookie} not sent in {ORDER_LIMIT:?}");
+                return false;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(5));
         }
-        Some(stream)
+        true
+    }
+
+    /// Offers a connection on which user space owes nothing back to the kernel: publishes what
+    /// user space read and wrote, parks the socket with the watcher, then checks that no bytes
+    /// were passed meanwhile (the verdict counts passed bytes before it reads what user space
+    /// published, so one side always sees the other; see khttpd-ebpf/src/http.rs).
+    pub fn release(&self, cookie: u64, parked: Parked) -> Release {
+        let service = self.connections.service();
+        let answered = parked.answered;
+        if let Err(e) = service.publish(cookie, answered) {
+            debug!("http: cannot publish connection {cookie}'s state ({e}); keeping it");
+            return Release::Resumed(parked);
+        }
+        if let Err(parked) = self.connections.park(cookie, parked) {
+            return Release::Resumed(parked);
+        }
+        match service.state(cookie) {
+            Some(state) if state.passed_bytes == answered.read_bytes => Release::Parked,
+            _ => match self.connections.take_back(cookie) {
+                Some(parked) => Release::Resumed(parked),
+                None => Release::Gone,
+            },
+        }
     }
 
     /// Deletes the kernel's state of a connection user space has finished with.
@@ -282,8 +345,7 @@ impl Deref for KernelHttp {
 }
 
 /// Every byte ever written to the socket's send queue: acknowledged ones plus those still queued.
-fn queued_bytes(stream: &TcpStream) -> io::Result<u64> {
-    let fd = stream.as_raw_fd();
+fn queued_bytes(fd: RawFd) -> io::Result<u64> {
     let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.

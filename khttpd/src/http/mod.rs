@@ -17,6 +17,7 @@ pub mod session;
 
 use std::{
     io::{Read as _, Write as _},
+    os::fd::{AsRawFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -31,7 +32,8 @@ use tokio::{
 };
 
 use crate::{fd::into_tokio, shutdown::Shutdown, workqueue::WorkQueue};
-use kernel::KernelHttp;
+use kernel::{KernelHttp, Parked, Release};
+use khttpd_common::http::Answered;
 use session::{Next, Session};
 
 /// Bytes read per system call.
@@ -67,6 +69,8 @@ pub struct HttpService {
     /// Connections the kernel handed to user space.
     pub handoffs: AtomicU64,
     notify_shutdown: broadcast::Sender<()>,
+    /// For connection threads that wait on the kernel path.
+    runtime: tokio::runtime::Handle,
 }
 
 impl HttpService {
@@ -83,6 +87,7 @@ impl HttpService {
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
             notify_shutdown,
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -90,20 +95,25 @@ impl HttpService {
     pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         let stream = match &self.kernel {
-            Some(kernel) => match kernel.install(stream) {
-                Ok(()) => return,
-                Err(stream) => stream,
-            },
+            Some(kernel) => {
+                let parked = Parked {
+                    stream,
+                    answered: Answered::default(),
+                };
+                match kernel.install(parked) {
+                    Ok(()) => return,
+                    Err(parked) => parked.stream,
+                }
+            }
             None => stream,
         };
         self.serve_in_user_space(stream, None);
     }
 
-    /// `cookie` names the kernel state to delete when the connection ends, if it has any.
-    fn serve_in_user_space(self: &Arc<Self>, stream: std::net::TcpStream, cookie: Option<u64>) {
+    fn serve_in_user_space(self: &Arc<Self>, stream: std::net::TcpStream, link: Option<Link>) {
         let connection = UserConnection {
             service: Arc::clone(self),
-            cookie,
+            link,
         };
         match self.dispatch {
             Dispatch::Cmwq => {
@@ -127,7 +137,7 @@ impl HttpService {
         }
     }
 
-    /// Serves in user space the connections the kernel hands back, until shutdown.
+    /// Serves in user space the connections the kernel hands over, until shutdown.
     pub async fn handoff_loop(self: Arc<Self>, mut shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
         loop {
@@ -142,18 +152,16 @@ impl HttpService {
                     return;
                 }
             };
-            // Waiting for the kernel's responses to leave must not hold up other hand-offs.
-            let service = Arc::clone(&self);
-            tokio::spawn(async move {
-                let Some(kernel) = &service.kernel else { return };
-                match kernel.take_back(cookie).await {
-                    Some(stream) => {
-                        service.handoffs.fetch_add(1, Ordering::Relaxed);
-                        service.serve_in_user_space(stream, Some(cookie));
-                    }
-                    None => kernel.forget(cookie),
-                }
-            });
+            // Not parked means a user-space task already serves it (or it closed).
+            if let Some(parked) = kernel.take_back(cookie) {
+                self.handoffs.fetch_add(1, Ordering::Relaxed);
+                let link = Link {
+                    cookie,
+                    answered: parked.answered,
+                    ordered: false,
+                };
+                self.serve_in_user_space(parked.stream, Some(link));
+            }
         }
     }
 
@@ -183,11 +191,20 @@ impl HttpService {
     }
 }
 
-/// A connection served in user space: teaches the kernel what it answers, and deletes the
-/// kernel's state of the connection when it ends.
+/// A connection that came from the kernel path: user space serves it and may give it back.
+struct Link {
+    cookie: u64,
+    /// What user space read and wrote on the connection.
+    answered: Answered,
+    /// Whether the kernel's responses are known to be in the send queue.
+    ordered: bool,
+}
+
+/// A connection served in user space: teaches the kernel what it answers and, when it came from
+/// the kernel path, keeps the kernel's books on it (and deletes its kernel state when it ends).
 struct UserConnection {
     service: Arc<HttpService>,
-    cookie: Option<u64>,
+    link: Option<Link>,
 }
 
 impl UserConnection {
@@ -199,17 +216,69 @@ impl UserConnection {
         }
     }
 
-    fn learn(&self, session: &mut Session) {
-        if let Some(kernel) = &self.service.kernel {
-            kernel.learn(&session.take_learned());
+    fn received(&mut self, n: usize) {
+        if let Some(link) = &mut self.link {
+            link.answered.read_bytes += n as u64;
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        if let Some(link) = &mut self.link {
+            link.answered.written_bytes += n as u64;
+        }
+    }
+
+    /// Teaches the kernel what the session just answered. Returns whether the kernel could answer
+    /// the next request like the last one, i.e. whether giving the connection back is worth it.
+    fn learn(&self, session: &mut Session) -> bool {
+        let Some(kernel) = &self.service.kernel else {
+            return false;
+        };
+        let learned = session.take_learned();
+        kernel.learn(&learned);
+        learned.last().is_some_and(|last| last.keep_alive)
+    }
+
+    /// Before writing: waits until the kernel's responses on the connection are queued.
+    async fn wait_for_kernel(&mut self, fd: RawFd) -> bool {
+        let (Some(kernel), Some(link)) = (&self.service.kernel, &mut self.link) else {
+            return true;
+        };
+        if !link.ordered {
+            link.ordered = kernel
+                .wait_for_kernel(link.cookie, fd, link.answered.written_bytes)
+                .await;
+        }
+        link.ordered
+    }
+
+    /// Offers the connection back to the kernel; returns the socket if user space keeps serving.
+    fn release(&mut self, stream: std::net::TcpStream) -> Option<std::net::TcpStream> {
+        let (Some(kernel), Some(link)) = (&self.service.kernel, &mut self.link) else {
+            return Some(stream);
+        };
+        let parked = Parked {
+            stream,
+            answered: link.answered,
+        };
+        match kernel.release(link.cookie, parked) {
+            Release::Resumed(parked) => {
+                link.ordered = false;
+                Some(parked.stream)
+            }
+            Release::Parked | Release::Gone => {
+                // The kernel path owns its state again.
+                self.link = None;
+                None
+            }
         }
     }
 }
 
 impl Drop for UserConnection {
     fn drop(&mut self) {
-        if let (Some(kernel), Some(cookie)) = (&self.service.kernel, self.cookie) {
-            kernel.forget(cookie);
+        if let (Some(kernel), Some(link)) = (&self.service.kernel, &self.link) {
+            kernel.forget(link.cookie);
         }
     }
 }
@@ -217,7 +286,7 @@ impl Drop for UserConnection {
 /// The `cmwq` work item.
 async fn serve_async(
     stream: std::net::TcpStream,
-    connection: UserConnection,
+    mut connection: UserConnection,
     mut shutdown: Shutdown,
 ) {
     let Ok(mut stream) = into_tokio(stream) else {
@@ -234,12 +303,16 @@ async fn serve_async(
             },
             () = shutdown.recv() => return,
         };
+        connection.received(n);
         let next = session.receive(&buf[..n], &mut out);
-        connection.learn(&mut session);
+        let reusable = connection.learn(&mut session);
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+            if !connection.wait_for_kernel(stream.as_raw_fd()).await
+                || stream.write_all(&out).await.is_err()
+            {
                 return;
             }
+            connection.wrote(out.len());
             out.clear();
         }
         if next == Next::Close {
@@ -256,11 +329,26 @@ async fn serve_async(
             let _ = tokio::time::timeout(LINGER, drain).await;
             return;
         }
+        if reusable && session.is_idle() {
+            let Ok(std_stream) = stream.into_std() else {
+                return;
+            };
+            match connection.release(std_stream).map(into_tokio) {
+                Some(Ok(resumed)) => stream = resumed,
+                _ => return,
+            }
+        }
     }
 }
 
-/// The `thread` connection: the same session, blocking I/O (accepted sockets start blocking).
-fn serve_blocking(mut stream: std::net::TcpStream, connection: UserConnection) {
+/// The `thread` connection: the same session, blocking I/O.
+fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnection) {
+    // Sockets coming back from the kernel path were last owned by tokio, which made them
+    // non-blocking.
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let runtime = connection.service.runtime.clone();
     let mut session = connection.session();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut out = Vec::new();
@@ -269,12 +357,16 @@ fn serve_blocking(mut stream: std::net::TcpStream, connection: UserConnection) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        connection.received(n);
         let next = session.receive(&buf[..n], &mut out);
-        connection.learn(&mut session);
+        let reusable = connection.learn(&mut session);
         if !out.is_empty() {
-            if stream.write_all(&out).is_err() {
+            if !runtime.block_on(connection.wait_for_kernel(stream.as_raw_fd()))
+                || stream.write_all(&out).is_err()
+            {
                 return;
             }
+            connection.wrote(out.len());
             out.clear();
         }
         if next == Next::Close {
@@ -288,6 +380,12 @@ fn serve_blocking(mut stream: std::net::TcpStream, connection: UserConnection) {
                 }
             }
             return;
+        }
+        if reusable && session.is_idle() {
+            match connection.release(stream) {
+                Some(resumed) => stream = resumed,
+                None => return,
+            }
         }
     }
 }

@@ -90,6 +90,11 @@ impl Session {
         }
     }
 
+    /// True between requests: nothing buffered, no body being read.
+    pub fn is_idle(&self) -> bool {
+        self.input.is_empty() && self.body.is_none()
+    }
+
     /// Requests recorded since the last call (always empty unless [`Session::learning`]).
     pub fn take_learned(&mut self) -> Vec<Learned> {
         self.learned.as_mut().map(std::mem::take).unwrap_or_default()
