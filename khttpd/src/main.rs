@@ -170,6 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queue("khttpd_http")?,
         args.dispatch,
         kernel_http,
+        args.fast_path == FastPathMode::On,
         notify_shutdown.clone(),
     );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());

@@ -50,7 +50,7 @@ pub trait Service: Send + Sync + 'static {
     type Parked: AsRawFd + Send + 'static;
     /// Runs before the socket enters the sockhash (e.g. to create the kernel's per-connection
     /// state); an error keeps the connection in user space.
-    fn prepare(&self, _cookie: u64) -> io::Result<()> {
+    fn prepare(&self, _cookie: u64, _parked: &Self::Parked) -> io::Result<()> {
         Ok(())
     }
     /// Whether everything the kernel owes a client that has shut its side has been delivered.
@@ -121,8 +121,8 @@ impl<S: Service> KernelConnections<S> {
         &self.inner.service
     }
 
-    /// Hands a new connection to the kernel. Gives it back when it cannot be installed (sockhash
-    /// full, or the socket is already gone), so the caller can serve it in user space.
+    /// Hands a connection to the kernel. Gives it back when it cannot be installed (sockhash full,
+    /// or the socket is no longer established), so the caller can serve it in user space.
     pub fn install(&self, stream: S::Parked) -> Result<(), S::Parked> {
         let fd = stream.as_raw_fd();
         let name = S::NAME;
@@ -133,7 +133,7 @@ impl<S: Service> KernelConnections<S> {
                 return Err(stream);
             }
         };
-        if let Err(e) = self.inner.service.prepare(cookie) {
+        if let Err(e) = self.inner.service.prepare(cookie, &stream) {
             debug!("{name}: no kernel state for the connection ({e}); serving in user space");
             return Err(stream);
         }

@@ -327,3 +327,38 @@ fn closing_requests_are_answered_and_closed_by_user_space() {
         "sockhash entries left behind"
     );
 }
+
+#[test]
+fn auto_moves_keep_alive_connections_to_the_kernel_and_leaves_closing_ones_alone() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Auto, &[]);
+    // One request per connection: served and closed by user space, never installed.
+    for _ in 0..50 {
+        let response = exchange(&server, b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", Send::Whole);
+        assert!(response.ends_with(b"Hello, World!\n"));
+    }
+    let metrics = server.metrics();
+    assert_eq!(metrics["khttpd_http_kernel_responses_total"], 0);
+    assert_eq!(metrics["khttpd_http_passed_total{reason=\"close\"}"], 0);
+    // A keep-alive connection: the first answer comes from user space, which then hands the
+    // connection to the kernel; the rest come from the kernel.
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut stream = connect(&server);
+    let mut first = Vec::new();
+    for i in 0..100 {
+        stream.write_all(request).unwrap();
+        let mut response = vec![0; 4096];
+        let n = stream.read(&mut response).unwrap();
+        response.truncate(n);
+        let response = without_dates(response);
+        if i == 0 {
+            first = response;
+        } else {
+            assert_eq!(response, first, "answer {i}");
+        }
+    }
+    let answered = server.metric("khttpd_http_kernel_responses_total");
+    assert!(answered >= 95, "the kernel answered {answered} of 99");
+}

@@ -89,8 +89,8 @@ impl Service for Http {
     const NAME: &'static str = "http";
     type Parked = Parked;
 
-    fn prepare(&self, cookie: u64) -> io::Result<()> {
-        self.publish(cookie, Answered::default())?;
+    fn prepare(&self, cookie: u64, parked: &Parked) -> io::Result<()> {
+        self.publish(cookie, parked.answered)?;
         self.connections
             .lock()
             .unwrap()

@@ -64,6 +64,11 @@ pub struct HttpService {
     pub queue: Arc<WorkQueue>,
     pub dispatch: Dispatch,
     pub kernel: Option<KernelHttp>,
+    /// `--fast-path on`: connections start in the kernel. Otherwise (auto) they start in user
+    /// space and move to the kernel after their first keep-alive answer the kernel has learned:
+    /// a connection that closes after one request (htstress) never pays for the kernel path,
+    /// which cannot close it (see the README's measurements).
+    kernel_first: bool,
     /// Connections accepted.
     pub connections: AtomicU64,
     /// Connections the kernel handed to user space.
@@ -78,12 +83,14 @@ impl HttpService {
         queue: Arc<WorkQueue>,
         dispatch: Dispatch,
         kernel: Option<KernelHttp>,
+        kernel_first: bool,
         notify_shutdown: broadcast::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(HttpService {
             queue,
             dispatch,
             kernel,
+            kernel_first,
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
             notify_shutdown,
@@ -91,11 +98,11 @@ impl HttpService {
         })
     }
 
-    /// Serves one accepted connection: in the kernel when it can be installed there.
+    /// Serves one accepted connection.
     pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         let stream = match &self.kernel {
-            Some(kernel) => {
+            Some(kernel) if self.kernel_first => {
                 let parked = Parked {
                     stream,
                     answered: Answered::default(),
@@ -105,15 +112,22 @@ impl HttpService {
                     Err(parked) => parked.stream,
                 }
             }
-            None => stream,
+            _ => stream,
         };
-        self.serve_in_user_space(stream, None);
+        self.serve_in_user_space(stream, None, 0);
     }
 
-    fn serve_in_user_space(self: &Arc<Self>, stream: std::net::TcpStream, link: Option<Link>) {
+    /// `written`: bytes user space wrote on the connection before.
+    fn serve_in_user_space(
+        self: &Arc<Self>,
+        stream: std::net::TcpStream,
+        link: Option<Link>,
+        written: u64,
+    ) {
         let connection = UserConnection {
             service: Arc::clone(self),
             link,
+            written,
         };
         match self.dispatch {
             Dispatch::Cmwq => {
@@ -157,10 +171,11 @@ impl HttpService {
                 self.handoffs.fetch_add(1, Ordering::Relaxed);
                 let link = Link {
                     cookie,
-                    answered: parked.answered,
+                    read_bytes: parked.answered.read_bytes,
                     ordered: false,
                 };
-                self.serve_in_user_space(parked.stream, Some(link));
+                let written = parked.answered.written_bytes;
+                self.serve_in_user_space(parked.stream, Some(link), written);
             }
         }
     }
@@ -191,11 +206,12 @@ impl HttpService {
     }
 }
 
-/// A connection that came from the kernel path: user space serves it and may give it back.
+/// A connection in the HTTP sockhash that user space serves for now.
 struct Link {
     cookie: u64,
-    /// What user space read and wrote on the connection.
-    answered: Answered,
+    /// Bytes user space read since the socket entered the sockhash (all of them passed by the
+    /// kernel).
+    read_bytes: u64,
     /// Whether the kernel's responses are known to be in the send queue.
     ordered: bool,
 }
@@ -205,6 +221,8 @@ struct Link {
 struct UserConnection {
     service: Arc<HttpService>,
     link: Option<Link>,
+    /// Bytes user space wrote on the connection.
+    written: u64,
 }
 
 impl UserConnection {
@@ -218,18 +236,16 @@ impl UserConnection {
 
     fn received(&mut self, n: usize) {
         if let Some(link) = &mut self.link {
-            link.answered.read_bytes += n as u64;
+            link.read_bytes += n as u64;
         }
     }
 
     fn wrote(&mut self, n: usize) {
-        if let Some(link) = &mut self.link {
-            link.answered.written_bytes += n as u64;
-        }
+        self.written += n as u64;
     }
 
     /// Teaches the kernel what the session just answered. Returns whether the kernel could answer
-    /// the next request like the last one, i.e. whether giving the connection back is worth it.
+    /// the next request like the last one, i.e. whether handing the connection to it is worth it.
     fn learn(&self, session: &mut Session) -> bool {
         let Some(kernel) = &self.service.kernel else {
             return false;
@@ -245,21 +261,38 @@ impl UserConnection {
             return true;
         };
         if !link.ordered {
-            link.ordered = kernel
-                .wait_for_kernel(link.cookie, fd, link.answered.written_bytes)
-                .await;
+            link.ordered = kernel.wait_for_kernel(link.cookie, fd, self.written).await;
         }
         link.ordered
     }
 
-    /// Offers the connection back to the kernel; returns the socket if user space keeps serving.
+    /// Hands the connection (idle, owing nothing) to the kernel; returns the socket if user space
+    /// keeps serving it.
     fn release(&mut self, stream: std::net::TcpStream) -> Option<std::net::TcpStream> {
-        let (Some(kernel), Some(link)) = (&self.service.kernel, &mut self.link) else {
+        let Some(kernel) = &self.service.kernel else {
             return Some(stream);
+        };
+        let Some(link) = &mut self.link else {
+            // Not in the sockhash yet: install it. Every byte it gets from now on passes the
+            // verdict, so the kernel's count of passed bytes and ours both start at zero.
+            let parked = Parked {
+                stream,
+                answered: Answered {
+                    read_bytes: 0,
+                    written_bytes: self.written,
+                },
+            };
+            return match kernel.install(parked) {
+                Ok(()) => None,
+                Err(parked) => Some(parked.stream),
+            };
         };
         let parked = Parked {
             stream,
-            answered: link.answered,
+            answered: Answered {
+                read_bytes: link.read_bytes,
+                written_bytes: self.written,
+            },
         };
         match kernel.release(link.cookie, parked) {
             Release::Resumed(parked) => {

@@ -17,7 +17,10 @@ pub const KHTTPD: &str = env!("CARGO_BIN_EXE_khttpd");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// `--fast-path on`.
     Kernel,
+    /// `--fast-path auto` where BPF is available.
+    Auto,
     UserUnbound,
     UserBound,
 }
@@ -28,6 +31,7 @@ impl Mode {
     fn args(self) -> &'static [&'static str] {
         match self {
             Mode::Kernel => &["--fast-path", "on"],
+            Mode::Auto => &["--fast-path", "auto"],
             Mode::UserUnbound => &["--fast-path", "off", "--workqueue", "unbound"],
             Mode::UserBound => &["--fast-path", "off", "--workqueue", "bound"],
         }
@@ -110,7 +114,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = self.try_metrics_text() {
-                let fast_path = if mode == Mode::Kernel {
+                let fast_path = if matches!(mode, Mode::Kernel | Mode::Auto) {
                     "khttpd_fast_path_enabled 1"
                 } else {
                     "khttpd_fast_path_enabled 0"
