@@ -6,13 +6,11 @@ mod common;
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::OnceLock,
     time::Duration,
 };
 
-use common::{wait_bounded, Mode, Server, KHTTPD};
+use common::{wait_bounded, xtask_binary, Mode, Server};
 
 const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
 
@@ -158,38 +156,6 @@ fn curl_agrees() {
     }
 }
 
-/// The xtask binary of the same profile as the khttpd under test, built (or found up to date) by
-/// cargo once per test process, so the htstress it runs is never a stale one.
-fn xtask_binary() -> &'static Path {
-    static XTASK: OnceLock<PathBuf> = OnceLock::new();
-    XTASK.get_or_init(|| {
-        // target/<profile dir>/khttpd → build xtask into the same directory.
-        let profile_dir = Path::new(KHTTPD).parent().unwrap();
-        let target_dir = profile_dir.parent().unwrap();
-        let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-            "debug" => "dev",
-            other => other,
-        };
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "--package",
-                "xtask",
-                "--profile",
-                profile,
-            ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(workspace)
-            .stdin(Stdio::null())
-            .status()
-            .expect("run cargo");
-        assert!(status.success(), "cargo build --package xtask: {status}");
-        profile_dir.join("xtask")
-    })
-}
 
 /// The number after `label` on its line of an htstress report (`good requests: 10000 [100%]`).
 fn report_number(report: &str, label: &str) -> u64 {

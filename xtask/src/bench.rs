@@ -14,7 +14,11 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _};
-use plotters::{coord::Shift, prelude::*};
+use plotters::{
+    coord::Shift,
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+};
 
 use crate::workspace_root;
 
@@ -227,16 +231,31 @@ fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
     Ok(Metrics(body))
 }
 
-/// Distinct free ports on 127.0.0.1: all are bound before any is released.
+/// Distinct ports free on 127.0.0.1 and, where the host has IPv6, on ::1 too (khttpd listens on
+/// every address of `lo`); all are held until every one is found, so none is handed out twice.
 pub fn free_ports<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<Result<_, _>>()?;
-    Ok(addrs.try_into().expect("N addresses"))
+    const ATTEMPTS: usize = 100;
+    let ipv6 = TcpListener::bind("[::1]:0").is_ok();
+    let mut held = Vec::with_capacity(2 * N);
+    let mut addrs = Vec::with_capacity(N);
+    for _ in 0..ATTEMPTS {
+        if addrs.len() == N {
+            break;
+        }
+        let v4 = TcpListener::bind("127.0.0.1:0")?;
+        let addr = v4.local_addr()?;
+        held.push(v4);
+        if ipv6 {
+            match TcpListener::bind(("::1", addr.port())) {
+                Ok(v6) => held.push(v6),
+                Err(_) => continue,
+            }
+        }
+        addrs.push(addr);
+    }
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("no {N} ports free on both 127.0.0.1 and ::1"))
 }
 
 /// A `/metrics` body in the Prometheus text format.
@@ -455,7 +474,8 @@ impl GroupedBars<'_> {
         }
         let x = (0..groups * GROUP)
             .with_key_points((0..groups).map(|i| i * GROUP + GROUP / 2).collect());
-        let mut chart = builder.build_cartesian_2d(x, 0.0..max * 1.15)?;
+        // Headroom above the tallest bar for its label and the legend.
+        let mut chart = builder.build_cartesian_2d(x, 0.0..max * 1.45)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -488,10 +508,12 @@ impl GroupedBars<'_> {
                     Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled())
                 });
                 chart.draw_series(values.iter().enumerate().map(|(group, &value)| {
+                    // Centred above the bar.
                     Text::new(
                         (self.value_label)(value),
-                        (left(group), value + max * 0.03),
-                        ("sans-serif", 12),
+                        (left(group) + width * 9 / 20, value + max * 0.01),
+                        TextStyle::from(("sans-serif", 12).into_font())
+                            .pos(Pos::new(HPos::Center, VPos::Bottom)),
                     )
                 }))?;
             }

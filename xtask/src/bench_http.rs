@@ -1,9 +1,10 @@
 //! `cargo xtask bench http`: what each way of serving HTTP costs, against nginx as a yardstick.
 //!
-//! Why: khttpd serves HTTP from user space today, with a work item per connection (`cmwq`) or a
-//! thread per connection (`thread`, the original kthread khttpd), and is getting a kernel fast path
-//! (`kernel`, i.e. `--fast-path on`). Whether each step pays off shows only when every mode is
-//! measured the same way, on the same machine, in one run — and next to a well-known server.
+//! Why: khttpd serves HTTP from user space with a work item per connection (`cmwq`) or a thread
+//! per connection (`thread`, the original kthread khttpd), and from the kernel fast path
+//! (`kernel`, i.e. `--fast-path on`; `auto`, khttpd's default, on request). Whether each step pays
+//! off shows only when every mode is measured the same way, on the same machine, in one run — and
+//! next to a well-known server.
 //!
 //! Method: for each mode this starts its own server on free loopback ports (khttpd also gets its
 //! own echo and metrics ports; nginx gets a config written into a temporary directory), checks that
@@ -70,7 +71,8 @@ pub struct Args {
     /// Keep-alive load with `htstress --keep-alive` even when wrk is installed.
     #[arg(long)]
     no_wrk: bool,
-    /// Modes to run, comma-separated [default: all; nginx only when installed].
+    /// Modes to run, comma-separated, in this order [default: thread,cmwq,kernel,nginx; nginx
+    /// only when installed].
     #[arg(long, value_delimiter = ',', value_enum)]
     modes: Vec<ModeName>,
 }
@@ -89,14 +91,19 @@ enum ModeName {
     Thread,
     /// khttpd, one work item per connection on the work queue.
     Cmwq,
-    /// khttpd with the kernel fast path required (`--fast-path on`).
+    /// khttpd with the kernel fast path required (`--fast-path on`): connections start in the
+    /// kernel.
     Kernel,
     /// nginx with a one-line `return 200` location.
     Nginx,
+    /// khttpd's default, `--fast-path auto`: connections start in user space (work queue) and
+    /// move to the kernel after a keep-alive answer it has learned. Only when asked for.
+    Auto,
 }
 
 impl ModeName {
-    const ALL: [Self; 4] = [Self::Thread, Self::Cmwq, Self::Kernel, Self::Nginx];
+    /// What runs without `--modes`.
+    const DEFAULT: [Self; 4] = [Self::Thread, Self::Cmwq, Self::Kernel, Self::Nginx];
 
     fn label(self) -> &'static str {
         match self {
@@ -104,6 +111,15 @@ impl ModeName {
             Self::Cmwq => "cmwq",
             Self::Kernel => "kernel",
             Self::Nginx => "nginx",
+            Self::Auto => "auto",
+        }
+    }
+
+    /// How the server is run, for the table's notes.
+    fn description(self) -> String {
+        match self.khttpd_args() {
+            Some(args) => format!("`khttpd {}`", args.join(" ")),
+            None => "nginx, `worker_processes auto`, `return 200`".to_owned(),
         }
     }
 
@@ -113,6 +129,7 @@ impl ModeName {
             Self::Thread => Some(&["--dispatch", "thread", "--fast-path", "off"]),
             Self::Cmwq => Some(&["--dispatch", "cmwq", "--fast-path", "off"]),
             Self::Kernel => Some(&["--dispatch", "cmwq", "--fast-path", "on"]),
+            Self::Auto => Some(&["--dispatch", "cmwq", "--fast-path", "auto"]),
             Self::Nginx => None,
         }
     }
@@ -477,7 +494,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let nginx = find_nginx();
     let mut skipped = Vec::new();
     let modes: Vec<ModeName> = if args.modes.is_empty() {
-        ModeName::ALL
+        ModeName::DEFAULT
             .into_iter()
             .filter(|&mode| {
                 let missing = mode == ModeName::Nginx && nginx.is_none();
@@ -745,15 +762,16 @@ fn render_table(
          p50/p99: per request, from connect (htstress) or send (keep-alive) to the response's end. \
          CPU: the whole machine ({cores} CPUs) over each run, load generator included; \
          CPU-s per 100k req = non-idle CPU time / answered requests × 100,000. \
-         Modes: thread = `--dispatch thread --fast-path off`, cmwq = `--dispatch cmwq \
-         --fast-path off`, kernel = `--dispatch cmwq --fast-path on`, nginx = `worker_processes \
-         auto`, `return 200`. Total time {:.0} s.",
+         Total time {:.0} s.",
         args.reps,
         thousands(args.requests as f64),
         args.seconds,
         args.connections,
         elapsed.as_secs_f64(),
     );
+    for (mode, _) in results {
+        let _ = writeln!(out, "- {}: {}", mode.label(), mode.description());
+    }
     for note in skipped {
         let _ = writeln!(out, "- skipped {note}");
     }
@@ -808,7 +826,12 @@ fn plot(path: &Path, plan: &Plan, reports: &[&ModeReport]) -> anyhow::Result<()>
             })
             .collect()
     };
-    let thousands_label = |v: f64| thousands(v);
+    // Short enough to sit above a bar: 19.5k, 340k.
+    let thousands_label = |v: f64| match v {
+        v if v >= 100_000.0 => format!("{:.0}k", v / 1000.0),
+        v if v >= 1000.0 => format!("{:.1}k", v / 1000.0),
+        v => format!("{v:.0}"),
+    };
     GroupedBars {
         caption: "HTTP requests/s (median; higher is better)",
         y_desc: "requests/s",

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_echo;
 mod bench_http;
+mod differential;
 mod htstress;
 mod toolchain;
 
@@ -47,6 +48,15 @@ enum Task {
     Toolchain,
     /// HTTP load generator compatible with htstress (sysprog21/khttpd).
     Htstress(htstress::Args),
+    /// The fast path is invisible: the same requests against `--fast-path on` and `off` must get
+    /// the same bytes back (Date aside).
+    Diff {
+        #[command(flatten)]
+        args: differential::Args,
+        /// The khttpd binary to test (default: build the release one).
+        #[arg(long)]
+        khttpd: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,6 +71,16 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Toolchain => toolchain::ensure(),
         Task::Htstress(args) => htstress::run(&args),
+        Task::Diff { args, khttpd } => {
+            let khttpd = match khttpd {
+                Some(path) => path,
+                None => {
+                    toolchain::ensure()?;
+                    build_khttpd()?
+                }
+            };
+            differential::run(&args, &khttpd)
+        }
         Task::Run { args } => {
             toolchain::ensure()?;
             let khttpd = build_khttpd()?;

@@ -16,7 +16,7 @@ pub mod response;
 pub mod session;
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{self, Read as _, Write as _},
     os::fd::{AsRawFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -322,23 +322,24 @@ async fn serve_async(
     mut connection: UserConnection,
     mut shutdown: Shutdown,
 ) {
-    let Ok(mut stream) = into_tokio(stream) else {
-        return;
-    };
     let mut session = connection.session();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut out = Vec::new();
+    let mut next = Next::Read;
+    let mut reusable = false;
+    // A new client usually has its request queued by the time it is accepted (htstress writes
+    // right after connect): answer it before registering with epoll. A connection that closes
+    // after that answer never touches tokio's reactor.
+    if connection.link.is_none() {
+        match answer_at_once(&stream, &mut connection, &mut session, &mut buf, &mut out) {
+            Ok(AtOnce::Done) | Err(_) => return,
+            Ok(AtOnce::Continue(answered, may_reuse)) => (next, reusable) = (answered, may_reuse),
+        }
+    }
+    let Ok(mut stream) = into_tokio(stream) else {
+        return;
+    };
     loop {
-        let n = tokio::select! {
-            read = stream.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            () = shutdown.recv() => return,
-        };
-        connection.received(n);
-        let next = session.receive(&buf[..n], &mut out);
-        let reusable = connection.learn(&mut session);
         if !out.is_empty() {
             if !connection.wait_for_kernel(stream.as_raw_fd()).await
                 || stream.write_all(&out).await.is_err()
@@ -349,6 +350,9 @@ async fn serve_async(
             out.clear();
         }
         if next == Next::Close {
+            if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {
+                return;
+            }
             let _ = stream.shutdown().await;
             let drain = async {
                 let mut dropped = 0;
@@ -371,7 +375,69 @@ async fn serve_async(
                 _ => return,
             }
         }
+        let n = tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            () = shutdown.recv() => return,
+        };
+        connection.received(n);
+        next = session.receive(&buf[..n], &mut out);
+        reusable = connection.learn(&mut session);
     }
+}
+
+/// What [`answer_at_once`] left to do.
+enum AtOnce {
+    /// The connection is answered and closed.
+    Done,
+    /// Carry on with the reactor: the last answer's `Next`, whether the connection may be handed to
+    /// the kernel, and (in `out`) whatever could not be written yet.
+    Continue(Next, bool),
+}
+
+/// Reads and answers without waiting, while bytes are there and the answer can be written whole.
+fn answer_at_once(
+    mut stream: &std::net::TcpStream,
+    connection: &mut UserConnection,
+    session: &mut Session,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+) -> io::Result<AtOnce> {
+    stream.set_nonblocking(true)?;
+    let n = match stream.read(buf) {
+        Ok(0) => return Ok(AtOnce::Done),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Ok(AtOnce::Continue(Next::Read, false))
+        }
+        Err(e) => return Err(e),
+    };
+    connection.received(n);
+    let next = session.receive(&buf[..n], out);
+    let reusable = connection.learn(session);
+    let written = match stream.write(out) {
+        Ok(written) => written,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    connection.wrote(written);
+    out.drain(..written);
+    if out.is_empty() && next == Next::Close && session.client_is_done() {
+        if nothing_pending(stream.as_raw_fd()) {
+            // Closing with an empty receive queue sends a FIN.
+            return Ok(AtOnce::Done);
+        }
+    }
+    Ok(AtOnce::Continue(next, reusable))
+}
+
+/// Whether the receive queue is empty right now (so closing sends a FIN, not a reset).
+fn nothing_pending(fd: RawFd) -> bool {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) == 0 && pending == 0 }
 }
 
 /// The `thread` connection: the same session, blocking I/O.
@@ -403,6 +469,9 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
             out.clear();
         }
         if next == Next::Close {
+            if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {
+                return;
+            }
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let _ = stream.set_read_timeout(Some(LINGER));
             let mut dropped = 0;

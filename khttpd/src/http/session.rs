@@ -38,6 +38,9 @@ pub struct Session {
     body: Option<Body>,
     /// Requests the kernel may answer from now on, when the fast path is on.
     learned: Option<Vec<Learned>>,
+    /// The connection closes because a complete request without a body, and nothing after it,
+    /// asked for it (see [`Session::client_is_done`]).
+    asked_to_close: bool,
 }
 
 /// A request whose answer depends on its bytes alone (a `200` to a request without a body), so the
@@ -88,6 +91,13 @@ impl Session {
             learned: Some(Vec::new()),
             ..Session::default()
         }
+    }
+
+    /// After [`Next::Close`]: whether the client is done sending, so the connection may close at
+    /// once when nothing more has arrived. Otherwise (errors, bodies, bytes after the request)
+    /// the closing side must read what the client still sends, or the close would be a reset.
+    pub fn client_is_done(&self) -> bool {
+        self.asked_to_close
     }
 
     /// True between requests: nothing buffered, no body being read.
@@ -153,6 +163,9 @@ impl Session {
                         if head.keep_alive {
                             Step::Consumed(len)
                         } else {
+                            // The client asked to close (or spoke HTTP/1.0) after a request it
+                            // sent whole: it has nothing more to send.
+                            self.asked_to_close = head.status == Status::Ok && len == input.len();
                             Step::Close
                         }
                     }

@@ -7,8 +7,9 @@ use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     thread,
     time::{Duration, Instant},
 };
@@ -287,4 +288,37 @@ pub fn loaded_program_ids() -> Vec<u32> {
         .filter_map(Result::ok)
         .map(|info| info.id())
         .collect()
+}
+
+/// The xtask binary of the same profile as the khttpd under test, built (or found up to date) by
+/// cargo once per test process, so the htstress it runs is never a stale one.
+pub fn xtask_binary() -> &'static Path {
+    static XTASK: OnceLock<PathBuf> = OnceLock::new();
+    XTASK.get_or_init(|| {
+        // target/<profile dir>/khttpd → build xtask into the same directory.
+        let profile_dir = Path::new(KHTTPD).parent().unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => "dev",
+            other => other,
+        };
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--profile",
+                profile,
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "cargo build --package xtask: {status}");
+        profile_dir.join("xtask")
+    })
 }

@@ -1,0 +1,288 @@
+//! `cargo xtask diff`: the fast path is invisible. Starts khttpd twice — `--fast-path on` and
+//! `--fast-path off` — sends both the same requests and compares the answers byte for byte with
+//! the `Date` values blanked: first a fixed corpus of valid, edge-case and hostile requests, then
+//! random ones from a grammar. Each request is sent whole (twice, so the kernel has learned it
+//! before the second copy), byte by byte, and in pipelined batches. Bounded by a request count and
+//! a time limit. The test suite runs it (khttpd/tests/http_fast_path.rs).
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::bench::{Server, IO_TIMEOUT};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Requests to generate.
+    #[arg(short = 'n', long, default_value_t = 2_000)]
+    pub requests: usize,
+    /// Seed of the generator (default: from the clock; printed so a failure can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many seconds even if requests remain.
+    #[arg(long, default_value_t = 120)]
+    pub seconds: u64,
+}
+
+pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("diff: corpus + {} random requests, seed {seed}", args.requests);
+    let kernel = Server::start(khttpd, &["--fast-path", "on"])?;
+    let user = Server::start(khttpd, &["--fast-path", "off"])?;
+    let before = kernel_responses(&kernel)?;
+    let mut random = Random(seed | 1);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let (mut compared, mut sent) = (0usize, 0usize);
+    let mut batch = Vec::new();
+    let mut corpus = corpus().into_iter();
+    let corpus_len = corpus.len();
+    while sent < corpus_len + args.requests && Instant::now() < deadline {
+        let request = corpus.next().unwrap_or_else(|| generate(&mut random));
+        sent += 1;
+        let checks: [(&str, Send); 3] = [
+            ("whole", Send::Whole),
+            ("whole, again", Send::Whole),
+            ("byte by byte", Send::ByteByByte),
+        ];
+        for (how, send) in checks {
+            compare(&kernel, &user, &request, send, how, seed)?;
+            compared += 1;
+        }
+        batch.push(request);
+        if batch.len() == 1 + random.below(5) {
+            compare(&kernel, &user, &batch.concat(), Send::Whole, "pipelined", seed)?;
+            compared += 1;
+            batch.clear();
+        }
+    }
+    let answered = kernel_responses(&kernel)? - before;
+    println!(
+        "diff: {sent} requests ({corpus_len} from the corpus), {compared} exchanges identical; \
+         the kernel answered {answered}"
+    );
+    if sent < corpus_len + args.requests {
+        bail!("time limit reached after {sent} requests");
+    }
+    if answered == 0 {
+        bail!("the kernel answered nothing: the comparison proved nothing");
+    }
+    Ok(())
+}
+
+fn kernel_responses(server: &Server) -> anyhow::Result<u64> {
+    server
+        .scrape()?
+        .sum("khttpd_http_kernel_responses_total")
+        .context("no khttpd_http_kernel_responses_total in /metrics")
+}
+
+fn compare(
+    kernel: &Server,
+    user: &Server,
+    request: &[u8],
+    send: Send,
+    how: &str,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let got = exchange(kernel.http, request, send)?;
+    let want = exchange(user.http, request, send)?;
+    if got != want {
+        bail!(
+            "answers differ ({how}, seed {seed}) for {:?}\nfast path on:  {:?}\nfast path off: {:?}",
+            String::from_utf8_lossy(request),
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Send {
+    Whole,
+    ByteByByte,
+}
+
+/// Sends `request` on a new connection (after the server had time to install it), half-closes,
+/// reads until the server closes, and blanks the dates.
+fn exchange(addr: SocketAddr, request: &[u8], send: Send) -> anyhow::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    // A socket whose FIN arrives before it is installed cannot enter the sockhash.
+    thread::sleep(Duration::from_millis(2));
+    match send {
+        Send::Whole => stream.write_all(request)?,
+        Send::ByteByByte => {
+            for byte in request {
+                // The server closes after an error answer; the rest may not be writable.
+                if stream.write_all(&[*byte]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .with_context(|| format!("reading the answer to {:?}", String::from_utf8_lossy(request)))?;
+    Ok(blank_dates(answer))
+}
+
+fn blank_dates(mut bytes: Vec<u8>) -> Vec<u8> {
+    const PREFIX: &[u8] = b"\r\nDate: ";
+    let mut at = 0;
+    while let Some(found) = bytes[at..].windows(PREFIX.len()).position(|w| w == PREFIX) {
+        let start = at + found + PREFIX.len();
+        let end = (start + 29).min(bytes.len());
+        bytes.splice(start..end, *b"<date>");
+        at = start;
+    }
+    bytes
+}
+
+/// Valid, edge-case and hostile requests: every method × version × header set, plus oddities.
+fn corpus() -> Vec<Vec<u8>> {
+    let methods = ["GET", "HEAD", "POST", "get", "OPTIONS"];
+    let targets = ["/", "/index.html?q=1"];
+    let versions = ["HTTP/1.0", "HTTP/1.1", "HTTP/1.2", "HTTP/2.0"];
+    let header_sets: [&[u8]; 11] = [
+        b"",
+        b"Host: localhost\r\n",
+        b"Host: localhost\r\nConnection: close\r\n",
+        b"Host: localhost\r\nConnection: keep-alive\r\n",
+        b"Host: a\r\nHost: b\r\n",
+        b"Host: x\r\nContent-Length: 0\r\n",
+        b"Host: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"Host: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n",
+        b"Host: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        b"Host: x\r\nX-Folded: a\r\n b\r\n",
+        b"Host : x\r\n",
+    ];
+    let mut corpus = Vec::new();
+    for method in methods {
+        for version in versions {
+            for (i, headers) in header_sets.iter().enumerate() {
+                let target = targets[i % targets.len()];
+                let mut request = format!("{method} {target} {version}\r\n").into_bytes();
+                request.extend_from_slice(headers);
+                // Header sets with a body carry their own blank line.
+                if !headers.windows(4).any(|w| w == b"\r\n\r\n") {
+                    request.extend_from_slice(b"\r\n");
+                }
+                corpus.push(request);
+            }
+        }
+    }
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(300));
+    let huge_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "b".repeat(9000));
+    let oddities: [&[u8]; 14] = [
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n",
+        b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\x00\x00\x00\x00\x00\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        b"GET",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ];
+    corpus.extend(oddities.iter().map(|r| r.to_vec()));
+    corpus.push(long_target.into_bytes());
+    corpus.push(huge_header.into_bytes());
+    corpus
+}
+
+/// xorshift64: small, seedable, no dependency.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T: ?Sized>(&mut self, items: &[&'a T]) -> &'a T {
+        items[self.below(items.len())]
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A request from a grammar that is mostly valid (so the kernel gets to answer) and sometimes
+/// hostile: odd methods, versions, targets, line endings, framing and header syntax.
+fn generate(random: &mut Random) -> Vec<u8> {
+    let method = random.pick(&[
+        "GET", "GET", "GET", "GET", "GET", "HEAD", "HEAD", "POST", "PUT", "get", "G3T", "",
+    ]);
+    let version = random.pick(&[
+        "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "HTTP/2.0",
+        "HTTP/1.1 ", "http/1.1",
+    ]);
+    let mut target = String::from("/");
+    for _ in 0..random.below(12) {
+        let piece = random.pick(&["a", "b/", "%20", "%2e%2e/", "..", "?", "=", "&x", "~", "%", "\u{e9}"]);
+        target.push_str(piece);
+    }
+    if random.chance(3) {
+        target = random.pick(&["*", "http://a/b", "", "/\t/"]).to_owned();
+    }
+    let eol: &str = if random.chance(5) { "\n" } else { "\r\n" };
+    let mut request = format!("{method} {target} {version}{eol}").into_bytes();
+    let mut body = Vec::new();
+    if random.chance(85) {
+        request.extend_from_slice(format!("Host: localhost{eol}").as_bytes());
+    }
+    for _ in 0..random.below(3) {
+        let header = match random.below(14) {
+            0 => "Connection: close".to_owned(),
+            1 => "Connection: keep-alive".to_owned(),
+            2 => "Connection: Keep-Alive, Upgrade".to_owned(),
+            3 => "Host: other".to_owned(),
+            4 => {
+                let len = random.below(8);
+                body = vec![b'x'; len];
+                format!("Content-Length: {len}")
+            }
+            5 => "Content-Length: +5".to_owned(),
+            6 => {
+                body = b"3\r\nabc\r\n0\r\n\r\n".to_vec();
+                "Transfer-Encoding: chunked".to_owned()
+            }
+            7 => "X-Folded: a\r\n b".to_owned(),
+            8 => "Bad Header: x".to_owned(),
+            9 => "X-Empty:".to_owned(),
+            10 | 11 => format!("User-Agent: test/{}", random.below(1000)),
+            _ => "Accept: */*".to_owned(),
+        };
+        request.extend_from_slice(header.as_bytes());
+        request.extend_from_slice(eol.as_bytes());
+    }
+    request.extend_from_slice(eol.as_bytes());
+    request.extend_from_slice(&body);
+    request
+}
