@@ -131,10 +131,23 @@ impl HttpService {
         };
         match self.dispatch {
             Dispatch::Cmwq => {
+                let mut connection = connection;
+                let mut exchange = Exchange::new(&connection);
+                // A new client usually has its request queued by the time it is accepted
+                // (htstress writes right after connect): answer it here, before anything is
+                // registered with epoll or queued. Only a connection that has to wait becomes a
+                // work item.
+                if connection.link.is_none() {
+                    let mut buf = [0u8; READ_CHUNK];
+                    match answer_at_once(&stream, &mut connection, &mut exchange, &mut buf) {
+                        Ok(true) | Err(_) => return,
+                        Ok(false) => {}
+                    }
+                }
                 let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
                 if self
                     .queue
-                    .queue_work(serve_async(stream, connection, shutdown))
+                    .queue_work(serve_async(stream, connection, exchange, shutdown))
                     .is_err()
                 {
                     debug!("http: shutting down, connection dropped");
@@ -320,22 +333,16 @@ impl Drop for UserConnection {
 async fn serve_async(
     stream: std::net::TcpStream,
     mut connection: UserConnection,
+    exchange: Exchange,
     mut shutdown: Shutdown,
 ) {
-    let mut session = connection.session();
+    let Exchange {
+        mut session,
+        mut out,
+        mut next,
+        mut reusable,
+    } = exchange;
     let mut buf = vec![0u8; READ_CHUNK];
-    let mut out = Vec::new();
-    let mut next = Next::Read;
-    let mut reusable = false;
-    // A new client usually has its request queued by the time it is accepted (htstress writes
-    // right after connect): answer it before registering with epoll. A connection that closes
-    // after that answer never touches tokio's reactor.
-    if connection.link.is_none() {
-        match answer_at_once(&stream, &mut connection, &mut session, &mut buf, &mut out) {
-            Ok(AtOnce::Done) | Err(_) => return,
-            Ok(AtOnce::Continue(answered, may_reuse)) => (next, reusable) = (answered, may_reuse),
-        }
-    }
     let Ok(mut stream) = into_tokio(stream) else {
         return;
     };
@@ -388,49 +395,59 @@ async fn serve_async(
     }
 }
 
-/// What [`answer_at_once`] left to do.
-enum AtOnce {
-    /// The connection is answered and closed.
-    Done,
-    /// Carry on with the reactor: the last answer's `Next`, whether the connection may be handed to
-    /// the kernel, and (in `out`) whatever could not be written yet.
-    Continue(Next, bool),
+/// A connection's protocol state between reads.
+struct Exchange {
+    session: Session,
+    /// Answers not written yet.
+    out: Vec<u8>,
+    /// What the last answer asked for.
+    next: Next,
+    /// Whether the connection may be handed to the kernel once idle.
+    reusable: bool,
 }
 
-/// Reads and answers without waiting, while bytes are there and the answer can be written whole.
+impl Exchange {
+    fn new(connection: &UserConnection) -> Exchange {
+        Exchange {
+            session: connection.session(),
+            out: Vec::new(),
+            next: Next::Read,
+            reusable: false,
+        }
+    }
+}
+
+/// Reads what is already there and answers it without waiting. Returns true when the connection
+/// is answered and closed; otherwise `exchange` holds where it stands (including answers that
+/// could not be written at once).
 fn answer_at_once(
     mut stream: &std::net::TcpStream,
     connection: &mut UserConnection,
-    session: &mut Session,
+    exchange: &mut Exchange,
     buf: &mut [u8],
-    out: &mut Vec<u8>,
-) -> io::Result<AtOnce> {
+) -> io::Result<bool> {
     stream.set_nonblocking(true)?;
     let n = match stream.read(buf) {
-        Ok(0) => return Ok(AtOnce::Done),
+        Ok(0) => return Ok(true),
         Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            return Ok(AtOnce::Continue(Next::Read, false))
-        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
         Err(e) => return Err(e),
     };
     connection.received(n);
-    let next = session.receive(&buf[..n], out);
-    let reusable = connection.learn(session);
-    let written = match stream.write(out) {
+    exchange.next = exchange.session.receive(&buf[..n], &mut exchange.out);
+    exchange.reusable = connection.learn(&mut exchange.session);
+    let written = match stream.write(&exchange.out) {
         Ok(written) => written,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
     connection.wrote(written);
-    out.drain(..written);
-    if out.is_empty() && next == Next::Close && session.client_is_done() {
-        if nothing_pending(stream.as_raw_fd()) {
-            // Closing with an empty receive queue sends a FIN.
-            return Ok(AtOnce::Done);
-        }
-    }
-    Ok(AtOnce::Continue(next, reusable))
+    exchange.out.drain(..written);
+    // Closing with an empty receive queue sends a FIN.
+    Ok(exchange.out.is_empty()
+        && exchange.next == Next::Close
+        && exchange.session.client_is_done()
+        && nothing_pending(stream.as_raw_fd()))
 }
 
 /// Whether the receive queue is empty right now (so closing sends a FIN, not a reset).
