@@ -79,6 +79,10 @@ struct Args {
     /// wait in the queue.
     #[arg(long, default_value_t = 65_536)]
     max_active: usize,
+    /// Answer every GET with this file's contents (read once at start, at most 1 MiB) instead of
+    /// "Hello, World!".
+    #[arg(long, value_name = "FILE")]
+    body: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -134,6 +138,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(path) = &args.body {
+        http::response::set_body(read_body(path)?);
+    }
     let echo_listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
     let http_listeners = listener::bind(&args.iface, args.port, args.backlog)?;
     // Registered before anything is attached, so a signal during start-up still shuts down cleanly.
@@ -246,6 +253,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(fast_path);
     info!("stopped");
     Ok(())
+}
+
+fn read_body(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("--body {}", path.display()))?
+        .len();
+    if size > http::response::MAX_BODY_FILE {
+        anyhow::bail!(
+            "--body {}: {size} bytes; the limit is {} bytes",
+            path.display(),
+            http::response::MAX_BODY_FILE
+        );
+    }
+    std::fs::read(path).with_context(|| format!("--body {}", path.display()))
 }
 
 /// Lets the server hold as many connections as the hard limit allows.

@@ -254,3 +254,47 @@ fn auto_moves_keep_alive_connections_to_the_kernel_and_leaves_closing_ones_alone
     let answered = server.metric("khttpd_http_kernel_responses_total");
     assert!(answered >= 95, "the kernel answered {answered} of 99");
 }
+
+#[test]
+fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
+    if !bpf_allowed() {
+        return;
+    }
+    // Response sizes around the kernel's limit (16 KiB with headers): the last one is too big
+    // and must come from user space, with the same bytes.
+    for (size, kernel_answers) in [(1_000, true), (4_000, true), (16_000, true), (17_000, false)] {
+        let path = std::env::temp_dir().join(format!("khttpd-body-{}-{size}", std::process::id()));
+        let body: Vec<u8> = (0..size).map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[i % 27]).collect();
+        std::fs::write(&path, &body).unwrap();
+        let body_arg = ["--body", path.to_str().unwrap()];
+        let answers = |server: &Server| {
+            let mut stream = connect(server);
+            let request = b"GET /big HTTP/1.1\r\nHost: size\r\n\r\n";
+            let mut answers = Vec::new();
+            for _ in 0..20 {
+                stream.write_all(request).unwrap();
+                let mut answer = Vec::new();
+                let mut buf = vec![0; 1 << 16];
+                while !answer.ends_with(&body) {
+                    let n = stream.read(&mut buf).unwrap();
+                    assert!(n > 0, "closed early");
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                answers.push(answer);
+            }
+            answers
+        };
+        let user = answers(&Server::start(Mode::UserUnbound, &body_arg))[0].clone();
+        let kernel = Server::start(Mode::Kernel, &body_arg);
+        for (i, answer) in answers(&kernel).iter().enumerate() {
+            assert!(same_but_date(answer, &user), "{size} B, answer {i}");
+        }
+        let answered = kernel.metric("khttpd_http_kernel_responses_total");
+        if kernel_answers {
+            assert!(answered >= 18, "{size} B: the kernel answered {answered} of 19");
+        } else {
+            assert_eq!(answered, 0, "{size} B: too big for the kernel");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -2,16 +2,37 @@
 //! Connection; the Date string is formatted once per second and shared.
 
 use std::{
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 pub const SERVER: &str = "khttpd";
-/// The body of every GET/HEAD while no document root is configured.
+/// The body of every GET/HEAD unless `--body` names a file.
 pub const HELLO: &[u8] = b"Hello, World!\n";
+/// Largest `--body` file.
+pub const MAX_BODY_FILE: u64 = 1024 * 1024;
 pub const ALLOW: &str = "GET, HEAD";
-/// Both the greeting and the error bodies are plain text.
-const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+/// The greeting and the error bodies are plain text.
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The body of every `200` and its Content-Type: [`HELLO`], or the `--body` file's bytes.
+static BODY: OnceLock<(Vec<u8>, &'static str)> = OnceLock::new();
+
+/// Makes `bytes` the body of every `200` (once, at start-up): plain text if it is UTF-8,
+/// `application/octet-stream` otherwise.
+pub fn set_body(bytes: Vec<u8>) {
+    let content_type = if std::str::from_utf8(&bytes).is_ok() {
+        TEXT
+    } else {
+        "application/octet-stream"
+    };
+    let _ = BODY.set((bytes, content_type));
+}
+
+fn body() -> (&'static [u8], &'static str) {
+    BODY.get()
+        .map_or((HELLO, TEXT), |(bytes, content_type)| (bytes, content_type))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -53,11 +74,11 @@ impl Status {
 /// Appends a complete response to `out`. `head_only` (HEAD) keeps the headers, drops the body.
 pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: bool) {
     let error_body;
-    let body: &[u8] = if status == Status::Ok {
-        HELLO
+    let (body, content_type) = if status == Status::Ok {
+        body()
     } else {
         error_body = format!("{} {}\n", status.code(), status.reason());
-        error_body.as_bytes()
+        (error_body.as_bytes(), TEXT)
     };
     let allow = if status == Status::NotImplemented {
         format!("Allow: {ALLOW}\r\n")
@@ -66,7 +87,7 @@ pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: boo
     };
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let head = format!(
-        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n{allow}Connection: {connection}\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: {connection}\r\n\r\n",
         status.code(),
         status.reason(),
         http_date(),
