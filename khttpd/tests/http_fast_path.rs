@@ -298,3 +298,48 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+#[test]
+fn the_kernel_keeps_the_date_current() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Kernel, &[]);
+    let request = b"GET /date HTTP/1.1\r\nHost: date\r\n\r\n";
+    let date_of = |answer: &[u8]| {
+        let text = String::from_utf8_lossy(answer).into_owned();
+        let at = text.find("\r\nDate: ").expect("a Date header") + 8;
+        text[at..at + 29].to_owned()
+    };
+    let mut stream = connect(&server);
+    let mut ask = || {
+        stream.write_all(request).unwrap();
+        let mut answer = vec![0; 4096];
+        let n = stream.read(&mut answer).unwrap();
+        answer.truncate(n);
+        (date_of(&answer), std::time::SystemTime::now())
+    };
+    let _ = ask(); // taught: user space answers this one
+    let before = server.metric("khttpd_http_kernel_responses_total");
+    for _ in 0..3 {
+        let (date, now) = ask();
+        // The kernel's Date names the current second (or the one before, at a boundary).
+        let secs = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(
+            date == format_http_date(secs) || date == format_http_date(secs - 1),
+            "kernel Date {date} at {secs}"
+        );
+        thread::sleep(Duration::from_millis(1100));
+    }
+    assert_eq!(server.metric("khttpd_http_kernel_responses_total") - before, 3);
+}
+
+/// IMF-fixdate of a Unix time (the tests' own, to check the server's).
+fn format_http_date(unix: u64) -> String {
+    let output = Command::new("date")
+        .args(["-u", "-d", &format!("@{unix}"), "+%a, %d %b %Y %H:%M:%S GMT"])
+        .env("LC_ALL", "C")
+        .output()
+        .expect("date(1)");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
