@@ -11,8 +11,8 @@
 //!   (a partial send would put the marked request bytes on the wire; see docs/kernel-facts.md).
 
 use core::{
-    ptr::{read_volatile, write_volatile},
     intrinsics::{atomic_xadd, AtomicOrdering},
+    ptr::{read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
@@ -30,8 +30,8 @@ use aya_ebpf::{
 };
 use khttpd_common::{
     http::{
-        self, Answered, Connection, Counter, HttpDate, Marker, PassReason, RequestKey, ResponseBlock,
-        ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
+        self, Answered, Connection, Counter, HttpDate, Marker, PassReason, RequestKey,
+        ResponseBlock, ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
         MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
     },
     Handoff,
@@ -51,8 +51,7 @@ static TCP_BYTES_ACKED_OFFSET: u32 = 0;
 static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKETS, 0);
 
 #[map(name = "HTTP_CONNECTIONS")]
-static HTTP_CONNECTIONS: HashMap<u64, Connection> =
-    HashMap::with_max_entries(http::MAX_SOCKETS, 0);
+static HTTP_CONNECTIONS: HashMap<u64, Connection> = HashMap::with_max_entries(http::MAX_SOCKETS, 0);
 
 #[map(name = "HTTP_ANSWERED")]
 static HTTP_ANSWERED: HashMap<u64, Answered> = HashMap::with_max_entries(http::MAX_SOCKETS, 0);

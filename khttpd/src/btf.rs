@@ -50,10 +50,10 @@ pub fn member_offset(data: &[u8], name: &str, member: &str) -> Option<u32> {
             return None;
         }
         at += match kind {
-            1 | 14 | 17 => 4,            // int, var, decl_tag
-            3 => 12,                     // array
+            1 | 14 | 17 => 4,             // int, var, decl_tag
+            3 => 12,                      // array
             4 | 5 | 15 | 19 => vlen * 12, // struct, union, datasec, enum64
-            6 | 13 => vlen * 8,          // enum, func_proto
+            6 | 13 => vlen * 8,           // enum, func_proto
             _ => 0,
         };
     }
@@ -66,11 +66,18 @@ mod tests {
 
     #[test]
     fn finds_tcp_sock_fields_in_the_running_kernel() {
-        let acked = kernel_member_offset("tcp_sock", "bytes_acked").unwrap().unwrap();
-        let received = kernel_member_offset("tcp_sock", "bytes_received").unwrap().unwrap();
+        let acked = kernel_member_offset("tcp_sock", "bytes_acked")
+            .unwrap()
+            .unwrap();
+        let received = kernel_member_offset("tcp_sock", "bytes_received")
+            .unwrap()
+            .unwrap();
         assert_eq!(acked % 8, 0);
         assert!(acked > 1000 && acked < 4096, "{acked}");
         assert_ne!(acked, received);
-        assert_eq!(kernel_member_offset("tcp_sock", "no_such_member").unwrap(), None);
+        assert_eq!(
+            kernel_member_offset("tcp_sock", "no_such_member").unwrap(),
+            None
+        );
     }
 }

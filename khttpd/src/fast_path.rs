@@ -124,7 +124,11 @@ impl FastPath {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(http::SECRET_GLOBAL, &secret, true)
-            .override_global(http::BYTES_ACKED_OFFSET_GLOBAL, &bytes_acked_offset()?, true)
+            .override_global(
+                http::BYTES_ACKED_OFFSET_GLOBAL,
+                &bytes_acked_offset()?,
+                true,
+            )
             .load(PROGRAMS)
             .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
 

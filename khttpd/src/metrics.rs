@@ -126,7 +126,12 @@ fn render_http_kernel(out: &mut String, http: &HttpService) {
     );
     let passed: Vec<(String, u64)> = PassReason::ALL
         .iter()
-        .map(|reason| (format!("reason=\"{}\"", reason.label()), kernel.passed(*reason)))
+        .map(|reason| {
+            (
+                format!("reason=\"{}\"", reason.label()),
+                kernel.passed(*reason),
+            )
+        })
         .collect();
     let passed: Vec<(&str, u64)> = passed.iter().map(|(l, v)| (l.as_str(), *v)).collect();
     metric(

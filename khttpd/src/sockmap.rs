@@ -294,8 +294,7 @@ impl<S: Service> Inner<S> {
                 if flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                     draining.remove(&cookie);
                     self.close(cookie);
-                } else if flags & libc::EPOLLRDHUP as u32 != 0 && !self.close_if_drained(cookie)
-                {
+                } else if flags & libc::EPOLLRDHUP as u32 != 0 && !self.close_if_drained(cookie) {
                     // Keep watching for a reset only; poll for the drain.
                     if let Some(stream) = self.connections.lock().unwrap().get(&cookie) {
                         let _ = epoll_ctl(

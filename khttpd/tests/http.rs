@@ -156,7 +156,6 @@ fn curl_agrees() {
     }
 }
 
-
 /// The number after `label` on its line of an htstress report (`good requests: 10000 [100%]`).
 fn report_number(report: &str, label: &str) -> u64 {
     report

@@ -22,7 +22,9 @@ fn same_but_date(a: &[u8], b: &[u8]) -> bool {
             .map(|at| at + 8)
     };
     match (date_at(a), date_at(b)) {
-        (Some(i), Some(j)) => i == j && a.len() == b.len() && a[..i] == b[..i] && a[i + 29..] == b[i + 29..],
+        (Some(i), Some(j)) => {
+            i == j && a.len() == b.len() && a[..i] == b[..i] && a[i + 29..] == b[i + 29..]
+        }
         (None, None) => a == b,
         _ => false,
     }
@@ -82,7 +84,10 @@ fn the_fast_path_is_invisible_for_a_corpus_and_random_requests() {
         .nth(1)
         .and_then(|rest| rest.trim().parse().ok())
         .unwrap_or_else(|| panic!("no kernel count in {stdout}"));
-    assert!(answered >= 30, "the kernel answered only {answered}: {stdout}");
+    assert!(
+        answered >= 30,
+        "the kernel answered only {answered}: {stdout}"
+    );
 }
 
 const KNOWN: &[u8] = b"GET / HTTP/1.1\r\nHost: backpressure\r\n\r\n";
@@ -142,7 +147,10 @@ fn clients_that_stop_reading_get_exact_responses() {
     let held_back = metrics["khttpd_http_passed_total{reason=\"backpressure\"}"];
     assert!(kernel > 0, "the kernel answered nothing");
     assert!(held_back > 0, "backpressure never held the kernel back");
-    assert_eq!(metrics["khttpd_http_kernel_errors_total{kind=\"synthesis\"}"], 0);
+    assert_eq!(
+        metrics["khttpd_http_kernel_errors_total{kind=\"synthesis\"}"],
+        0
+    );
 }
 
 #[test]
@@ -262,9 +270,16 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
     }
     // Response sizes around the kernel's limit (16 KiB with headers): the last one is too big
     // and must come from user space, with the same bytes.
-    for (size, kernel_answers) in [(1_000, true), (4_000, true), (16_000, true), (17_000, false)] {
+    for (size, kernel_answers) in [
+        (1_000, true),
+        (4_000, true),
+        (16_000, true),
+        (17_000, false),
+    ] {
         let path = std::env::temp_dir().join(format!("khttpd-body-{}-{size}", std::process::id()));
-        let body: Vec<u8> = (0..size).map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[i % 27]).collect();
+        let body: Vec<u8> = (0..size)
+            .map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[i % 27])
+            .collect();
         std::fs::write(&path, &body).unwrap();
         let body_arg = ["--body", path.to_str().unwrap()];
         let answers = |server: &Server| {
@@ -291,7 +306,10 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
         }
         let answered = kernel.metric("khttpd_http_kernel_responses_total");
         if kernel_answers {
-            assert!(answered >= 18, "{size} B: the kernel answered {answered} of 19");
+            assert!(
+                answered >= 18,
+                "{size} B: the kernel answered {answered} of 19"
+            );
         } else {
             assert_eq!(answered, 0, "{size} B: too big for the kernel");
         }
@@ -331,13 +349,21 @@ fn the_kernel_keeps_the_date_current() {
         );
         thread::sleep(Duration::from_millis(1100));
     }
-    assert_eq!(server.metric("khttpd_http_kernel_responses_total") - before, 3);
+    assert_eq!(
+        server.metric("khttpd_http_kernel_responses_total") - before,
+        3
+    );
 }
 
 /// IMF-fixdate of a Unix time (the tests' own, to check the server's).
 fn format_http_date(unix: u64) -> String {
     let output = Command::new("date")
-        .args(["-u", "-d", &format!("@{unix}"), "+%a, %d %b %Y %H:%M:%S GMT"])
+        .args([
+            "-u",
+            "-d",
+            &format!("@{unix}"),
+            "+%a, %d %b %Y %H:%M:%S GMT",
+        ])
         .env("LC_ALL", "C")
         .output()
         .expect("date(1)");

@@ -36,7 +36,10 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    println!("diff: corpus + {} random requests, seed {seed}", args.requests);
+    println!(
+        "diff: corpus + {} random requests, seed {seed}",
+        args.requests
+    );
     let kernel = Server::start(khttpd, &["--fast-path", "on"])?;
     let user = Server::start(khttpd, &["--fast-path", "off"])?;
     let before = kernel_responses(&kernel)?;
@@ -60,7 +63,14 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         }
         batch.push(request);
         if batch.len() == 1 + random.below(5) {
-            compare(&kernel, &user, &batch.concat(), Send::Whole, "pipelined", seed)?;
+            compare(
+                &kernel,
+                &user,
+                &batch.concat(),
+                Send::Whole,
+                "pipelined",
+                seed,
+            )?;
             compared += 1;
             batch.clear();
         }
@@ -134,9 +144,12 @@ fn exchange(addr: SocketAddr, request: &[u8], send: Send) -> anyhow::Result<Vec<
     }
     let _ = stream.shutdown(Shutdown::Write);
     let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .with_context(|| format!("reading the answer to {:?}", String::from_utf8_lossy(request)))?;
+    stream.read_to_end(&mut answer).with_context(|| {
+        format!(
+            "reading the answer to {:?}",
+            String::from_utf8_lossy(request)
+        )
+    })?;
     Ok(blank_dates(answer))
 }
 
@@ -186,7 +199,10 @@ fn corpus() -> Vec<Vec<u8>> {
         }
     }
     let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(300));
-    let huge_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "b".repeat(9000));
+    let huge_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
     let oddities: [&[u8]; 14] = [
         b"GET / HTTP/1.1\nHost: x\n\n",
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n",
@@ -240,12 +256,21 @@ fn generate(random: &mut Random) -> Vec<u8> {
         "GET", "GET", "GET", "GET", "GET", "HEAD", "HEAD", "POST", "PUT", "get", "G3T", "",
     ]);
     let version = random.pick(&[
-        "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "HTTP/2.0",
-        "HTTP/1.1 ", "http/1.1",
+        "HTTP/1.1",
+        "HTTP/1.1",
+        "HTTP/1.1",
+        "HTTP/1.1",
+        "HTTP/1.0",
+        "HTTP/1.2",
+        "HTTP/2.0",
+        "HTTP/1.1 ",
+        "http/1.1",
     ]);
     let mut target = String::from("/");
     for _ in 0..random.below(12) {
-        let piece = random.pick(&["a", "b/", "%20", "%2e%2e/", "..", "?", "=", "&x", "~", "%", "\u{e9}"]);
+        let piece = random.pick(&[
+            "a", "b/", "%20", "%2e%2e/", "..", "?", "=", "&x", "~", "%", "\u{e9}",
+        ]);
         target.push_str(piece);
     }
     if random.chance(3) {

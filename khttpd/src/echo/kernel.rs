@@ -24,8 +24,9 @@ impl Service for Echo {
 
     fn drained(&self, stream: &TcpStream, _cookie: u64) -> bool {
         // Only asked after the FIN arrived, which counts one in bytes_received.
-        tcp_info(stream.as_raw_fd())
-            .map_or(true, |info| info.tcpi_bytes_acked + 1 >= info.tcpi_bytes_received)
+        tcp_info(stream.as_raw_fd()).map_or(true, |info| {
+            info.tcpi_bytes_acked + 1 >= info.tcpi_bytes_received
+        })
     }
 }
 

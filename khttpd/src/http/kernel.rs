@@ -31,8 +31,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use khttpd_common::http::{
-    self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock, ResponseMeta,
-    Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
+    self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock,
+    ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
 };
 use log::{debug, warn};
 
@@ -136,10 +136,17 @@ pub struct KernelHttp {
     connections: KernelConnections<Http>,
     requests: Mutex<HashMap<MapData, RequestKey, Route>>,
     responses: Mutex<Responses>,
-    dates: Mutex<(Array<MapData, HttpDate>, Array<MapData, u32>, u32)>,
+    dates: Mutex<Dates>,
     counters: PerCpuArray<MapData, u64>,
     /// Requests already taught, and when.
     taught: Mutex<StdHashMap<Vec<u8>, Instant>>,
+}
+
+/// The kernel's two `Date` slots and which one is current.
+struct Dates {
+    slots: Array<MapData, HttpDate>,
+    index: Array<MapData, u32>,
+    current: u32,
 }
 
 struct Responses {
@@ -162,7 +169,11 @@ impl KernelHttp {
                 blocks: maps.blocks,
                 slots: Vec::new(),
             }),
-            dates: Mutex::new((maps.dates, maps.date_index, 0)),
+            dates: Mutex::new(Dates {
+                slots: maps.dates,
+                index: maps.date_index,
+                current: 0,
+            }),
             counters: maps.counters,
             taught: Mutex::new(StdHashMap::new()),
         };
@@ -172,14 +183,13 @@ impl KernelHttp {
 
     /// Writes the current date into the spare slot and makes it current. Called every second.
     pub fn refresh_date(&self) -> io::Result<()> {
-        let mut guard = self.dates.lock().unwrap();
-        let (dates, index, current) = &mut *guard;
-        let next = (*current + 1) & 1;
+        let mut dates = self.dates.lock().unwrap();
+        let next = (dates.current + 1) & 1;
         let mut date = HttpDate { bytes: [0; 32] };
         date.bytes[..DATE_LEN].copy_from_slice(response::http_date().as_bytes());
-        dates.set(next, date, 0).map_err(io::Error::other)?;
-        index.set(0, next, 0).map_err(io::Error::other)?;
-        *current = next;
+        dates.slots.set(next, date, 0).map_err(io::Error::other)?;
+        dates.index.set(0, next, 0).map_err(io::Error::other)?;
+        dates.current = next;
         Ok(())
     }
 

@@ -200,7 +200,8 @@ impl HttpService {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
-            let next_second = Duration::from_secs(1) - Duration::from_nanos(now.subsec_nanos().into());
+            let next_second =
+                Duration::from_secs(1) - Duration::from_nanos(now.subsec_nanos().into());
             tokio::select! {
                 () = tokio::time::sleep(next_second + Duration::from_millis(1)) => {}
                 () = shutdown.recv() => return,

@@ -107,7 +107,10 @@ impl Session {
 
     /// Requests recorded since the last call (always empty unless [`Session::learning`]).
     pub fn take_learned(&mut self) -> Vec<Learned> {
-        self.learned.as_mut().map(std::mem::take).unwrap_or_default()
+        self.learned
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Takes bytes from the client and appends every response they complete to `out`.
