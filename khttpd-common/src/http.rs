@@ -69,8 +69,22 @@ pub const VERDICT_PROGRAM: &str = "http_verdict";
 pub const SYNTHESIZER_PROGRAM: &str = "http_synthesize";
 /// The global holding the per-load secret of [`Marker`]s.
 pub const SECRET_GLOBAL: &str = "HTTP_SECRET";
-/// The global holding the offset of `bytes_acked` in the kernel's `struct tcp_sock`.
-pub const BYTES_ACKED_OFFSET_GLOBAL: &str = "TCP_BYTES_ACKED_OFFSET";
+/// The global holding [`TcpOffsets`].
+pub const TCP_OFFSETS_GLOBAL: &str = "TCP_OFFSETS";
+
+/// Byte offsets of the `struct tcp_sock` fields the verdict reads. They differ between kernel
+/// builds and aya-ebpf emits no CO-RE relocations, so the control plane finds them in the running
+/// kernel's BTF and sets them at load time; 0 means unknown (the verdict then answers nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    /// `u64 bytes_acked`: our bytes the client acknowledged.
+    pub bytes_acked: u32,
+    /// `u32 write_seq`: sequence number after the last byte queued for sending.
+    pub write_seq: u32,
+    /// `u32 snd_una`: first unacknowledged sequence number.
+    pub snd_una: u32,
+}
 
 /// Bytes of request a [`RequestKey`] holds. htstress's, wrk's and curl's requests are 40–80 bytes.
 pub const REQUEST_KEY_BYTES: usize = 252;
@@ -175,6 +189,10 @@ pub struct Connection {
     pub passed_bytes: u64,
     /// Bytes of responses the kernel queued on the connection.
     pub kernel_bytes: u64,
+    /// The user-space written count ([`Answered::written_bytes`]) the kernel has seen in the send
+    /// queue: once user space's bytes are there, kernel answers cannot overtake them, and only
+    /// the kernel's own answers (in order on the psock) can still be on their way.
+    pub user_bytes_queued: u64,
 }
 
 /// What user space has done on a connection, as of when it last stopped reading it.
@@ -286,6 +304,7 @@ mod pod {
     unsafe impl aya::Pod for HttpDate {}
     unsafe impl aya::Pod for Connection {}
     unsafe impl aya::Pod for Answered {}
+    unsafe impl aya::Pod for TcpOffsets {}
 }
 
 #[cfg(test)]

@@ -31,8 +31,8 @@ use aya_ebpf::{
 use khttpd_common::{
     http::{
         self, Answered, Connection, Counter, HttpDate, Marker, PassReason, RequestKey,
-        ResponseBlock, ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
-        MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
+        ResponseBlock, ResponseMeta, Route, TcpOffsets, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN,
+        MAX_RESPONSE, MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
     },
     Handoff,
 };
@@ -42,10 +42,13 @@ use khttpd_common::{
 #[unsafe(no_mangle)]
 static HTTP_SECRET: u64 = 0;
 
-/// Byte offset of `bytes_acked` in the kernel's `struct tcp_sock`, set by the control plane at
-/// load time from the running kernel's BTF; 0 (unknown) makes the verdict pass everything.
+/// Where the verdict finds what it reads in `struct tcp_sock` (set at load time).
 #[unsafe(no_mangle)]
-static TCP_BYTES_ACKED_OFFSET: u32 = 0;
+static TCP_OFFSETS: TcpOffsets = TcpOffsets {
+    bytes_acked: 0,
+    write_seq: 0,
+    snd_una: 0,
+};
 
 #[map(name = "HTTP_SOCKETS")]
 static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKETS, 0);
@@ -178,12 +181,23 @@ fn answer(
     if response.len == 0 || response.len > MAX_RESPONSE {
         return Err(PassReason::Unknown);
     }
-    // User space writes nothing while the kernel answers, so everything written on the socket is
-    // the kernel's responses plus what user space wrote before it last stopped reading.
-    let acked = bytes_acked(skb).ok_or(PassReason::Backpressure)?;
-    let unacknowledged = (connection.kernel_bytes + user_written).saturating_sub(acked);
+    // Everything ever written on the socket: the kernel's responses, and what user space wrote
+    // or is writing (it publishes its count before its last write, so a fast client's next
+    // request can find the kernel ready).
+    let written = connection.kernel_bytes + user_written;
+    let tcp = tcp_counts(skb).ok_or(PassReason::Backpressure)?;
+    let unacknowledged = written.saturating_sub(tcp.acked);
     if unacknowledged + u64::from(response.len) > u64::from(MAX_UNACKNOWLEDGED) {
         return Err(PassReason::Backpressure);
+    }
+    if connection.user_bytes_queued != user_written {
+        // User space wrote (or is writing) since the kernel last looked: answer only once all of
+        // it is in the send queue, or the answer could overtake it. Kernel answers still on their
+        // way are fine: they go out in order on the psock.
+        if tcp.queued < written {
+            return Err(PassReason::UserOwned);
+        }
+        connection.user_bytes_queued = user_written;
     }
     // One linear buffer goes out in one sendmsg, so the sk_msg program sees the whole request.
     // SAFETY: plain helper call on our skb.
@@ -214,27 +228,39 @@ fn answer(
     Ok(())
 }
 
-/// TCP's count of our bytes the client has acknowledged (`tcp_sock.bytes_acked`). The field's
-/// offset differs between kernel builds: the control plane reads it from the running kernel's BTF
-/// and sets `TCP_BYTES_ACKED_OFFSET` at load time.
-fn bytes_acked(skb: *mut __sk_buff) -> Option<u64> {
-    // SAFETY: the socket pointer comes from the context and is checked by the helper; the read
-    // goes through bpf_probe_read_kernel, which cannot fault.
+/// What TCP says about our side of the connection.
+struct TcpCounts {
+    /// Bytes the client acknowledged (`tcp_sock.bytes_acked`).
+    acked: u64,
+    /// Bytes ever queued for sending: acknowledged ones plus `write_seq - snd_una`.
+    queued: u64,
+}
+
+fn tcp_counts(skb: *mut __sk_buff) -> Option<TcpCounts> {
+    // SAFETY: a global the loader fills in.
+    let offsets = unsafe { read_volatile(&TCP_OFFSETS) };
+    if offsets.bytes_acked == 0 || offsets.write_seq == 0 || offsets.snd_una == 0 {
+        return None;
+    }
+    // SAFETY: the socket pointer comes from the context and is checked by the helper; the reads
+    // go through bpf_probe_read_kernel, which cannot fault.
     unsafe {
         let sk = (*skb).__bindgen_anon_2.sk;
         if sk.is_null() {
             return None;
         }
-        let tcp = bpf_skc_to_tcp_sock(sk.cast());
+        let tcp = bpf_skc_to_tcp_sock(sk.cast()).cast::<u8>();
         if tcp.is_null() {
             return None;
         }
-        let offset = read_volatile(&TCP_BYTES_ACKED_OFFSET) as usize;
-        if offset == 0 {
-            return None;
-        }
-        let field = tcp.cast::<u8>().wrapping_add(offset);
-        bpf_probe_read_kernel(field.cast::<u64>()).ok()
+        let field = |offset: u32| tcp.wrapping_add(offset as usize);
+        let acked: u64 = bpf_probe_read_kernel(field(offsets.bytes_acked).cast()).ok()?;
+        let write_seq: u32 = bpf_probe_read_kernel(field(offsets.write_seq).cast()).ok()?;
+        let snd_una: u32 = bpf_probe_read_kernel(field(offsets.snd_una).cast()).ok()?;
+        Some(TcpCounts {
+            acked,
+            queued: acked + u64::from(write_seq.wrapping_sub(snd_una)),
+        })
     }
 }
 

@@ -8,14 +8,23 @@ use std::io;
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 
-/// Byte offset of `member` in `struct name`, from the running kernel's BTF.
-pub fn kernel_member_offset(name: &str, member: &str) -> io::Result<Option<u32>> {
-    let data = std::fs::read("/sys/kernel/btf/vmlinux")?;
-    Ok(member_offset(&data, name, member))
+/// Raw BTF data.
+pub struct Btf(Vec<u8>);
+
+impl Btf {
+    /// The running kernel's BTF.
+    pub fn of_kernel() -> io::Result<Btf> {
+        std::fs::read("/sys/kernel/btf/vmlinux").map(Btf)
+    }
+
+    /// Byte offset of `member` in `struct name`.
+    pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+        member_offset(&self.0, name, member)
+    }
 }
 
 /// Byte offset of `member` in `struct name` in raw BTF `data` (little-endian, as on x86-64).
-pub fn member_offset(data: &[u8], name: &str, member: &str) -> Option<u32> {
+fn member_offset(data: &[u8], name: &str, member: &str) -> Option<u32> {
     let u16_at = |at: usize| Some(u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?));
     let u32_at = |at: usize| Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?));
     if u16_at(0)? != MAGIC {
@@ -66,18 +75,14 @@ mod tests {
 
     #[test]
     fn finds_tcp_sock_fields_in_the_running_kernel() {
-        let acked = kernel_member_offset("tcp_sock", "bytes_acked")
-            .unwrap()
-            .unwrap();
-        let received = kernel_member_offset("tcp_sock", "bytes_received")
-            .unwrap()
-            .unwrap();
+        let btf = Btf::of_kernel().unwrap();
+        let field = |name| btf.member_offset("tcp_sock", name);
+        let acked = field("bytes_acked").unwrap();
         assert_eq!(acked % 8, 0);
         assert!(acked > 1000 && acked < 4096, "{acked}");
-        assert_ne!(acked, received);
-        assert_eq!(
-            kernel_member_offset("tcp_sock", "no_such_member").unwrap(),
-            None
-        );
+        assert_ne!(Some(acked), field("bytes_received"));
+        let (write_seq, snd_una) = (field("write_seq").unwrap(), field("snd_una").unwrap());
+        assert!(write_seq % 4 == 0 && snd_una % 4 == 0 && write_seq != snd_una);
+        assert_eq!(field("no_such_member"), None);
     }
 }

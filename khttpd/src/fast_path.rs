@@ -124,11 +124,7 @@ impl FastPath {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(http::SECRET_GLOBAL, &secret, true)
-            .override_global(
-                http::BYTES_ACKED_OFFSET_GLOBAL,
-                &bytes_acked_offset()?,
-                true,
-            )
+            .override_global(http::TCP_OFFSETS_GLOBAL, &tcp_offsets()?, true)
             .load(PROGRAMS)
             .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
 
@@ -222,11 +218,20 @@ fn load_program(name: &'static str, loaded: Result<(), ProgramError>) -> Result<
     })
 }
 
-/// Where `bytes_acked` lives in this kernel's `struct tcp_sock`, from its BTF.
-fn bytes_acked_offset() -> Result<u32, FastPathError> {
-    crate::btf::kernel_member_offset("tcp_sock", "bytes_acked")
-        .map_err(|e| FastPathError::Other(format!("reading the kernel's BTF: {e}")))?
-        .ok_or_else(|| FastPathError::Other("the kernel's BTF has no tcp_sock.bytes_acked".into()))
+/// Where the verdict's `struct tcp_sock` fields live in this kernel, from its BTF.
+fn tcp_offsets() -> Result<http::TcpOffsets, FastPathError> {
+    let btf = crate::btf::Btf::of_kernel()
+        .map_err(|e| FastPathError::Other(format!("reading the kernel's BTF: {e}")))?;
+    let offset = |member| {
+        btf.member_offset("tcp_sock", member).ok_or_else(|| {
+            FastPathError::Other(format!("the kernel's BTF has no tcp_sock.{member}"))
+        })
+    };
+    Ok(http::TcpOffsets {
+        bytes_acked: offset("bytes_acked")?,
+        write_seq: offset("write_seq")?,
+        snd_una: offset("snd_una")?,
+    })
 }
 
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {

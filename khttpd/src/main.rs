@@ -21,7 +21,7 @@ mod shutdown;
 mod sockmap;
 mod workqueue;
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
@@ -31,7 +31,7 @@ use tokio::{signal::unix, sync::broadcast};
 use crate::{
     echo::{kernel::KernelEcho, EchoService},
     fast_path::FastPath,
-    http::{kernel::KernelHttp, Dispatch, HttpService},
+    http::{kernel::KernelHttp, Dispatch, HttpService, Timeouts},
     metrics::Services,
     shutdown::Shutdown,
     workqueue::{Config, Kind, WorkQueue},
@@ -83,6 +83,14 @@ struct Args {
     /// "Hello, World!".
     #[arg(long, value_name = "FILE")]
     body: Option<std::path::PathBuf>,
+    /// Close HTTP connections that send nothing for this many seconds between requests (also
+    /// those the kernel serves: traffic it answers counts).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    /// Answer 408 and close when a request head takes longer than this many seconds from its
+    /// first byte (slow-header clients).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -158,11 +166,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     };
+    let timeouts = Timeouts {
+        idle: Duration::from_secs(args.idle_timeout),
+        head: Duration::from_secs(args.header_timeout),
+    };
     let (fast_path, kernel_echo, kernel_http) = match fast_path {
         Some((fast_path, echo_maps, http_maps)) => (
             Some(fast_path),
             Some(KernelEcho::start(echo_maps).context("starting the kernel echo")?),
-            Some(KernelHttp::start(http_maps).context("starting the kernel HTTP path")?),
+            Some(
+                KernelHttp::start(http_maps, timeouts.idle)
+                    .context("starting the kernel HTTP path")?,
+            ),
         ),
         None => (None, None, None),
     };
@@ -178,6 +193,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.dispatch,
         kernel_http,
         args.fast_path == FastPathMode::On,
+        timeouts,
         notify_shutdown.clone(),
     );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());

@@ -32,12 +32,14 @@ use khttpd_common::Handoff;
 use log::{debug, warn};
 use tokio::io::unix::AsyncFd;
 
-use crate::fd::{async_readable, cvt, epoll_ctl, socket_cookie};
+use crate::fd::{async_readable, cvt, epoll_ctl, socket_cookie, tcp_info};
 
 /// How long a half-closed connection may take to get its last bytes acknowledged.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// How often half-closed connections are re-checked.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// How often connections are checked for the idle timeout.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// epoll token of the wake-up eventfd; socket cookies start at 1.
 const WAKE_TOKEN: u64 = 0;
 
@@ -57,6 +59,11 @@ pub trait Service: Send + Sync + 'static {
     fn drained(&self, parked: &Self::Parked, cookie: u64) -> bool;
     /// Runs when the connection leaves the kernel path, closed or taken back.
     fn forget(&self, _cookie: u64) {}
+    /// Connections that received nothing for this long are closed (TCP_INFO counts the bytes the
+    /// kernel answered, which user space never sees).
+    fn idle_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 pub struct KernelConnections<S: Service> {
@@ -257,11 +264,13 @@ impl<S: Service> Inner<S> {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         // Half-closed connections waiting for their last bytes to be acknowledged.
         let mut draining: HashMap<u64, Instant> = HashMap::new();
+        let idle = self.service.idle_timeout();
+        let mut idle_checked = Instant::now();
         loop {
-            let timeout = if draining.is_empty() {
-                -1
-            } else {
-                DRAIN_POLL.as_millis() as i32
+            let timeout = match (draining.is_empty(), idle) {
+                (false, _) => DRAIN_POLL.as_millis() as i32,
+                (true, Some(_)) => IDLE_POLL.as_millis() as i32,
+                (true, None) => -1,
             };
             // SAFETY: `events` has room for its length.
             let n = unsafe {
@@ -320,7 +329,31 @@ impl<S: Service> Inner<S> {
                 }
                 !self.close_if_drained(cookie)
             });
+            if let Some(idle) = idle {
+                if now.duration_since(idle_checked) >= IDLE_POLL {
+                    idle_checked = now;
+                    self.close_idle(idle);
+                }
+            }
         }
+    }
+
+    /// Closes every connection that received nothing for `idle`.
+    fn close_idle(&self, idle: Duration) {
+        let mut connections = self.connections.lock().unwrap();
+        connections.retain(|&cookie, parked| {
+            let silent = tcp_info(parked.as_raw_fd()).map_or(true, |info| {
+                u128::from(info.tcpi_last_data_recv) >= idle.as_millis()
+            });
+            if silent {
+                debug!(
+                    "{}: connection {cookie} idle for {idle:?}; closing it",
+                    S::NAME
+                );
+                self.service.forget(cookie);
+            }
+            !silent
+        });
     }
 
     /// Closes the connection if the kernel delivered everything it owes. Returns whether it is

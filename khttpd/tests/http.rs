@@ -227,3 +227,105 @@ fn htstress_gets_only_good_answers() {
         );
     }
 }
+
+/// Reads until the server closes; returns what came and how long it took.
+fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    stream
+        .read_to_end(&mut got)
+        .expect("the server closes with a FIN");
+    (got, started.elapsed())
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    for dispatch in DISPATCH_MODES {
+        let server = Server::start(
+            Mode::UserUnbound,
+            &["--dispatch", dispatch, "--idle-timeout", "1"],
+        );
+        let mut stream = connect(&server);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
+            .unwrap();
+        let (got, after) = read_until_closed(&mut stream);
+        assert!(got.ends_with(b"Hello, World!\n"), "{dispatch}");
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+            "{dispatch}: closed after {after:?}"
+        );
+    }
+}
+
+#[test]
+fn the_idle_timer_counts_requests_the_kernel_answered() {
+    if !common::bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::Auto, &["--idle-timeout", "2"]);
+    let mut stream = connect(&server);
+    let request = b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n";
+    // 4 s of traffic, twice the timeout: the kernel answers all but the first request.
+    for _ in 0..8 {
+        stream.write_all(request).unwrap();
+        let mut answer = [0u8; 4096];
+        let n = stream.read(&mut answer).unwrap();
+        assert!(answer[..n].ends_with(b"Hello, World!\n"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(server.metric("khttpd_http_kernel_responses_total") >= 6);
+    let (got, after) = read_until_closed(&mut stream);
+    assert!(got.is_empty());
+    assert!(
+        after >= Duration::from_millis(1000) && after < Duration::from_secs(5),
+        "closed {after:?} after the last request"
+    );
+}
+
+#[test]
+fn slow_header_clients_get_408_while_others_are_served() {
+    for (dispatch, clients) in [("cmwq", 1000), ("thread", 200)] {
+        let server = Server::start(
+            Mode::UserUnbound,
+            &["--dispatch", dispatch, "--header-timeout", "2"],
+        );
+        let mut slow: Vec<TcpStream> = (0..clients)
+            .map(|_| {
+                let mut stream = connect(&server);
+                stream.write_all(b"GET / HTTP/1.1\r\nHost: slow").unwrap();
+                stream
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        // Trickle a header byte every half second; a normal client is served meanwhile.
+        let mut served = 0;
+        while started.elapsed() < Duration::from_millis(1500) {
+            for stream in &mut slow {
+                let _ = stream.write_all(b"x");
+            }
+            let response = exchange_until_close(&server, b"GET / HTTP/1.0\r\n\r\n");
+            assert!(
+                response.ends_with("Hello, World!\n"),
+                "{dispatch}: {response}"
+            );
+            served += 1;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(served >= 3, "{dispatch}");
+        for (i, stream) in slow.iter_mut().enumerate() {
+            let (got, _) = read_until_closed(stream);
+            let text = String::from_utf8_lossy(&got);
+            assert!(
+                text.starts_with("HTTP/1.1 408 Request Timeout\r\n")
+                    && text.contains("\r\nConnection: close\r\n"),
+                "{dispatch}: client {i}: {text}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{dispatch}: slow clients took {:?} to be closed",
+            started.elapsed()
+        );
+    }
+}

@@ -146,7 +146,10 @@ fn clients_that_stop_reading_get_exact_responses() {
     let kernel = metrics["khttpd_http_kernel_responses_total"];
     let held_back = metrics["khttpd_http_passed_total{reason=\"backpressure\"}"];
     assert!(kernel > 0, "the kernel answered nothing");
-    assert!(held_back > 0, "backpressure never held the kernel back");
+    assert!(
+        held_back > 0,
+        "backpressure never held the kernel back: {metrics:?}"
+    );
     assert_eq!(
         metrics["khttpd_http_kernel_errors_total{kind=\"synthesis\"}"],
         0
@@ -297,6 +300,15 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
                 }
                 answers.push(answer);
             }
+            // Nothing more: every request got exactly one answer.
+            stream
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut extra = [0u8; 1];
+            assert!(
+                stream.read(&mut extra).is_err(),
+                "{size} B: an extra answer"
+            );
             answers
         };
         let user = answers(&Server::start(Mode::UserUnbound, &body_arg))[0].clone();
@@ -308,7 +320,9 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
         if kernel_answers {
             assert!(
                 answered >= 18,
-                "{size} B: the kernel answered {answered} of 19"
+                "{size} B: the kernel answered {answered} of 19; {:?}\n{}",
+                kernel.metrics(),
+                kernel.stderr()
             );
         } else {
             assert_eq!(answered, 0, "{size} B: too big for the kernel");

@@ -69,6 +69,7 @@ impl AsRawFd for Parked {
 pub struct Http {
     connections: Mutex<HashMap<MapData, u64, Connection>>,
     answered: Mutex<HashMap<MapData, u64, Answered>>,
+    idle_timeout: Duration,
 }
 
 impl Http {
@@ -113,6 +114,10 @@ impl Service for Http {
         let _ = self.connections.lock().unwrap().remove(&cookie);
         let _ = self.answered.lock().unwrap().remove(&cookie);
     }
+
+    fn idle_timeout(&self) -> Option<Duration> {
+        Some(self.idle_timeout)
+    }
 }
 
 /// What became of a connection user space offered back to the kernel.
@@ -156,10 +161,12 @@ struct Responses {
 }
 
 impl KernelHttp {
-    pub fn start(maps: HttpMaps) -> io::Result<KernelHttp> {
+    /// `idle_timeout`: `--idle-timeout`, applied to the connections the kernel serves.
+    pub fn start(maps: HttpMaps, idle_timeout: Duration) -> io::Result<KernelHttp> {
         let service = Http {
             connections: Mutex::new(maps.connections),
             answered: Mutex::new(maps.answered),
+            idle_timeout,
         };
         let kernel = KernelHttp {
             connections: KernelConnections::start(service, maps.sockets, maps.handoffs)?,
@@ -305,17 +312,19 @@ impl KernelHttp {
         true
     }
 
-    /// Offers a connection on which user space owes nothing back to the kernel: publishes what
-    /// user space read and wrote, parks the socket with the watcher, then checks that no bytes
-    /// were passed meanwhile (the verdict counts passed bytes before it reads what user space
+    /// Tells the kernel what user space has read and answered on a connection and how much it has
+    /// written (or is about to write: the kernel checks the send queue before it answers).
+    pub fn publish(&self, cookie: u64, answered: Answered) -> io::Result<()> {
+        self.connections.service().publish(cookie, answered)
+    }
+
+    /// Offers a connection on which user space owes nothing back to the kernel: parks the socket
+    /// with the watcher, then checks that no bytes were passed meanwhile (the verdict counts passed bytes before it reads what user space
     /// published, so one side always sees the other; see khttpd-ebpf/src/http.rs).
+    /// `parked.answered` must have been published ([`KernelHttp::publish`]).
     pub fn release(&self, cookie: u64, parked: Parked) -> Release {
         let service = self.connections.service();
         let answered = parked.answered;
-        if let Err(e) = service.publish(cookie, answered) {
-            debug!("http: cannot publish connection {cookie}'s state ({e}); keeping it");
-            return Release::Resumed(parked);
-        }
         if let Err(parked) = self.connections.park(cookie, parked) {
             return Release::Resumed(parked);
         }

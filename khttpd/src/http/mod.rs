@@ -22,7 +22,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{debug, warn};
@@ -31,7 +31,11 @@ use tokio::{
     sync::broadcast,
 };
 
-use crate::{fd::into_tokio, shutdown::Shutdown, workqueue::WorkQueue};
+use crate::{
+    fd::{into_tokio, tcp_info},
+    shutdown::Shutdown,
+    workqueue::WorkQueue,
+};
 use kernel::{KernelHttp, Parked, Release};
 use khttpd_common::http::Answered;
 use session::{Next, Session};
@@ -60,6 +64,42 @@ impl Dispatch {
     }
 }
 
+/// How long a connection may stay silent: between requests (`--idle-timeout`), and while a
+/// request head is arriving (`--header-timeout`, counted from its first byte, so a client that
+/// trickles a byte every few seconds is still cut off).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub head: Duration,
+}
+
+/// When the next read on a connection is due.
+#[derive(Default)]
+struct ReadClock {
+    head_started: Option<Instant>,
+}
+
+impl ReadClock {
+    /// The deadline for the next read, and whether it is the head timeout.
+    fn deadline(&mut self, session: &Session, timeouts: Timeouts) -> (Instant, bool) {
+        if session.reading_head() {
+            let started = *self.head_started.get_or_insert_with(Instant::now);
+            (started + timeouts.head, true)
+        } else {
+            self.head_started = None;
+            (Instant::now() + timeouts.idle, false)
+        }
+    }
+}
+
+/// Whether the connection really was silent for `idle`: the kernel may have answered requests on
+/// it that user space never saw (TCP_INFO counts every byte received).
+fn silent_for(fd: RawFd, idle: Duration) -> bool {
+    tcp_info(fd).map_or(true, |info| {
+        u128::from(info.tcpi_last_data_recv) >= idle.as_millis()
+    })
+}
+
 pub struct HttpService {
     pub queue: Arc<WorkQueue>,
     pub dispatch: Dispatch,
@@ -69,6 +109,7 @@ pub struct HttpService {
     /// a connection that closes after one request (htstress) never pays for the kernel path,
     /// which cannot close it (see the README's measurements).
     kernel_first: bool,
+    pub timeouts: Timeouts,
     /// Connections accepted.
     pub connections: AtomicU64,
     /// Connections the kernel handed to user space.
@@ -84,6 +125,7 @@ impl HttpService {
         dispatch: Dispatch,
         kernel: Option<KernelHttp>,
         kernel_first: bool,
+        timeouts: Timeouts,
         notify_shutdown: broadcast::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(HttpService {
@@ -91,6 +133,7 @@ impl HttpService {
             dispatch,
             kernel,
             kernel_first,
+            timeouts,
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
             notify_shutdown,
@@ -184,6 +227,7 @@ impl HttpService {
                 self.handoffs.fetch_add(1, Ordering::Relaxed);
                 let link = Link {
                     cookie,
+                    published: Some(parked.answered),
                     read_bytes: parked.answered.read_bytes,
                     ordered: false,
                 };
@@ -223,6 +267,8 @@ impl HttpService {
 /// A connection in the HTTP sockhash that user space serves for now.
 struct Link {
     cookie: u64,
+    /// What the kernel was last told (see [`UserConnection::publish`]).
+    published: Option<Answered>,
     /// Bytes user space read since the socket entered the sockhash (all of them passed by the
     /// kernel).
     read_bytes: u64,
@@ -280,13 +326,49 @@ impl UserConnection {
         link.ordered
     }
 
+    /// Before the write that answers the last request read, when the connection goes back to the
+    /// kernel afterwards: tells the kernel now, so a client that sends its next request the moment
+    /// it has this answer finds the kernel ready. The kernel answers only once these `pending`
+    /// bytes are in the send queue.
+    fn announce(&mut self, pending: usize) {
+        if self.link.is_some() {
+            self.publish(self.written + pending as u64);
+        }
+    }
+
+    fn publish(&mut self, written: u64) -> bool {
+        let (Some(kernel), Some(link)) = (&self.service.kernel, &mut self.link) else {
+            return false;
+        };
+        let answered = Answered {
+            read_bytes: link.read_bytes,
+            written_bytes: written,
+        };
+        if link.published == Some(answered) {
+            return true;
+        }
+        match kernel.publish(link.cookie, answered) {
+            Ok(()) => {
+                link.published = Some(answered);
+                true
+            }
+            Err(e) => {
+                debug!(
+                    "http: cannot publish connection {}'s state ({e})",
+                    link.cookie
+                );
+                false
+            }
+        }
+    }
+
     /// Hands the connection (idle, owing nothing) to the kernel; returns the socket if user space
     /// keeps serving it.
     fn release(&mut self, stream: std::net::TcpStream) -> Option<std::net::TcpStream> {
         let Some(kernel) = &self.service.kernel else {
             return Some(stream);
         };
-        let Some(link) = &mut self.link else {
+        let Some(link) = &self.link else {
             // Not in the sockhash yet: install it. Every byte it gets from now on passes the
             // verdict, so the kernel's count of passed bytes and ours both start at zero.
             let parked = Parked {
@@ -301,16 +383,23 @@ impl UserConnection {
                 Err(parked) => Some(parked.stream),
             };
         };
-        let parked = Parked {
-            stream,
-            answered: Answered {
-                read_bytes: link.read_bytes,
-                written_bytes: self.written,
-            },
+        let answered = Answered {
+            read_bytes: link.read_bytes,
+            written_bytes: self.written,
         };
-        match kernel.release(link.cookie, parked) {
+        let cookie = link.cookie;
+        if !self.publish(self.written) {
+            return Some(stream);
+        }
+        let Some(kernel) = &self.service.kernel else {
+            return Some(stream);
+        };
+        let parked = Parked { stream, answered };
+        match kernel.release(cookie, parked) {
             Release::Resumed(parked) => {
-                link.ordered = false;
+                if let Some(link) = &mut self.link {
+                    link.ordered = false;
+                }
                 Some(parked.stream)
             }
             Release::Parked | Release::Gone => {
@@ -344,14 +433,19 @@ async fn serve_async(
         mut reusable,
     } = exchange;
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut clock = ReadClock::default();
     let Ok(mut stream) = into_tokio(stream) else {
         return;
     };
     loop {
         if !out.is_empty() {
-            if !connection.wait_for_kernel(stream.as_raw_fd()).await
-                || stream.write_all(&out).await.is_err()
-            {
+            if !connection.wait_for_kernel(stream.as_raw_fd()).await {
+                return;
+            }
+            if reusable && next == Next::Read && session.is_idle() {
+                connection.announce(out.len());
+            }
+            if stream.write_all(&out).await.is_err() {
                 return;
             }
             connection.wrote(out.len());
@@ -383,11 +477,22 @@ async fn serve_async(
                 _ => return,
             }
         }
+        let timeouts = connection.service.timeouts;
+        let (deadline, head) = clock.deadline(&session, timeouts);
         let n = tokio::select! {
             read = stream.read(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             },
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if head {
+                    session.head_timed_out(&mut out);
+                    next = Next::Close;
+                } else if silent_for(stream.as_raw_fd(), timeouts.idle) {
+                    return;
+                }
+                continue;
+            }
             () = shutdown.recv() => return,
         };
         connection.received(n);
@@ -469,18 +574,51 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
     let mut session = connection.session();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut out = Vec::new();
+    let mut clock = ReadClock::default();
     loop {
+        let timeouts = connection.service.timeouts;
+        let (deadline, head) = clock.deadline(&session, timeouts);
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if stream
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .is_err()
+        {
+            return;
+        }
         let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if head {
+                    session.head_timed_out(&mut out);
+                    let _ = stream.write_all(&out);
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    linger_blocking(&mut stream, &mut buf);
+                    return;
+                }
+                if silent_for(stream.as_raw_fd(), timeouts.idle) {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
         };
         connection.received(n);
         let next = session.receive(&buf[..n], &mut out);
         let reusable = connection.learn(&mut session);
         if !out.is_empty() {
-            if !runtime.block_on(connection.wait_for_kernel(stream.as_raw_fd()))
-                || stream.write_all(&out).is_err()
-            {
+            if !runtime.block_on(connection.wait_for_kernel(stream.as_raw_fd())) {
+                return;
+            }
+            if reusable && next == Next::Read && session.is_idle() {
+                connection.announce(out.len());
+            }
+            if stream.write_all(&out).is_err() {
                 return;
             }
             connection.wrote(out.len());
@@ -491,14 +629,7 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
                 return;
             }
             let _ = stream.shutdown(std::net::Shutdown::Write);
-            let _ = stream.set_read_timeout(Some(LINGER));
-            let mut dropped = 0;
-            while let Ok(n @ 1..) = stream.read(&mut buf) {
-                dropped += n;
-                if dropped > LINGER_BYTES {
-                    break;
-                }
-            }
+            linger_blocking(&mut stream, &mut buf);
             return;
         }
         if reusable && session.is_idle() {
@@ -506,6 +637,19 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
                 Some(resumed) => stream = resumed,
                 None => return,
             }
+        }
+    }
+}
+
+/// After our FIN: reads and drops what the client still sends, until it closes (bounded), so the
+/// close is not a reset.
+fn linger_blocking(stream: &mut std::net::TcpStream, buf: &mut [u8]) {
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let mut dropped = 0;
+    while let Ok(n @ 1..) = stream.read(buf) {
+        dropped += n;
+        if dropped > LINGER_BYTES {
+            break;
         }
     }
 }

@@ -38,6 +38,7 @@ fn body() -> (&'static [u8], &'static str) {
 pub enum Status {
     Ok,
     BadRequest,
+    RequestTimeout,
     PayloadTooLarge,
     UriTooLong,
     HeaderFieldsTooLarge,
@@ -50,6 +51,7 @@ impl Status {
         match self {
             Status::Ok => 200,
             Status::BadRequest => 400,
+            Status::RequestTimeout => 408,
             Status::PayloadTooLarge => 413,
             Status::UriTooLong => 414,
             Status::HeaderFieldsTooLarge => 431,
@@ -62,6 +64,7 @@ impl Status {
         match self {
             Status::Ok => "OK",
             Status::BadRequest => "Bad Request",
+            Status::RequestTimeout => "Request Timeout",
             Status::PayloadTooLarge => "Content Too Large",
             Status::UriTooLong => "URI Too Long",
             Status::HeaderFieldsTooLarge => "Request Header Fields Too Large",

@@ -100,6 +100,17 @@ impl Session {
         self.asked_to_close
     }
 
+    /// True while part of a request head has arrived and the rest has not.
+    pub fn reading_head(&self) -> bool {
+        !self.input.is_empty() && self.body.is_none()
+    }
+
+    /// The client took too long to send a request head: answers 408 (the connection closes).
+    pub fn head_timed_out(&mut self, out: &mut Vec<u8>) {
+        self.input.clear();
+        response::write(out, Status::RequestTimeout, false, false);
+    }
+
     /// True between requests: nothing buffered, no body being read.
     pub fn is_idle(&self) -> bool {
         self.input.is_empty() && self.body.is_none()
