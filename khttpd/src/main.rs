@@ -91,6 +91,10 @@ struct Args {
     /// first byte (slow-header clients).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
+    /// Most HTTP connections open at once (user space and kernel); past it new connections get
+    /// `503 Service Unavailable` and are closed.
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    max_connections: usize,
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -194,6 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         kernel_http,
         args.fast_path == FastPathMode::On,
         timeouts,
+        args.max_connections,
         notify_shutdown.clone(),
     );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());

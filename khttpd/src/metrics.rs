@@ -110,6 +110,20 @@ pub fn render(services: &Services) -> String {
             http.connections.load(Ordering::Relaxed),
         )],
     );
+    metric(
+        &mut out,
+        "khttpd_http_open_connections",
+        "gauge",
+        "HTTP connections open now, in user space and in the kernel (limit: --max-connections).",
+        &[("", http.open.load(Ordering::Relaxed) as u64)],
+    );
+    metric(
+        &mut out,
+        "khttpd_http_rejected_total",
+        "counter",
+        "HTTP connections turned away with 503 because --max-connections were open.",
+        &[("", http.rejected.load(Ordering::Relaxed))],
+    );
     render_http_kernel(&mut out, http);
     render_queues(&mut out, &[&services.echo.queue, &http.queue]);
     out

@@ -329,3 +329,60 @@ fn slow_header_clients_get_408_while_others_are_served() {
         );
     }
 }
+
+#[test]
+fn past_max_connections_new_clients_get_503_and_the_others_keep_being_served() {
+    for (mode, dispatch) in [
+        (Mode::UserUnbound, "cmwq"),
+        (Mode::UserUnbound, "thread"),
+        (Mode::Auto, "cmwq"),
+    ] {
+        if mode == Mode::Auto && !common::bpf_allowed() {
+            continue;
+        }
+        let server = Server::start(mode, &["--dispatch", dispatch, "--max-connections", "10"]);
+        let request = b"GET / HTTP/1.1\r\nHost: limit\r\n\r\n";
+        let ask = |stream: &mut TcpStream| {
+            stream.write_all(request).unwrap();
+            let mut answer = [0u8; 4096];
+            let n = stream.read(&mut answer).unwrap();
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        };
+        let mut held: Vec<TcpStream> = (0..10).map(|_| connect(&server)).collect();
+        for stream in &mut held {
+            assert!(
+                ask(stream).starts_with("HTTP/1.1 200 OK"),
+                "{mode:?} {dispatch}"
+            );
+        }
+        for _ in 0..20 {
+            let answer = exchange_until_close(&server, request);
+            assert!(
+                answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                    && answer.contains("\r\nConnection: close\r\n"),
+                "{mode:?} {dispatch}: {answer}"
+            );
+        }
+        for stream in &mut held {
+            assert!(
+                ask(stream).starts_with("HTTP/1.1 200 OK"),
+                "{mode:?} {dispatch}"
+            );
+        }
+        assert_eq!(server.metric("khttpd_http_rejected_total"), 20);
+        assert_eq!(server.metric("khttpd_http_open_connections"), 10);
+        // Closing some makes room again.
+        held.truncate(5);
+        assert!(
+            common::eventually(Duration::from_secs(5), || server
+                .metric("khttpd_http_open_connections")
+                == 5),
+            "{mode:?} {dispatch}: slots not given back"
+        );
+        let answer = exchange_until_close(&server, b"GET / HTTP/1.0\r\n\r\n");
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK"),
+            "{mode:?} {dispatch}: {answer}"
+        );
+    }
+}

@@ -39,6 +39,7 @@ use log::{debug, warn};
 use super::{
     response::{self, Status},
     session::Learned,
+    Slot,
 };
 use crate::{
     fast_path::HttpMaps,
@@ -57,6 +58,8 @@ const TAUGHT_LIMIT: usize = 4 * http::MAX_REQUESTS as usize;
 pub struct Parked {
     pub stream: TcpStream,
     pub answered: Answered,
+    /// Its place under `--max-connections`.
+    pub slot: Slot,
 }
 
 impl AsRawFd for Parked {

@@ -19,7 +19,7 @@ use std::{
     io::{self, Read as _, Write as _},
     os::fd::{AsRawFd, RawFd},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -110,6 +110,12 @@ pub struct HttpService {
     /// which cannot close it (see the README's measurements).
     kernel_first: bool,
     pub timeouts: Timeouts,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// Connections open now (user space and kernel).
+    pub open: Arc<AtomicUsize>,
+    /// Connections turned away with 503 because `max_connections` were open.
+    pub rejected: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
     /// Connections the kernel handed to user space.
@@ -126,6 +132,7 @@ impl HttpService {
         kernel: Option<KernelHttp>,
         kernel_first: bool,
         timeouts: Timeouts,
+        max_connections: usize,
         notify_shutdown: broadcast::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(HttpService {
@@ -134,6 +141,9 @@ impl HttpService {
             kernel,
             kernel_first,
             timeouts,
+            max_connections,
+            open: Arc::default(),
+            rejected: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
             notify_shutdown,
@@ -141,29 +151,44 @@ impl HttpService {
         })
     }
 
-    /// Serves one accepted connection.
+    /// Serves one accepted connection, or turns it away when `max_connections` are open.
     pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream) {
         self.connections.fetch_add(1, Ordering::Relaxed);
-        let stream = match &self.kernel {
+        let Some(slot) = self.take_slot() else {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(reject(stream));
+            return;
+        };
+        let (stream, slot) = match &self.kernel {
             Some(kernel) if self.kernel_first => {
                 let parked = Parked {
                     stream,
                     answered: Answered::default(),
+                    slot,
                 };
                 match kernel.install(parked) {
                     Ok(()) => return,
-                    Err(parked) => parked.stream,
+                    Err(parked) => (parked.stream, parked.slot),
                 }
             }
-            _ => stream,
+            _ => (stream, slot),
         };
-        self.serve_in_user_space(stream, None, 0);
+        self.serve_in_user_space(stream, slot, None, 0);
+    }
+
+    fn take_slot(&self) -> Option<Slot> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Arc::clone(&self.open)))
     }
 
     /// `written`: bytes user space wrote on the connection before.
     fn serve_in_user_space(
         self: &Arc<Self>,
         stream: std::net::TcpStream,
+        slot: Slot,
         link: Option<Link>,
         written: u64,
     ) {
@@ -171,6 +196,7 @@ impl HttpService {
             service: Arc::clone(self),
             link,
             written,
+            slot: Some(slot),
         };
         match self.dispatch {
             Dispatch::Cmwq => {
@@ -232,7 +258,7 @@ impl HttpService {
                     ordered: false,
                 };
                 let written = parked.answered.written_bytes;
-                self.serve_in_user_space(parked.stream, Some(link), written);
+                self.serve_in_user_space(parked.stream, parked.slot, Some(link), written);
             }
         }
     }
@@ -264,6 +290,46 @@ impl HttpService {
     }
 }
 
+/// One of `--max-connections`, held by whoever holds the connection (a work item, a thread or
+/// the kernel path's watcher) and given back when it is dropped with the connection.
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Turns a connection away: `503`, FIN, and reading what the client still sends (bounded), so
+/// the close is not a reset.
+async fn reject(stream: std::net::TcpStream) {
+    let Ok(mut stream) = into_tokio(stream) else {
+        return;
+    };
+    let mut out = Vec::new();
+    response::write(&mut out, response::Status::ServiceUnavailable, false, false);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    close_gracefully(stream, &mut [0u8; 1024]).await;
+}
+
+/// FIN, then reads and drops what the client still sends until it closes (bounded), so the
+/// close is never a reset.
+async fn close_gracefully(mut stream: tokio::net::TcpStream, buf: &mut [u8]) {
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut dropped = 0;
+        while let Ok(n @ 1..) = stream.read(buf).await {
+            dropped += n;
+            if dropped > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 /// A connection in the HTTP sockhash that user space serves for now.
 struct Link {
     cookie: u64,
@@ -283,6 +349,8 @@ struct UserConnection {
     link: Option<Link>,
     /// Bytes user space wrote on the connection.
     written: u64,
+    /// Its place under `--max-connections` (handed on when the kernel takes the connection).
+    slot: Option<Slot>,
 }
 
 impl UserConnection {
@@ -371,16 +439,23 @@ impl UserConnection {
         let Some(link) = &self.link else {
             // Not in the sockhash yet: install it. Every byte it gets from now on passes the
             // verdict, so the kernel's count of passed bytes and ours both start at zero.
+            let Some(slot) = self.slot.take() else {
+                return Some(stream);
+            };
             let parked = Parked {
                 stream,
                 answered: Answered {
                     read_bytes: 0,
                     written_bytes: self.written,
                 },
+                slot,
             };
             return match kernel.install(parked) {
                 Ok(()) => None,
-                Err(parked) => Some(parked.stream),
+                Err(parked) => {
+                    self.slot = Some(parked.slot);
+                    Some(parked.stream)
+                }
             };
         };
         let answered = Answered {
@@ -394,12 +469,20 @@ impl UserConnection {
         let Some(kernel) = &self.service.kernel else {
             return Some(stream);
         };
-        let parked = Parked { stream, answered };
+        let Some(slot) = self.slot.take() else {
+            return Some(stream);
+        };
+        let parked = Parked {
+            stream,
+            answered,
+            slot,
+        };
         match kernel.release(cookie, parked) {
             Release::Resumed(parked) => {
                 if let Some(link) = &mut self.link {
                     link.ordered = false;
                 }
+                self.slot = Some(parked.slot);
                 Some(parked.stream)
             }
             Release::Parked | Release::Gone => {
@@ -455,17 +538,7 @@ async fn serve_async(
             if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {
                 return;
             }
-            let _ = stream.shutdown().await;
-            let drain = async {
-                let mut dropped = 0;
-                while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                    dropped += n;
-                    if dropped > LINGER_BYTES {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(LINGER, drain).await;
+            close_gracefully(stream, &mut buf).await;
             return;
         }
         if reusable && session.is_idle() {

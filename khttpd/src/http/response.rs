@@ -43,6 +43,7 @@ pub enum Status {
     UriTooLong,
     HeaderFieldsTooLarge,
     NotImplemented,
+    ServiceUnavailable,
     VersionNotSupported,
 }
 
@@ -56,6 +57,7 @@ impl Status {
             Status::UriTooLong => 414,
             Status::HeaderFieldsTooLarge => 431,
             Status::NotImplemented => 501,
+            Status::ServiceUnavailable => 503,
             Status::VersionNotSupported => 505,
         }
     }
@@ -69,6 +71,7 @@ impl Status {
             Status::UriTooLong => "URI Too Long",
             Status::HeaderFieldsTooLarge => "Request Header Fields Too Large",
             Status::NotImplemented => "Not Implemented",
+            Status::ServiceUnavailable => "Service Unavailable",
             Status::VersionNotSupported => "HTTP Version Not Supported",
         }
     }
