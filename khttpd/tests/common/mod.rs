@@ -76,9 +76,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(mode: Mode, extra: &[&str]) -> Server {
-        let echo_port = free_port();
-        let http_port = free_port();
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Server::start_on(mode, extra, free_port(), free_port(), metrics_addr)
+    }
+
+    /// Starts on the given ports (e.g. those of a server that just died).
+    pub fn start_on(
+        mode: Mode,
+        extra: &[&str],
+        echo_port: u16,
+        http_port: u16,
+        metrics_addr: SocketAddr,
+    ) -> Server {
         let mut child = Command::new(KHTTPD)
             .args(mode.args())
             .args(["--echo-port", &echo_port.to_string()])
@@ -231,6 +240,12 @@ impl Server {
     }
 
     /// SIGTERM, then the exit status (killed after 15 s).
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) -> ExitStatus {
+        signal(self.pid(), libc::SIGKILL);
+        wait_bounded(&mut self.child, Duration::from_secs(15)).expect("SIGKILL ends khttpd")
+    }
+
     pub fn terminate(mut self) -> ExitStatus {
         signal(self.pid(), libc::SIGTERM);
         wait_bounded(&mut self.child, Duration::from_secs(15))
