@@ -63,7 +63,10 @@ fn load(
                     match got {
                         0 => return,
                         n if n == len => whole.fetch_add(1, Ordering::Relaxed),
-                        _ => return drop(cut.fetch_add(1, Ordering::Relaxed)),
+                        _ => {
+                            cut.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                     };
                 }
             })
@@ -128,11 +131,9 @@ fn kill_9_leaves_no_program_attached_and_a_restart_serves_within_a_second() {
     }
     assert!(whole.load(Ordering::Relaxed) > 0);
     // Nothing was pinned: the programs go with the process's file descriptors.
+    let unloaded = || !loaded_program_ids().iter().any(|id| programs.contains(id));
     assert!(
-        eventually(Duration::from_secs(5), || {
-            let loaded = loaded_program_ids();
-            !programs.iter().any(|id| loaded.contains(id))
-        }),
+        eventually(Duration::from_secs(5), unloaded),
         "programs {programs:?} still loaded after kill -9"
     );
     let restarted = Instant::now();
