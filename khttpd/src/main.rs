@@ -81,8 +81,11 @@ struct Args {
     max_active: usize,
     /// Answer every GET with this file's contents (read once at start, at most 1 MiB) instead of
     /// "Hello, World!".
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "root")]
     body: Option<std::path::PathBuf>,
+    /// Serve the files under this directory (listings for directories without index.html).
+    #[arg(long, value_name = "DIR")]
+    root: Option<std::path::PathBuf>,
     /// Close HTTP connections that send nothing for this many seconds between requests (also
     /// those the kernel serves: traffic it answers counts).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -153,6 +156,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.body {
         http::response::set_body(read_body(path)?);
     }
+    let site = match &args.root {
+        Some(root) => Some(Arc::new(
+            http::site::Site::new(root).with_context(|| format!("--root {}", root.display()))?,
+        )),
+        None => None,
+    };
     let echo_listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
     let http_listeners = listener::bind(&args.iface, args.port, args.backlog)?;
     // Registered before anything is attached, so a signal during start-up still shuts down cleanly.
@@ -194,11 +203,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let echo = EchoService::new(queue("khttpd_echo")?, kernel_echo, notify_shutdown.clone());
     let http = HttpService::new(
         queue("khttpd_http")?,
-        args.dispatch,
         kernel_http,
-        args.fast_path == FastPathMode::On,
-        timeouts,
-        args.max_connections,
+        http::Config {
+            dispatch: args.dispatch,
+            kernel_first: args.fast_path == FastPathMode::On,
+            timeouts,
+            max_connections: args.max_connections,
+            site,
+        },
         notify_shutdown.clone(),
     );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());

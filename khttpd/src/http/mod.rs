@@ -14,6 +14,7 @@
 pub mod kernel;
 pub mod response;
 pub mod session;
+pub mod site;
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -39,6 +40,7 @@ use crate::{
 use kernel::{KernelHttp, Parked, Release};
 use khttpd_common::http::Answered;
 use session::{Next, Session};
+use site::{FileBody, Site};
 
 /// Bytes read per system call.
 const READ_CHUNK: usize = 8 * 1024;
@@ -100,6 +102,15 @@ fn silent_for(fd: RawFd, idle: Duration) -> bool {
     })
 }
 
+/// How the service runs (from the command line; see the fields of [`HttpService`]).
+pub struct Config {
+    pub dispatch: Dispatch,
+    pub kernel_first: bool,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+    pub site: Option<Arc<Site>>,
+}
+
 pub struct HttpService {
     pub queue: Arc<WorkQueue>,
     pub dispatch: Dispatch,
@@ -112,6 +123,8 @@ pub struct HttpService {
     pub timeouts: Timeouts,
     /// `--max-connections`.
     pub max_connections: usize,
+    /// `--root`.
+    pub site: Option<Arc<Site>>,
     /// Connections open now (user space and kernel).
     pub open: Arc<AtomicUsize>,
     /// Connections turned away with 503 because `max_connections` were open.
@@ -128,20 +141,18 @@ pub struct HttpService {
 impl HttpService {
     pub fn new(
         queue: Arc<WorkQueue>,
-        dispatch: Dispatch,
         kernel: Option<KernelHttp>,
-        kernel_first: bool,
-        timeouts: Timeouts,
-        max_connections: usize,
+        config: Config,
         notify_shutdown: broadcast::Sender<()>,
     ) -> Arc<Self> {
         Arc::new(HttpService {
             queue,
-            dispatch,
+            dispatch: config.dispatch,
             kernel,
-            kernel_first,
-            timeouts,
-            max_connections,
+            kernel_first: config.kernel_first,
+            timeouts: config.timeouts,
+            max_connections: config.max_connections,
+            site: config.site,
             open: Arc::default(),
             rejected: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -355,7 +366,10 @@ struct UserConnection {
 
 impl UserConnection {
     fn session(&self) -> Session {
-        if self.service.kernel.is_some() {
+        if let Some(site) = &self.service.site {
+            // Files can change under a learned answer: nothing is taught to the kernel yet.
+            Session::with_site(Arc::clone(site))
+        } else if self.service.kernel.is_some() {
             Session::learning()
         } else {
             Session::new()
@@ -534,6 +548,19 @@ async fn serve_async(
             connection.wrote(out.len());
             out.clear();
         }
+        if let Some(mut file) = session.take_file() {
+            let len = file.len;
+            if send_file_async(&stream, &mut file).await.is_err() {
+                return;
+            }
+            connection.wrote(len as usize);
+            if next == Next::Read {
+                // Answer what was pipelined behind the file.
+                next = session.receive(&[], &mut out);
+                reusable = connection.learn(&mut session);
+                continue;
+            }
+        }
         if next == Next::Close {
             if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {
                 return;
@@ -624,9 +651,44 @@ fn answer_at_once(
     exchange.out.drain(..written);
     // Closing with an empty receive queue sends a FIN.
     Ok(exchange.out.is_empty()
+        && !exchange.session.owes_file()
         && exchange.next == Next::Close
         && exchange.session.client_is_done()
         && nothing_pending(stream.as_raw_fd()))
+}
+
+/// Sends a file body with sendfile(2) as the socket takes it.
+async fn send_file_async(stream: &tokio::net::TcpStream, file: &mut FileBody) -> io::Result<()> {
+    while file.len > 0 {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            send_file_once(stream.as_raw_fd(), file)
+        }) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One sendfile(2) call: file bytes go from the page cache to the socket without a copy through
+/// user space.
+fn send_file_once(fd: RawFd, file: &mut FileBody) -> io::Result<usize> {
+    let mut offset = file.offset as libc::off_t;
+    let count = file.len.min(1 << 30) as usize;
+    // SAFETY: both fds are open; the kernel updates `offset`.
+    let sent = unsafe { libc::sendfile(fd, file.file.as_raw_fd(), &mut offset, count) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if sent == 0 {
+        // The file shrank under us: the promised length can no longer be sent.
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    file.offset = offset as u64;
+    file.len -= sent as u64;
+    Ok(sent as usize)
 }
 
 /// Whether the receive queue is empty right now (so closing sends a FIN, not a reset).
@@ -682,20 +744,38 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
             Err(_) => return,
         };
         connection.received(n);
-        let next = session.receive(&buf[..n], &mut out);
-        let reusable = connection.learn(&mut session);
-        if !out.is_empty() {
-            if !runtime.block_on(connection.wait_for_kernel(stream.as_raw_fd())) {
-                return;
+        let mut next = session.receive(&buf[..n], &mut out);
+        let mut reusable = connection.learn(&mut session);
+        // Write the answers; after a file body, answer what was pipelined behind it.
+        loop {
+            if !out.is_empty() {
+                if !runtime.block_on(connection.wait_for_kernel(stream.as_raw_fd())) {
+                    return;
+                }
+                if reusable && next == Next::Read && session.is_idle() {
+                    connection.announce(out.len());
+                }
+                if stream.write_all(&out).is_err() {
+                    return;
+                }
+                connection.wrote(out.len());
+                out.clear();
             }
-            if reusable && next == Next::Read && session.is_idle() {
-                connection.announce(out.len());
+            let Some(mut file) = session.take_file() else {
+                break;
+            };
+            let len = file.len;
+            while file.len > 0 {
+                if send_file_once(stream.as_raw_fd(), &mut file).is_err() {
+                    return;
+                }
             }
-            if stream.write_all(&out).is_err() {
-                return;
+            connection.wrote(len as usize);
+            if next == Next::Close {
+                break;
             }
-            connection.wrote(out.len());
-            out.clear();
+            next = session.receive(&[], &mut out);
+            reusable = connection.learn(&mut session);
         }
         if next == Next::Close {
             if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {

@@ -37,6 +37,12 @@ fn body() -> (&'static [u8], &'static str) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
     Ok,
+    PartialContent,
+    MovedPermanently,
+    NotModified,
+    Forbidden,
+    NotFound,
+    RangeNotSatisfiable,
     BadRequest,
     RequestTimeout,
     PayloadTooLarge,
@@ -51,6 +57,12 @@ impl Status {
     pub fn code(self) -> u16 {
         match self {
             Status::Ok => 200,
+            Status::PartialContent => 206,
+            Status::MovedPermanently => 301,
+            Status::NotModified => 304,
+            Status::Forbidden => 403,
+            Status::NotFound => 404,
+            Status::RangeNotSatisfiable => 416,
             Status::BadRequest => 400,
             Status::RequestTimeout => 408,
             Status::PayloadTooLarge => 413,
@@ -65,6 +77,12 @@ impl Status {
     pub fn reason(self) -> &'static str {
         match self {
             Status::Ok => "OK",
+            Status::PartialContent => "Partial Content",
+            Status::MovedPermanently => "Moved Permanently",
+            Status::NotModified => "Not Modified",
+            Status::Forbidden => "Forbidden",
+            Status::NotFound => "Not Found",
+            Status::RangeNotSatisfiable => "Range Not Satisfiable",
             Status::BadRequest => "Bad Request",
             Status::RequestTimeout => "Request Timeout",
             Status::PayloadTooLarge => "Content Too Large",
@@ -86,23 +104,54 @@ pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: boo
         error_body = format!("{} {}\n", status.code(), status.reason());
         (error_body.as_bytes(), TEXT)
     };
-    let allow = if status == Status::NotImplemented {
-        format!("Allow: {ALLOW}\r\n")
+    let allow = [("Allow", ALLOW)];
+    let extra: &[(&str, &str)] = if status == Status::NotImplemented {
+        &allow
     } else {
-        String::new()
+        &[]
     };
-    let connection = if keep_alive { "keep-alive" } else { "close" };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: {connection}\r\n\r\n",
-        status.code(),
-        status.reason(),
-        http_date(),
-        body.len(),
+    write_head(
+        out,
+        status,
+        keep_alive,
+        Some((content_type, body.len() as u64)),
+        extra,
     );
-    out.extend_from_slice(head.as_bytes());
     if !head_only {
         out.extend_from_slice(body);
     }
+}
+
+/// Appends a response head: status line, Date, Server, `extra` headers, Content-Type and
+/// Content-Length when there is a `content` (type, length), Connection.
+pub fn write_head(
+    out: &mut Vec<u8>,
+    status: Status,
+    keep_alive: bool,
+    content: Option<(&str, u64)>,
+    extra: &[(&str, &str)],
+) {
+    use std::fmt::Write as _;
+    let mut head = String::with_capacity(256);
+    let _ = write!(
+        head,
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\n",
+        status.code(),
+        status.reason(),
+        http_date()
+    );
+    if let Some((content_type, length)) = content {
+        let _ = write!(
+            head,
+            "Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
+        );
+    }
+    for (name, value) in extra {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let _ = write!(head, "Connection: {connection}\r\n\r\n");
+    out.extend_from_slice(head.as_bytes());
 }
 
 /// The current time as an IMF-fixdate, cached for the second it names.
@@ -118,7 +167,46 @@ pub fn http_date() -> String {
     cache.1.clone()
 }
 
-fn format_imf_fixdate(unix: u64) -> String {
+/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) into Unix seconds. The obsolete
+/// formats RFC 9110 also allows are not accepted (the validator is then ignored).
+pub fn parse_imf_fixdate(text: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut parts = text.trim().split(' ');
+    let (_weekday, day, month, year, time, zone) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    if zone != "GMT" || parts.next().is_some() || day.len() != 2 || year.len() != 4 {
+        return None;
+    }
+    let day: i64 = day.parse().ok()?;
+    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
+    let year: i64 = year.parse().ok()?;
+    let mut hms = time.split(':').map(|v| v.parse::<u64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some() || h > 23 || m > 59 || s > 60 || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm), the inverse of `format_imf_fixdate`.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days)
+        .ok()
+        .map(|d| d * 86_400 + h * 3600 + m * 60 + s)
+}
+
+pub fn format_imf_fixdate(unix: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -159,6 +247,15 @@ mod tests {
             format_imf_fixdate(1_709_210_096),
             "Thu, 29 Feb 2024 12:34:56 GMT"
         );
+    }
+
+    #[test]
+    fn imf_fixdate_round_trips() {
+        for unix in [0, 784_111_777, 1_709_210_096, 1_795_706_729] {
+            assert_eq!(parse_imf_fixdate(&format_imf_fixdate(unix)), Some(unix));
+        }
+        assert_eq!(parse_imf_fixdate("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(parse_imf_fixdate("Sun, 06 Nov 1994 25:49:37 GMT"), None);
     }
 
     #[test]

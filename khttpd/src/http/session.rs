@@ -8,7 +8,12 @@
 
 use khttpd_common::http::REQUEST_KEY_BYTES;
 
-use super::response::{self, Status};
+use std::sync::Arc;
+
+use super::{
+    response::{self, Status},
+    site::{self, FileBody, Site},
+};
 
 /// Longest request line (method, target, version).
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
@@ -41,6 +46,10 @@ pub struct Session {
     /// The connection closes because a complete request without a body, and nothing after it,
     /// asked for it (see [`Session::client_is_done`]).
     asked_to_close: bool,
+    /// `--root`: GET and HEAD are answered from it instead of the greeting.
+    site: Option<Arc<Site>>,
+    /// File bytes the last answer still owes, sent by the driver before anything else.
+    pending_file: Option<FileBody>,
 }
 
 /// A request whose answer depends on its bytes alone (a `200` to a request without a body), so the
@@ -56,6 +65,8 @@ pub struct Learned {
 
 struct Body {
     framing: Framing,
+    /// What to answer from the site once the body is read.
+    site_request: Option<site::Request>,
     /// Bytes of body seen so far.
     total: u64,
     /// The response owed once the body is done.
@@ -78,11 +89,33 @@ struct Head {
     keep_alive: bool,
     head_only: bool,
     framing: Option<Framing>,
+    /// Filled when a site answers GET and HEAD.
+    site_request: Option<site::Request>,
 }
 
 impl Session {
     pub fn new() -> Session {
         Session::default()
+    }
+
+    /// A session that answers GET and HEAD from `site` (nothing is learned for the kernel).
+    pub fn with_site(site: Arc<Site>) -> Session {
+        Session {
+            site: Some(site),
+            ..Session::default()
+        }
+    }
+
+    /// File bytes to send (with sendfile) before anything else this session wrote after them.
+    /// The session stops answering pipelined requests until this is taken and
+    /// `receive(&[], ..)` called again.
+    pub fn take_file(&mut self) -> Option<FileBody> {
+        self.pending_file.take()
+    }
+
+    /// Whether an answer still owes file bytes (see [`Session::take_file`]).
+    pub fn owes_file(&self) -> bool {
+        self.pending_file.is_some()
     }
 
     /// A session that also records the requests it answers that the kernel could answer.
@@ -98,6 +131,17 @@ impl Session {
     /// the closing side must read what the client still sends, or the close would be a reset.
     pub fn client_is_done(&self) -> bool {
         self.asked_to_close
+    }
+
+    /// Writes the answer to a request head: from the site when there is one, else the greeting
+    /// (or the error the head calls for).
+    fn answer(&mut self, head: &Head, out: &mut Vec<u8>) {
+        match (&self.site, &head.site_request) {
+            (Some(site), Some(request)) => {
+                self.pending_file = site.answer(request, head.keep_alive, head.head_only, out);
+            }
+            _ => response::write(out, head.status, head.keep_alive, head.head_only),
+        }
     }
 
     /// True while part of a request head has arrived and the rest has not.
@@ -133,6 +177,10 @@ impl Session {
             match self.step(&input[consumed..], out) {
                 Step::Consumed(0) => break Next::Read,
                 Step::Consumed(n) => consumed += n,
+                Step::Paused(n) => {
+                    consumed += n;
+                    break Next::Read;
+                }
                 Step::Close => break Next::Close,
             }
         };
@@ -160,10 +208,10 @@ impl Session {
                 if let Some(status) = oversize(&input[..len]) {
                     return fail(out, status);
                 }
-                let head = evaluate(&request);
+                let head = evaluate(&request, self.site.is_some());
                 match head.framing {
                     None => {
-                        response::write(out, head.status, head.keep_alive, head.head_only);
+                        self.answer(&head, out);
                         if let Some(learned) = &mut self.learned {
                             if head.status == Status::Ok && len <= REQUEST_KEY_BYTES {
                                 learned.push(Learned {
@@ -175,7 +223,11 @@ impl Session {
                             }
                         }
                         if head.keep_alive {
-                            Step::Consumed(len)
+                            if self.pending_file.is_some() {
+                                Step::Paused(len)
+                            } else {
+                                Step::Consumed(len)
+                            }
                         } else {
                             // The client asked to close (or spoke HTTP/1.0) after a request it
                             // sent whole: it has nothing more to send.
@@ -186,6 +238,7 @@ impl Session {
                     Some(framing) => {
                         self.body = Some(Body {
                             framing,
+                            site_request: head.site_request,
                             total: 0,
                             status: head.status,
                             keep_alive: head.keep_alive,
@@ -255,10 +308,21 @@ impl Session {
             }
             None => {
                 let body = self.body.take().expect("a body is being read");
-                response::write(out, body.status, body.keep_alive, body.head_only);
+                let head = Head {
+                    status: body.status,
+                    keep_alive: body.keep_alive,
+                    head_only: body.head_only,
+                    framing: None,
+                    site_request: body.site_request,
+                };
+                self.answer(&head, out);
                 if body.keep_alive {
                     // Every framing ends by consuming at least one byte, so this is progress.
-                    Step::Consumed(consumed)
+                    if self.pending_file.is_some() {
+                        Step::Paused(consumed)
+                    } else {
+                        Step::Consumed(consumed)
+                    }
                 } else {
                     Step::Close
                 }
@@ -270,6 +334,8 @@ impl Session {
 enum Step {
     /// This many input bytes were used; 0 means more input is needed.
     Consumed(usize),
+    /// This many bytes were used, and the answer owes file bytes: stop until they are sent.
+    Paused(usize),
     /// A final response was written; the connection closes.
     Close,
 }
@@ -291,7 +357,7 @@ fn oversize(head: &[u8]) -> Option<Status> {
     }
 }
 
-fn evaluate(request: &httparse::Request<'_, '_>) -> Head {
+fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
     let http11 = request.version == Some(1);
     let method = request.method.unwrap_or("");
     let head_only = method == "HEAD";
@@ -346,11 +412,27 @@ fn evaluate(request: &httparse::Request<'_, '_>) -> Head {
     } else {
         Status::NotImplemented
     };
+    let site_request = (for_site && status == Status::Ok).then(|| {
+        let header = |name: &str| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        };
+        site::Request {
+            target: request.path.unwrap_or("").as_bytes().to_vec(),
+            if_none_match: header("if-none-match"),
+            if_modified_since: header("if-modified-since"),
+            range: header("range"),
+        }
+    });
     Head {
         status,
         keep_alive,
         head_only,
         framing,
+        site_request,
     }
 }
 
@@ -361,6 +443,7 @@ fn refuse(status: Status) -> Head {
         keep_alive: false,
         head_only: false,
         framing: None,
+        site_request: None,
     }
 }
 

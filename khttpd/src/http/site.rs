@@ -1,0 +1,400 @@
+//! `--root <dir>`: files and directory listings under a document root, with the validators and
+//! ranges a browser or a cache expects. Nothing outside the root is ever served: the request path
+//! is decoded once, `..` segments and NUL bytes are refused, and the resolved path (symlinks
+//! followed) must still lie under the root.
+//!
+//! Small files go into the response buffer; larger ones are sent by the connection's driver with
+//! sendfile(2), so their bytes never pass through user space ([`FileBody`]).
+
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use log::{info, warn};
+use percent_encoding::{percent_decode, AsciiSet, NON_ALPHANUMERIC};
+
+use super::response::{self, format_imf_fixdate, parse_imf_fixdate, Status};
+
+/// Files up to this size are copied into the response; larger ones go out with sendfile.
+const INLINE_LIMIT: u64 = 64 * 1024;
+
+/// Bytes a file response still owes after its head: `len` bytes of `file` from `offset`.
+pub struct FileBody {
+    pub file: File,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What a request asked for, as far as the site cares.
+#[derive(Default)]
+pub struct Request {
+    /// The request target, raw.
+    pub target: Vec<u8>,
+    pub if_none_match: Option<String>,
+    pub if_modified_since: Option<String>,
+    pub range: Option<String>,
+}
+
+pub struct Site {
+    /// Canonical (symlinks resolved).
+    root: PathBuf,
+}
+
+/// Characters left as they are in listing links (the rest is percent-encoded).
+const LINK: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+impl Site {
+    pub fn new(root: &Path) -> io::Result<Site> {
+        let root = fs::canonicalize(root)?;
+        if !root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(Site { root })
+    }
+
+    /// Appends the answer to `request` to `out`; returns the file bytes still to send after it.
+    pub fn answer(
+        &self,
+        request: &Request,
+        keep_alive: bool,
+        head_only: bool,
+        out: &mut Vec<u8>,
+    ) -> Option<FileBody> {
+        let path = match self.resolve(&request.target) {
+            Ok(path) => path,
+            Err(status) => {
+                response::write(out, status, keep_alive, head_only);
+                return None;
+            }
+        };
+        let Ok(meta) = fs::metadata(&path) else {
+            response::write(out, Status::NotFound, keep_alive, head_only);
+            return None;
+        };
+        if meta.is_dir() {
+            let target = path_part(&request.target);
+            if !target.ends_with(b"/") {
+                let mut location = String::from_utf8_lossy(target).into_owned();
+                location.push('/');
+                let header = ("Location", location.as_str());
+                empty(out, Status::MovedPermanently, keep_alive, header);
+                return None;
+            }
+            let index = path.join("index.html");
+            if index.is_file() {
+                return self.file(&index, request, keep_alive, head_only, out);
+            }
+            self.listing(&path, target, keep_alive, head_only, out);
+            return None;
+        }
+        self.file(&path, request, keep_alive, head_only, out)
+    }
+
+    /// The file a request target names, or why there is none.
+    fn resolve(&self, target: &[u8]) -> Result<PathBuf, Status> {
+        let raw = path_part(target);
+        if raw.first() != Some(&b'/') {
+            return Err(Status::BadRequest);
+        }
+        let decoded: Vec<u8> = percent_decode(raw).collect();
+        let shown = String::from_utf8_lossy(&decoded);
+        if decoded.contains(&0) {
+            warn!("http: refused {shown:?}: NUL byte in the path");
+            return Err(Status::NotFound);
+        }
+        let mut path = self.root.clone();
+        for segment in decoded.split(|&b| b == b'/') {
+            match segment {
+                b"" | b"." => {}
+                b".." => {
+                    warn!("http: refused {shown:?}: `..` would leave the document root");
+                    return Err(Status::Forbidden);
+                }
+                name => path.push(std::ffi::OsStr::from_bytes(name)),
+            }
+        }
+        match fs::canonicalize(&path) {
+            Ok(real) if real.starts_with(&self.root) => Ok(real),
+            Ok(real) => {
+                warn!(
+                    "http: refused {shown:?}: resolves to {}, outside the document root",
+                    real.display()
+                );
+                Err(Status::Forbidden)
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Status::Forbidden),
+            Err(_) => Err(Status::NotFound),
+        }
+    }
+
+    fn file(
+        &self,
+        path: &Path,
+        request: &Request,
+        keep_alive: bool,
+        head_only: bool,
+        out: &mut Vec<u8>,
+    ) -> Option<FileBody> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) => {
+                let status = if e.kind() == io::ErrorKind::PermissionDenied {
+                    info!("http: cannot read {}: {e}", path.display());
+                    Status::Forbidden
+                } else {
+                    Status::NotFound
+                };
+                response::write(out, status, keep_alive, head_only);
+                return None;
+            }
+        };
+        let Ok(meta) = file.metadata() else {
+            response::write(out, Status::NotFound, keep_alive, head_only);
+            return None;
+        };
+        let size = meta.len();
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let etag = format!("\"{modified:x}-{size:x}\"");
+        let last_modified = format_imf_fixdate(modified);
+        let content_type = mime_guess::from_path(path)
+            .first_or_octet_stream()
+            .essence_str()
+            .to_owned();
+        let validators = [
+            ("ETag", etag.as_str()),
+            ("Last-Modified", last_modified.as_str()),
+            ("Accept-Ranges", "bytes"),
+        ];
+        if not_modified(request, &etag, modified) {
+            response::write_head(out, Status::NotModified, keep_alive, None, &validators);
+            return None;
+        }
+        let (status, start, len, content_range) = match request.range.as_deref() {
+            Some(range) if !head_only => match byte_range(range, size) {
+                Some(Ok((start, end))) => (
+                    Status::PartialContent,
+                    start,
+                    end - start + 1,
+                    Some(format!("bytes {start}-{end}/{size}")),
+                ),
+                Some(Err(())) => {
+                    let unsatisfiable = format!("bytes */{size}");
+                    let header = ("Content-Range", unsatisfiable.as_str());
+                    empty(out, Status::RangeNotSatisfiable, keep_alive, header);
+                    return None;
+                }
+                None => (Status::Ok, 0, size, None),
+            },
+            _ => (Status::Ok, 0, size, None),
+        };
+        let mut headers = validators.to_vec();
+        if let Some(content_range) = &content_range {
+            headers.push(("Content-Range", content_range));
+        }
+        response::write_head(
+            out,
+            status,
+            keep_alive,
+            Some((&content_type, len)),
+            &headers,
+        );
+        if head_only || len == 0 {
+            return None;
+        }
+        if len <= INLINE_LIMIT {
+            let mut body = vec![0; len as usize];
+            if std::os::unix::fs::FileExt::read_exact_at(&file, &mut body, start).is_ok() {
+                out.extend_from_slice(&body);
+                return None;
+            }
+        }
+        Some(FileBody {
+            file,
+            offset: start,
+            len,
+        })
+    }
+
+    fn listing(
+        &self,
+        dir: &Path,
+        target: &[u8],
+        keep_alive: bool,
+        head_only: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            response::write(out, Status::Forbidden, keep_alive, head_only);
+            return;
+        };
+        let mut rows: Vec<(Vec<u8>, bool, u64, u64)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                // Symlinks are listed as what they point to (the link itself if that is gone).
+                let meta = fs::metadata(entry.path())
+                    .or_else(|_| entry.metadata())
+                    .ok()?;
+                let modified = meta
+                    .modified()
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                Some((
+                    entry.file_name().as_bytes().to_vec(),
+                    meta.is_dir(),
+                    meta.len(),
+                    modified,
+                ))
+            })
+            .collect();
+        rows.sort();
+        let title = escape(&String::from_utf8_lossy(
+            &percent_decode(target).collect::<Vec<_>>(),
+        ));
+        let mut html = format!(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Index of {title}</title></head>\n<body><h1>Index of {title}</h1>\n<table>\n<tr><th>Name</th><th>Size</th><th>Modified</th></tr>\n"
+        );
+        if target != b"/" {
+            html.push_str("<tr><td><a href=\"../\">../</a></td><td></td><td></td></tr>\n");
+        }
+        for (name, is_dir, size, modified) in rows {
+            let slash = if is_dir { "/" } else { "" };
+            let href = percent_encoding::percent_encode(&name, LINK).to_string();
+            let shown = escape(&String::from_utf8_lossy(&name));
+            let size = if is_dir {
+                "-".to_owned()
+            } else {
+                size.to_string()
+            };
+            html.push_str(&format!(
+                "<tr><td><a href=\"{href}{slash}\">{shown}{slash}</a></td><td>{size}</td><td>{}</td></tr>\n",
+                format_imf_fixdate(modified)
+            ));
+        }
+        html.push_str("</table></body></html>\n");
+        response::write_head(
+            out,
+            Status::Ok,
+            keep_alive,
+            Some(("text/html; charset=utf-8", html.len() as u64)),
+            &[],
+        );
+        if !head_only {
+            out.extend_from_slice(html.as_bytes());
+        }
+    }
+}
+
+/// An answer with an empty body and one extra header.
+fn empty(out: &mut Vec<u8>, status: Status, keep_alive: bool, header: (&str, &str)) {
+    let content = Some(("text/plain; charset=utf-8", 0));
+    response::write_head(out, status, keep_alive, content, &[header]);
+}
+
+/// The path of a request target: before any `?` or `#`.
+fn path_part(target: &[u8]) -> &[u8] {
+    target
+        .split(|&b| b == b'?' || b == b'#')
+        .next()
+        .unwrap_or(target)
+}
+
+/// Whether the client's copy is current: `If-None-Match` decides when present (RFC 9110
+/// §13.1.2), `If-Modified-Since` otherwise.
+fn not_modified(request: &Request, etag: &str, modified: u64) -> bool {
+    if let Some(tags) = &request.if_none_match {
+        return tags
+            .split(',')
+            .map(|tag| tag.trim().trim_start_matches("W/"))
+            .any(|tag| tag == "*" || tag == etag);
+    }
+    request
+        .if_modified_since
+        .as_deref()
+        .and_then(parse_imf_fixdate)
+        .is_some_and(|since| modified <= since)
+}
+
+/// A single `bytes=` range: `Some(Ok((first, last)))`, `Some(Err(()))` when unsatisfiable, `None`
+/// when the header is not one range this server honours (the whole file is sent).
+fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = (first.trim(), last.trim());
+    let range = match (first.is_empty(), last.is_empty()) {
+        (true, false) => {
+            let suffix: u64 = last.parse().ok()?;
+            if suffix == 0 || size == 0 {
+                return Some(Err(()));
+            }
+            (size.saturating_sub(suffix), size - 1)
+        }
+        (false, _) => {
+            let first: u64 = first.parse().ok()?;
+            let last: u64 = if last.is_empty() {
+                size.saturating_sub(1)
+            } else {
+                last.parse().ok()?
+            };
+            if first >= size {
+                return Some(Err(()));
+            }
+            if last < first {
+                return None;
+            }
+            (first, last.min(size - 1))
+        }
+        (true, true) => return None,
+    };
+    Some(Ok(range))
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(byte_range("bytes=0-9", 100), Some(Ok((0, 9))));
+        assert_eq!(byte_range("bytes=90-", 100), Some(Ok((90, 99))));
+        assert_eq!(byte_range("bytes=-10", 100), Some(Ok((90, 99))));
+        assert_eq!(byte_range("bytes=95-200", 100), Some(Ok((95, 99))));
+        assert_eq!(byte_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(byte_range("bytes=999-", 12), Some(Err(())));
+        assert_eq!(byte_range("bytes=-0", 100), Some(Err(())));
+        assert_eq!(byte_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(byte_range("bytes=9-1", 100), None);
+        assert_eq!(byte_range("items=0-1", 100), None);
+    }
+
+    #[test]
+    fn listing_names_are_escaped() {
+        assert_eq!(escape("<a&b>\"'"), "&lt;a&amp;b&gt;&quot;&#39;");
+    }
+}

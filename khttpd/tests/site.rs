@@ -1,0 +1,270 @@
+//! `--root`: a generated site served and fetched over real sockets — bytes, MIME types,
+//! listings whose links work, validators (304), ranges (206/416), and requests that try to leave
+//! the root, in both dispatch modes and with the fast path on.
+
+mod common;
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::TcpStream,
+    os::unix::fs::symlink,
+    path::PathBuf,
+    time::Duration,
+};
+
+use common::{bpf_allowed, Mode, Server};
+
+/// A throw-away document root with nested folders, odd names, an empty and a large file, and
+/// symlinks that stay inside or leave the root.
+struct TestSite {
+    root: PathBuf,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl TestSite {
+    fn new(name: &str) -> TestSite {
+        let root = std::env::temp_dir().join(format!("khttpd-site-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let large: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("index.txt", b"plain text\n".to_vec()),
+            ("page.html", b"<h1>page</h1>\n".to_vec()),
+            ("style.css", b"body{}\n".to_vec()),
+            ("empty.txt", Vec::new()),
+            ("large.bin", large),
+            ("with space/inner file.txt", b"inner\n".to_vec()),
+            ("with space/deeper/data.json", b"{\"a\":1}\n".to_vec()),
+            (
+                "\u{fc}ber%20/caf\u{e9}.txt",
+                b"utf-8 and percent\n".to_vec(),
+            ),
+            ("<b>&'\"/x.txt", b"escaped\n".to_vec()),
+            ("has-index/index.html", b"<p>index</p>\n".to_vec()),
+        ];
+        for (path, bytes) in &files {
+            let path = root.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, bytes).unwrap();
+        }
+        symlink("with space/inner file.txt", root.join("link-inside")).unwrap();
+        symlink("/etc/hostname", root.join("link-outside")).unwrap();
+        TestSite {
+            root,
+            files: files
+                .into_iter()
+                .map(|(path, bytes)| (path.to_owned(), bytes))
+                .collect(),
+        }
+    }
+
+    fn server(&self, mode: Mode, dispatch: &str) -> Server {
+        Server::start(
+            mode,
+            &[
+                "--root",
+                self.root.to_str().unwrap(),
+                "--dispatch",
+                dispatch,
+            ],
+        )
+    }
+}
+
+impl Drop for TestSite {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A request target for a path under the root: each byte outside unreserved characters encoded.
+fn target(path: &str) -> String {
+    let mut out = String::from("/");
+    for byte in path.bytes() {
+        match byte {
+            b'/' | b'-' | b'_' | b'.' | b'~' | b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+fn get(server: &Server, target: &str, headers: &[&str]) -> Answer {
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: site\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("a FIN, not a reset");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let answer = Answer {
+        status,
+        head,
+        body: raw[split + 4..].to_vec(),
+    };
+    if let Some(length) = answer.header("Content-Length") {
+        assert_eq!(
+            length.parse::<usize>().unwrap(),
+            answer.body.len(),
+            "{target}"
+        );
+    }
+    answer
+}
+
+#[test]
+fn files_listings_validators_and_ranges() {
+    let site = TestSite::new("files");
+    for dispatch in ["cmwq", "thread"] {
+        let server = site.server(Mode::UserUnbound, dispatch);
+        for (path, bytes) in &site.files {
+            let answer = get(&server, &target(path), &[]);
+            assert_eq!(answer.status, 200, "{dispatch} {path}");
+            assert!(answer.body == *bytes, "{dispatch} {path}: wrong bytes");
+        }
+        let mime = |path| {
+            get(&server, path, &[])
+                .header("Content-Type")
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(mime("/page.html"), "text/html");
+        assert_eq!(mime("/style.css"), "text/css");
+        assert_eq!(mime("/large.bin"), "application/octet-stream");
+        assert_eq!(mime("/with%20space/deeper/data.json"), "application/json");
+        // A directory with index.html serves it; one without is listed; no slash redirects.
+        assert_eq!(get(&server, "/has-index/", &[]).body, b"<p>index</p>\n");
+        let moved = get(&server, "/with%20space", &[]);
+        assert_eq!(moved.status, 301);
+        assert_eq!(moved.header("Location"), Some("/with%20space/"));
+        // The listing escapes names and every link in it works.
+        let listing = get(&server, "/", &[]);
+        let html = String::from_utf8(listing.body).unwrap();
+        assert!(html.contains("&lt;b&gt;&amp;&#39;&quot;/"), "{html}");
+        assert!(!html.contains("<b>&"), "{html}");
+        let links: Vec<&str> = html
+            .split("href=\"")
+            .skip(1)
+            .map(|rest| &rest[..rest.find('"').unwrap()])
+            .collect();
+        assert!(links.len() >= 10, "{html}");
+        for link in links.iter().filter(|l| **l != "link-outside") {
+            let answer = get(&server, &format!("/{link}"), &[]);
+            assert_eq!(answer.status, 200, "{dispatch}: link {link}");
+        }
+        // Validators.
+        let first = get(&server, "/page.html", &[]);
+        let etag = first.header("ETag").unwrap().to_owned();
+        let modified = first.header("Last-Modified").unwrap().to_owned();
+        let unchanged = get(&server, "/page.html", &[&format!("If-None-Match: {etag}")]);
+        assert_eq!((unchanged.status, unchanged.body.len()), (304, 0));
+        let since = get(
+            &server,
+            "/page.html",
+            &[&format!("If-Modified-Since: {modified}")],
+        );
+        assert_eq!(since.status, 304);
+        let other = get(&server, "/page.html", &["If-None-Match: \"other\""]);
+        assert_eq!(other.status, 200);
+        // Ranges: one range → 206, out of the file → 416, several → the whole file.
+        let large = &site.files.iter().find(|(p, _)| p == "large.bin").unwrap().1;
+        let part = get(&server, "/large.bin", &["Range: bytes=1000-1999999"]);
+        assert_eq!(part.status, 206);
+        assert_eq!(
+            part.header("Content-Range"),
+            Some("bytes 1000-1999999/3000000")
+        );
+        assert!(part.body == large[1000..2_000_000]);
+        let tail = get(&server, "/large.bin", &["Range: bytes=-10"]);
+        assert!(tail.status == 206 && tail.body == large[large.len() - 10..]);
+        let beyond = get(&server, "/large.bin", &["Range: bytes=3000000-"]);
+        assert_eq!(beyond.status, 416);
+        assert_eq!(beyond.header("Content-Range"), Some("bytes */3000000"));
+        assert_eq!(
+            get(&server, "/large.bin", &["Range: bytes=0-1,5-6"]).status,
+            200
+        );
+    }
+}
+
+#[test]
+fn nothing_outside_the_root_is_served() {
+    let site = TestSite::new("confined");
+    let server = site.server(Mode::UserUnbound, "cmwq");
+    for (attempt, status) in [
+        ("/../etc/hostname", 403),
+        ("/%2e%2e/etc/hostname", 403),
+        ("/with%20space/..%2f..%2fetc/hostname", 403),
+        ("/%2E%2E%2F%2E%2E%2Fetc/hostname", 403),
+        ("/link-outside", 403),
+        ("/page.html%00.txt", 404),
+        ("//etc/hostname", 404),
+        ("/no-such-file", 404),
+    ] {
+        let answer = get(&server, attempt, &[]);
+        assert_eq!(answer.status, status, "{attempt}");
+        assert!(!answer.body.is_empty() || status == 404, "{attempt}");
+    }
+    assert_eq!(get(&server, "/link-inside", &[]).body, b"inner\n");
+    // Absolute-form and other targets that are not a path.
+    assert_eq!(get(&server, "*", &[]).status, 400);
+    let log = server.stderr();
+    assert!(log.contains("would leave the document root"), "{log}");
+    assert!(log.contains("outside the document root"), "{log}");
+    assert!(log.contains("NUL byte"), "{log}");
+}
+
+#[test]
+fn the_fast_path_changes_nothing_on_a_site() {
+    if !bpf_allowed() {
+        return;
+    }
+    let site = TestSite::new("differential");
+    let user = site.server(Mode::UserUnbound, "cmwq");
+    let kernel = site.server(Mode::Kernel, "cmwq");
+    let mut targets: Vec<String> = site.files.iter().map(|(p, _)| target(p)).collect();
+    targets.extend(["/", "/with%20space/", "/has-index/", "/nope", "/../x"].map(String::from));
+    for round in 0..2 {
+        for target in &targets {
+            let (a, b) = (get(&user, target, &[]), get(&kernel, target, &[]));
+            assert_eq!(a.status, b.status, "round {round} {target}");
+            assert!(a.body == b.body, "round {round} {target}");
+            for name in ["Content-Type", "Content-Length", "ETag", "Last-Modified"] {
+                assert_eq!(
+                    a.header(name),
+                    b.header(name),
+                    "round {round} {target} {name}"
+                );
+            }
+        }
+    }
+}
