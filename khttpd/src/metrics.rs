@@ -175,6 +175,21 @@ fn render_http_kernel(out: &mut String, http: &HttpService) {
             ),
         ],
     );
+    let (entries, bytes) = kernel.cache_size();
+    metric(
+        out,
+        "khttpd_http_kernel_cache_entries",
+        "gauge",
+        "Requests the kernel can answer (learned from user space's answers).",
+        &[("", entries)],
+    );
+    metric(
+        out,
+        "khttpd_http_kernel_cache_bytes",
+        "gauge",
+        "Bytes of the answers the kernel holds.",
+        &[("", bytes)],
+    );
     metric(
         out,
         "khttpd_http_handoffs_total",

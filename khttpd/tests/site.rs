@@ -106,18 +106,25 @@ impl Answer {
     }
 }
 
-fn get(server: &Server, target: &str, headers: &[&str]) -> Answer {
-    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut request = format!("GET {target} HTTP/1.1\r\nHost: site\r\nConnection: close\r\n");
+/// `GET target` with `headers`.
+fn request(target: &str, headers: &[&str]) -> Vec<u8> {
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: site\r\n");
     for header in headers {
         request.push_str(header);
         request.push_str("\r\n");
     }
     request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
+    request.into_bytes()
+}
+
+fn get(server: &Server, target: &str, headers: &[&str]) -> Answer {
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut headers = headers.to_vec();
+    headers.push("Connection: close");
+    stream.write_all(&request(target, &headers)).unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("a FIN, not a reset");
     let split = raw
@@ -266,5 +273,81 @@ fn the_fast_path_changes_nothing_on_a_site() {
                 );
             }
         }
+    }
+}
+
+/// Asks for `target` on a kept-open connection; returns the status and body.
+fn ask(stream: &mut TcpStream, target: &str, headers: &[&str]) -> (u16, Vec<u8>) {
+    stream.write_all(&request(target, headers)).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed");
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if raw.len() >= split + 4 + length {
+                let status = head[9..12].parse().unwrap();
+                return (status, raw[split + 4..split + 4 + length].to_vec());
+            }
+        }
+    }
+}
+
+#[test]
+fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
+    if !bpf_allowed() {
+        return;
+    }
+    let site = TestSite::new("cache");
+    let server = site.server(Mode::Kernel, "cmwq");
+    let kernel_answers = || server.metric("khttpd_http_kernel_responses_total");
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            ask(&mut stream, "/page.html", &[]),
+            (200, b"<h1>page</h1>\n".to_vec())
+        );
+    }
+    let before = kernel_answers();
+    assert!(before >= 3, "the kernel answered {before} of 4");
+    assert!(server.metric("khttpd_http_kernel_cache_entries") >= 1);
+    // A 304 to a conditional request is answered there too.
+    let etag = get(&server, "/page.html", &[])
+        .header("ETag")
+        .unwrap()
+        .to_owned();
+    let conditional = format!("If-None-Match: {etag}");
+    for _ in 0..3 {
+        assert_eq!(ask(&mut stream, "/page.html", &[&conditional]).0, 304);
+    }
+    assert!(kernel_answers() >= before + 2);
+    // Large files never are.
+    let large = kernel_answers();
+    for _ in 0..3 {
+        assert_eq!(ask(&mut stream, "/large.bin", &[]).1.len(), 3_000_000);
+    }
+    assert_eq!(kernel_answers(), large);
+    // A change, a deletion and a new file show within a second.
+    let changed_at = std::time::Instant::now();
+    fs::write(site.root.join("page.html"), b"<h1>changed</h1>\n").unwrap();
+    fs::remove_file(site.root.join("style.css")).unwrap();
+    fs::write(site.root.join("new.txt"), b"new\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1000).saturating_sub(changed_at.elapsed()));
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream, "/page.html", &[]),
+            (200, b"<h1>changed</h1>\n".to_vec())
+        );
+        assert_eq!(ask(&mut stream, "/style.css", &[]).0, 404);
+        assert_eq!(ask(&mut stream, "/new.txt", &[]), (200, b"new\n".to_vec()));
     }
 }

@@ -25,7 +25,10 @@ use std::{
     net::TcpStream,
     ops::Deref,
     os::fd::{AsRawFd, RawFd},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -36,11 +39,7 @@ use khttpd_common::http::{
 };
 use log::{debug, warn};
 
-use super::{
-    response::{self, Status},
-    session::Learned,
-    Slot,
-};
+use super::{response, session::Learned, Slot};
 use crate::{
     fast_path::HttpMaps,
     fd::tcp_info,
@@ -52,7 +51,7 @@ const ORDER_LIMIT: Duration = Duration::from_secs(30);
 /// A learned request is re-sent to the kernel after this long (it may have left the LRU table).
 const RELEARN_AFTER: Duration = Duration::from_secs(10);
 /// Most requests remembered as already taught.
-const TAUGHT_LIMIT: usize = 4 * http::MAX_REQUESTS as usize;
+const TAUGHT_LIMIT: usize = http::MAX_REQUESTS as usize;
 
 /// A connection while the kernel serves it, with what user space did on it before.
 pub struct Parked {
@@ -133,34 +132,139 @@ pub enum Release {
     Gone,
 }
 
-/// Which response slot holds what.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ResponseKind {
-    status: Status,
-    head_only: bool,
-}
-
 pub struct KernelHttp {
     connections: KernelConnections<Http>,
-    requests: Mutex<HashMap<MapData, RequestKey, Route>>,
-    responses: Mutex<Responses>,
+    table: Mutex<Table>,
+    /// Bumped by [`KernelHttp::forget_everything`]: answers computed before it are not taught.
+    generation: AtomicU64,
     dates: Mutex<Dates>,
     counters: PerCpuArray<MapData, u64>,
-    /// Requests already taught, and when.
-    taught: Mutex<StdHashMap<Vec<u8>, Instant>>,
 }
 
-/// The kernel's two `Date` slots and which one is current.
+/// The kernel's `Date` slots and which one is current.
 struct Dates {
     slots: Array<MapData, HttpDate>,
     index: Array<MapData, u32>,
     current: u32,
 }
 
-struct Responses {
+/// What the kernel has been taught, mirrored here so that entries can be evicted and forgotten.
+struct Table {
+    requests: HashMap<MapData, RequestKey, Route>,
     meta: Array<MapData, ResponseMeta>,
     blocks: Array<MapData, ResponseBlock>,
-    slots: Vec<ResponseKind>,
+    /// Taught requests: their response slot (`None`: answered by closing, left to user space)
+    /// and when they were taught.
+    taught: StdHashMap<Vec<u8>, (Option<u32>, Instant)>,
+    /// Response bytes (Date blanked) → the slot holding them.
+    by_response: StdHashMap<Vec<u8>, u32>,
+    slots: Vec<ResponseSlot>,
+}
+
+enum ResponseSlot {
+    Free,
+    Used {
+        /// The answer, Date blanked (its key in `by_response`).
+        response: Vec<u8>,
+        last_taught: Instant,
+    },
+    /// Evicted or forgotten: requests naming it are gone from the kernel's table, but a request
+    /// marked just before may still be synthesized from it, so it is not rewritten before
+    /// [`SLOT_REST`] has passed.
+    Resting(Instant),
+}
+
+/// How long a slot rests between two contents (a marked request is synthesized within
+/// microseconds; this is a wide margin).
+const SLOT_REST: Duration = Duration::from_secs(1);
+
+impl Table {
+    /// The slot holding `response`, filled (or found) now; `None` when every slot is busy.
+    fn slot_for(&mut self, response: &[u8], now: Instant) -> io::Result<Option<u32>> {
+        if response.len() > MAX_RESPONSE as usize {
+            return Ok(None);
+        }
+        let date_offset = match response.windows(8).position(|w| w == b"\r\nDate: ") {
+            Some(at) if at + 8 + DATE_LEN <= BLOCK => at + 8,
+            _ => return Ok(None),
+        };
+        let mut key = response.to_vec();
+        key[date_offset..date_offset + DATE_LEN].fill(b'-');
+        if let Some(&slot) = self.by_response.get(&key) {
+            if let ResponseSlot::Used { last_taught, .. } = &mut self.slots[slot as usize] {
+                *last_taught = now;
+            }
+            return Ok(Some(slot));
+        }
+        let free = self.slots.iter().position(|slot| match slot {
+            ResponseSlot::Free => true,
+            ResponseSlot::Resting(since) => now.duration_since(*since) >= SLOT_REST,
+            ResponseSlot::Used { .. } => false,
+        });
+        let Some(slot) = free else {
+            self.evict_least_recent(now);
+            return Ok(None);
+        };
+        for (i, chunk) in response.chunks(BLOCK).enumerate() {
+            let mut block = ResponseBlock { bytes: [0; BLOCK] };
+            block.bytes[..chunk.len()].copy_from_slice(chunk);
+            let index = slot as u32 * BLOCKS_PER_RESPONSE + i as u32;
+            self.blocks.set(index, block, 0).map_err(io::Error::other)?;
+        }
+        let meta = ResponseMeta {
+            len: response.len() as u32,
+            date_offset: date_offset as u32,
+        };
+        self.meta
+            .set(slot as u32, meta, 0)
+            .map_err(io::Error::other)?;
+        self.by_response.insert(key.clone(), slot as u32);
+        self.slots[slot] = ResponseSlot::Used {
+            response: key,
+            last_taught: now,
+        };
+        Ok(Some(slot as u32))
+    }
+
+    /// Makes room: the least recently taught response and every request naming it leave.
+    fn evict_least_recent(&mut self, now: Instant) {
+        let victim = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| match slot {
+                ResponseSlot::Used { last_taught, .. } => Some((*last_taught, i)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, i)| i as u32);
+        let Some(victim) = victim else { return };
+        let requests: Vec<Vec<u8>> = self
+            .taught
+            .iter()
+            .filter(|(_, (slot, _))| *slot == Some(victim))
+            .map(|(request, _)| request.clone())
+            .collect();
+        for request in requests {
+            self.forget_request(&request);
+        }
+        self.rest(victim, now);
+    }
+
+    fn rest(&mut self, slot: u32, now: Instant) {
+        if let ResponseSlot::Used { response, .. } =
+            std::mem::replace(&mut self.slots[slot as usize], ResponseSlot::Resting(now))
+        {
+            self.by_response.remove(&response);
+        }
+    }
+
+    fn forget_request(&mut self, request: &[u8]) {
+        self.taught.remove(request);
+        if let Some(key) = RequestKey::new(request) {
+            let _ = self.requests.remove(&key);
+        }
+    }
 }
 
 impl KernelHttp {
@@ -173,19 +277,23 @@ impl KernelHttp {
         };
         let kernel = KernelHttp {
             connections: KernelConnections::start(service, maps.sockets, maps.handoffs)?,
-            requests: Mutex::new(maps.requests),
-            responses: Mutex::new(Responses {
+            table: Mutex::new(Table {
+                requests: maps.requests,
                 meta: maps.responses,
                 blocks: maps.blocks,
-                slots: Vec::new(),
+                taught: StdHashMap::new(),
+                by_response: StdHashMap::new(),
+                slots: (0..http::MAX_RESPONSES)
+                    .map(|_| ResponseSlot::Free)
+                    .collect(),
             }),
+            generation: AtomicU64::new(0),
             dates: Mutex::new(Dates {
                 slots: maps.dates,
                 index: maps.date_index,
                 current: 0,
             }),
             counters: maps.counters,
-            taught: Mutex::new(StdHashMap::new()),
         };
         kernel.refresh_date()?;
         Ok(kernel)
@@ -203,29 +311,36 @@ impl KernelHttp {
         Ok(())
     }
 
-    /// Teaches the kernel requests user space just answered.
-    pub fn learn(&self, learned: &[Learned]) {
+    /// The table's generation, read before computing answers that may be taught.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Teaches the kernel requests user space just answered, unless the table was forgotten
+    /// since `generation` (a file may have changed under those answers).
+    pub fn learn(&self, learned: &[Learned], generation: u64) {
+        if learned.is_empty() {
+            return;
+        }
+        let mut table = self.table.lock().unwrap();
+        if generation != self.generation() {
+            return;
+        }
+        let now = Instant::now();
         for item in learned {
-            if let Err(e) = self.learn_one(item) {
+            if let Err(e) = self.learn_one(&mut table, item, now) {
                 debug!("http: cannot teach the kernel a request: {e}");
             }
         }
     }
 
-    fn learn_one(&self, item: &Learned) -> io::Result<()> {
-        let now = Instant::now();
+    fn learn_one(&self, table: &mut Table, item: &Learned, now: Instant) -> io::Result<()> {
+        if table
+            .taught
+            .get(&item.request)
+            .is_some_and(|(_, at)| now.duration_since(*at) < RELEARN_AFTER)
         {
-            let mut taught = self.taught.lock().unwrap();
-            if taught
-                .get(&item.request)
-                .is_some_and(|at| now.duration_since(*at) < RELEARN_AFTER)
-            {
-                return Ok(());
-            }
-            if taught.len() >= TAUGHT_LIMIT {
-                taught.clear();
-            }
-            taught.insert(item.request.clone(), now);
+            return Ok(());
         }
         let Some(key) = RequestKey::new(&item.request) else {
             return Ok(());
@@ -233,65 +348,72 @@ impl KernelHttp {
         if key.is_candidate().is_err() {
             return Ok(());
         }
-        let route = if item.keep_alive {
-            let kind = ResponseKind {
-                status: item.status,
-                head_only: item.head_only,
-            };
-            let Some(response) = self.slot(kind)? else {
+        if table.taught.len() >= TAUGHT_LIMIT {
+            // The kernel's own table is an LRU map; this mirror is only trimmed.
+            if let Some(oldest) = table.taught.keys().next().cloned() {
+                table.forget_request(&oldest);
+            }
+        }
+        let (route, slot) = if item.keep_alive {
+            let Some(slot) = table.slot_for(&item.response, now)? else {
                 return Ok(());
             };
-            Route { response, close: 0 }
+            (
+                Route {
+                    response: slot,
+                    close: 0,
+                },
+                Some(slot),
+            )
         } else {
-            Route {
-                response: 0,
-                close: 1,
-            }
+            (
+                Route {
+                    response: 0,
+                    close: 1,
+                },
+                None,
+            )
         };
-        self.requests
-            .lock()
-            .unwrap()
+        table
+            .requests
             .insert(key, route, 0)
-            .map_err(io::Error::other)
+            .map_err(io::Error::other)?;
+        table.taught.insert(item.request.clone(), (slot, now));
+        Ok(())
     }
 
-    /// The slot holding the keep-alive response of `kind`, filled on first use.
-    fn slot(&self, kind: ResponseKind) -> io::Result<Option<u32>> {
-        let mut responses = self.responses.lock().unwrap();
-        if let Some(slot) = responses.slots.iter().position(|k| *k == kind) {
-            return Ok(Some(slot as u32));
+    /// Forgets everything taught (a file under `--root` changed): requests leave the kernel's
+    /// table at once, response slots rest before they are reused.
+    pub fn forget_everything(&self) {
+        let mut table = self.table.lock().unwrap();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let requests: Vec<Vec<u8>> = table.taught.keys().cloned().collect();
+        for request in requests {
+            table.forget_request(&request);
         }
-        if responses.slots.len() >= http::MAX_RESPONSES as usize {
-            return Ok(None);
+        let now = Instant::now();
+        for slot in 0..table.slots.len() as u32 {
+            table.rest(slot, now);
         }
-        let mut bytes = Vec::new();
-        response::write(&mut bytes, kind.status, true, kind.head_only);
-        if bytes.len() > MAX_RESPONSE as usize {
-            return Ok(None);
-        }
-        let date_offset = match bytes.windows(8).position(|w| w == b"\r\nDate: ") {
-            Some(at) if at + 8 + DATE_LEN <= BLOCK => (at + 8) as u32,
-            _ => return Ok(None),
-        };
-        let slot = responses.slots.len() as u32;
-        for (i, chunk) in bytes.chunks(BLOCK).enumerate() {
-            let mut block = ResponseBlock { bytes: [0; BLOCK] };
-            block.bytes[..chunk.len()].copy_from_slice(chunk);
-            responses
-                .blocks
-                .set(slot * BLOCKS_PER_RESPONSE + i as u32, block, 0)
-                .map_err(io::Error::other)?;
-        }
-        let meta = ResponseMeta {
-            len: bytes.len() as u32,
-            date_offset,
-        };
-        responses
-            .meta
-            .set(slot, meta, 0)
-            .map_err(io::Error::other)?;
-        responses.slots.push(kind);
-        Ok(Some(slot))
+    }
+
+    /// Requests the kernel may answer, and the bytes of the answers it holds.
+    pub fn cache_size(&self) -> (u64, u64) {
+        let table = self.table.lock().unwrap();
+        let entries = table
+            .taught
+            .values()
+            .filter(|(slot, _)| slot.is_some())
+            .count();
+        let bytes = table
+            .slots
+            .iter()
+            .map(|slot| match slot {
+                ResponseSlot::Used { response, .. } => response.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        (entries as u64, bytes)
     }
 
     /// Waits until every response the kernel queued on the connection is in its send queue, so a

@@ -208,6 +208,7 @@ impl HttpService {
             link,
             written,
             slot: Some(slot),
+            generation: 0,
         };
         match self.dispatch {
             Dispatch::Cmwq => {
@@ -362,23 +363,30 @@ struct UserConnection {
     written: u64,
     /// Its place under `--max-connections` (handed on when the kernel takes the connection).
     slot: Option<Slot>,
+    /// The kernel table's generation when the answers being learned were computed.
+    generation: u64,
 }
 
 impl UserConnection {
     fn session(&self) -> Session {
-        if let Some(site) = &self.service.site {
-            // Files can change under a learned answer: nothing is taught to the kernel yet.
-            Session::with_site(Arc::clone(site))
-        } else if self.service.kernel.is_some() {
+        let session = if self.service.kernel.is_some() {
             Session::learning()
         } else {
             Session::new()
+        };
+        match &self.service.site {
+            Some(site) => session.with_site(Arc::clone(site)),
+            None => session,
         }
     }
 
+    /// Called with each read, before the session answers what was read.
     fn received(&mut self, n: usize) {
         if let Some(link) = &mut self.link {
             link.read_bytes += n as u64;
+        }
+        if let Some(kernel) = &self.service.kernel {
+            self.generation = kernel.generation();
         }
     }
 
@@ -393,7 +401,7 @@ impl UserConnection {
             return false;
         };
         let learned = session.take_learned();
-        kernel.learn(&learned);
+        kernel.learn(&learned, self.generation);
         learned.last().is_some_and(|last| last.keep_alive)
     }
 

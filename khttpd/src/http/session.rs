@@ -52,15 +52,17 @@ pub struct Session {
     pending_file: Option<FileBody>,
 }
 
-/// A request whose answer depends on its bytes alone (a `200` to a request without a body), so the
-/// kernel may send the same answer for the same bytes (see `super::kernel`).
+/// A request whose answer depends on its bytes alone (a GET or HEAD without a body, answered
+/// whole), so the kernel may send the same answer for the same bytes (see `super::kernel`; with
+/// `--root` the answer also depends on the files, and the kernel forgets everything it learned
+/// when one changes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Learned {
     /// The request head, exactly as received.
     pub request: Vec<u8>,
-    pub status: Status,
+    /// The answer, exactly as sent (its Date aside).
+    pub response: Vec<u8>,
     pub keep_alive: bool,
-    pub head_only: bool,
 }
 
 struct Body {
@@ -98,12 +100,10 @@ impl Session {
         Session::default()
     }
 
-    /// A session that answers GET and HEAD from `site` (nothing is learned for the kernel).
-    pub fn with_site(site: Arc<Site>) -> Session {
-        Session {
-            site: Some(site),
-            ..Session::default()
-        }
+    /// Answers GET and HEAD from `site` instead of with the greeting.
+    pub fn with_site(mut self, site: Arc<Site>) -> Session {
+        self.site = Some(site);
+        self
     }
 
     /// File bytes to send (with sendfile) before anything else this session wrote after them.
@@ -211,14 +211,15 @@ impl Session {
                 let head = evaluate(&request, self.site.is_some());
                 match head.framing {
                     None => {
+                        let start = out.len();
                         self.answer(&head, out);
+                        let whole = self.pending_file.is_none();
                         if let Some(learned) = &mut self.learned {
-                            if head.status == Status::Ok && len <= REQUEST_KEY_BYTES {
+                            if head.status == Status::Ok && whole && len <= REQUEST_KEY_BYTES {
                                 learned.push(Learned {
                                     request: input[..len].to_vec(),
-                                    status: head.status,
+                                    response: out[start..].to_vec(),
                                     keep_alive: head.keep_alive,
-                                    head_only: head.head_only,
                                 });
                             }
                         }

@@ -63,6 +63,25 @@ impl Site {
         Ok(Site { root })
     }
 
+    /// Calls `changed` whenever something under the root is created, modified, moved or removed
+    /// (inotify, through the notify crate). Watching stops when the returned watcher is dropped.
+    pub fn watch(
+        &self,
+        changed: impl Fn() + Send + 'static,
+    ) -> notify::Result<notify::RecommendedWatcher> {
+        use notify::{EventKind, RecursiveMode, Watcher as _};
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                match event {
+                    Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+                    // An error may mean lost events: forgetting is always safe.
+                    _ => changed(),
+                }
+            })?;
+        watcher.watch(&self.root, RecursiveMode::Recursive)?;
+        Ok(watcher)
+    }
+
     /// Appends the answer to `request` to `out`; returns the file bytes still to send after it.
     pub fn answer(
         &self,
