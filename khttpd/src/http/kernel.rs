@@ -3,7 +3,8 @@
 //! its `Date` current, and moves connections between the kernel and user space.
 //!
 //! How a connection moves (the programs are in khttpd-ebpf/src/http.rs):
-//! 1. accept → [`KernelHttp::install`]: kernel state entries, sockhash, hang-up watcher;
+//! 1. accept (`--fast-path on`), or the first idle moment after a learned keep-alive answer
+//!    (`auto`) → `install`: kernel state entries, sockhash, hang-up watcher;
 //! 2. requests the kernel knows are answered there; user space does nothing;
 //! 3. the first bytes the kernel does not answer are passed to the socket's receive queue and a
 //!    hand-off record wakes user space, which takes the connection from the watcher
@@ -12,12 +13,16 @@
 //!    so answers stay in order. The socket stays in the sockhash: removing it would discard the
 //!    bytes the verdict passed, which sit in the psock's queue;
 //! 4. when user space has answered everything it read with responses the kernel now knows, it
-//!    publishes how much it read and wrote and parks the connection with the watcher again
-//!    ([`KernelHttp::release`]); the kernel answers on it while nothing is owed.
+//!    publishes how much it read and wrote (before its last write: [`KernelHttp::publish`]) and
+//!    parks the connection with the watcher again ([`KernelHttp::release`]); the kernel answers
+//!    on it while nothing is owed.
 //!
-//! Learning: user space reports each request it answered with a `200` and no body
+//! Learning ([`Table`]): user space reports each GET or HEAD it answered whole
 //! ([`super::session::Learned`]); its exact bytes become a key of the kernel's request table and
-//! the keep-alive response (its Date patched by the kernel) goes into a response slot.
+//! the keep-alive answer goes into a response slot (one per distinct answer, the Date patched by
+//! the kernel). Answers that close the connection are recorded so the kernel passes them with the
+//! reason `close`. With `--root`, any change under the root forgets everything
+//! ([`KernelHttp::forget_everything`]).
 
 use std::{
     collections::HashMap as StdHashMap,
