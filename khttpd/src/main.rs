@@ -83,6 +83,10 @@ struct Args {
     /// "Hello, World!".
     #[arg(long, value_name = "FILE", conflicts_with = "root")]
     body: Option<std::path::PathBuf>,
+    /// Largest answer (headers included) the kernel learns and sends itself; 0 turns learning off.
+    #[arg(long, value_name = "BYTES", default_value_t = khttpd_common::http::MAX_RESPONSE,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(khttpd_common::http::MAX_RESPONSE)))]
+    kernel_cache_max: u32,
     /// Serve the files under this directory (listings for directories without index.html).
     #[arg(long, value_name = "DIR")]
     root: Option<std::path::PathBuf>,
@@ -188,7 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(fast_path),
             Some(KernelEcho::start(echo_maps).context("starting the kernel echo")?),
             Some(
-                KernelHttp::start(http_maps, timeouts.idle)
+                KernelHttp::start(http_maps, timeouts.idle, args.kernel_cache_max)
                     .context("starting the kernel HTTP path")?,
             ),
         ),

@@ -118,7 +118,11 @@ fn request(target: &str, headers: &[&str]) -> Vec<u8> {
 }
 
 fn get(server: &Server, target: &str, headers: &[&str]) -> Answer {
-    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    get_at(server.http_addr(), target, headers)
+}
+
+fn get_at(addr: std::net::SocketAddr, target: &str, headers: &[&str]) -> Answer {
+    let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -350,4 +354,52 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
         assert_eq!(ask(&mut stream, "/style.css", &[]).0, 404);
         assert_eq!(ask(&mut stream, "/new.txt", &[]), (200, b"new\n".to_vec()));
     }
+}
+
+#[test]
+fn unreadable_files_are_403() {
+    use std::{os::unix::fs::PermissionsExt, process::Command};
+    let site = TestSite::new("unreadable");
+    let secret = site.root.join("secret.txt");
+    fs::write(&secret, b"secret\n").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+    // As root every file is readable: run the server as nobody, without capabilities.
+    let port = common::free_port();
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(common::KHTTPD)
+        .args(["--fast-path", "off", "--root", site.root.to_str().unwrap()])
+        .args(["--port", &port.to_string()])
+        .args(["--echo-port", &common::free_port().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("setpriv khttpd");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = common::eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok());
+    let answers = up.then(|| {
+        (
+            get_at(addr, "/secret.txt", &[]).status,
+            get_at(addr, "/page.html", &[]).status,
+        )
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(answers, Some((403, 200)), "server up: {up}");
+}
+
+#[test]
+fn answers_over_the_cache_limit_stay_in_user_space() {
+    if !bpf_allowed() {
+        return;
+    }
+    let site = TestSite::new("limit");
+    let root = site.root.to_str().unwrap();
+    let server = Server::start(Mode::Kernel, &["--root", root, "--kernel-cache-max", "64"]);
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    for _ in 0..4 {
+        assert_eq!(ask(&mut stream, "/page.html", &[]).0, 200);
+    }
+    assert_eq!(server.metric("khttpd_http_kernel_responses_total"), 0);
+    assert_eq!(server.metric("khttpd_http_kernel_cache_entries"), 0);
 }

@@ -142,6 +142,8 @@ pub struct KernelHttp {
     table: Mutex<Table>,
     /// Bumped by [`KernelHttp::forget_everything`]: answers computed before it are not taught.
     generation: AtomicU64,
+    /// Largest answer taught (`--kernel-cache-max`).
+    cache_max: usize,
     dates: Mutex<Dates>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -273,8 +275,9 @@ impl Table {
 }
 
 impl KernelHttp {
-    /// `idle_timeout`: `--idle-timeout`, applied to the connections the kernel serves.
-    pub fn start(maps: HttpMaps, idle_timeout: Duration) -> io::Result<KernelHttp> {
+    /// `idle_timeout`: `--idle-timeout`, applied to the connections the kernel serves;
+    /// `cache_max`: `--kernel-cache-max`, the largest answer taught.
+    pub fn start(maps: HttpMaps, idle_timeout: Duration, cache_max: u32) -> io::Result<KernelHttp> {
         let service = Http {
             connections: Mutex::new(maps.connections),
             answered: Mutex::new(maps.answered),
@@ -293,6 +296,7 @@ impl KernelHttp {
                     .collect(),
             }),
             generation: AtomicU64::new(0),
+            cache_max: cache_max as usize,
             dates: Mutex::new(Dates {
                 slots: maps.dates,
                 index: maps.date_index,
@@ -360,6 +364,9 @@ impl KernelHttp {
             }
         }
         let (route, slot) = if item.keep_alive {
+            if item.response.len() > self.cache_max {
+                return Ok(());
+            }
             let Some(slot) = table.slot_for(&item.response, now)? else {
                 return Ok(());
             };
