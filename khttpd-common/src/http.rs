@@ -35,8 +35,8 @@ pub const MAX_REQUESTS: u32 = 4_096;
 
 /// Array of [`ResponseMeta`], indexed by response slot.
 pub const RESPONSES_MAP: &str = "HTTP_RESPONSES";
-/// Response slots.
-pub const MAX_RESPONSES: u32 = 64;
+/// Response slots (at 16 blocks of 1 KiB each, 4 MiB of kernel memory).
+pub const MAX_RESPONSES: u32 = 256;
 /// Array of [`ResponseBlock`]s: slot `s` owns indices `s * BLOCKS_PER_RESPONSE ..`.
 pub const RESPONSE_BLOCKS_MAP: &str = "HTTP_RESPONSE_BLOCKS";
 /// Bytes per block: the synthesizer copies whole blocks (a fixed-size copy the verifier accepts).

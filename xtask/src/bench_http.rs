@@ -221,13 +221,13 @@ impl Plan<'_> {
 }
 
 /// What one run of a load generator reported.
-struct Counts {
-    req_per_s: f64,
-    p50_us: Option<f64>,
-    p99_us: Option<f64>,
-    good: u64,
-    bad: u64,
-    errors: u64,
+pub(crate) struct Counts {
+    pub req_per_s: f64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub good: u64,
+    pub bad: u64,
+    pub errors: u64,
 }
 
 /// One run: the load generator's counts and the machine's CPU over it.
@@ -261,19 +261,30 @@ fn htstress_counts(flags: &[&str]) -> anyhow::Result<Counts> {
 
 /// `wrk -t2 -c<connections> -d<seconds>s --latency`, killed if it overruns.
 fn wrk_counts(args: &Args, url: &str) -> anyhow::Result<Counts> {
-    let output = output_bounded(
-        Command::new("wrk").args([
-            format!("-t{KEEP_ALIVE_THREADS}"),
-            format!("-c{}", args.connections),
-            format!("-d{}s", args.seconds),
-            "--latency".to_owned(),
-            "--timeout".to_owned(),
-            "10s".to_owned(),
-            url.to_owned(),
-        ]),
-        Duration::from_secs(args.seconds) + WRK_GRACE,
-    )
-    .context("wrk failed")?;
+    wrk(args.connections, args.seconds, url, None)
+}
+
+/// `wrk -t2 -c<connections> -d<seconds>s --latency [-s script] url`, killed if it overruns.
+pub(crate) fn wrk(
+    connections: usize,
+    seconds: u64,
+    url: &str,
+    script: Option<&Path>,
+) -> anyhow::Result<Counts> {
+    let mut command = Command::new("wrk");
+    command.args([
+        format!("-t{KEEP_ALIVE_THREADS}"),
+        format!("-c{connections}"),
+        format!("-d{seconds}s"),
+        "--latency".to_owned(),
+        "--timeout".to_owned(),
+        "10s".to_owned(),
+    ]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let output = output_bounded(command.arg(url), Duration::from_secs(seconds) + WRK_GRACE)
+        .context("wrk failed")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     parse_wrk(&stdout).with_context(|| {
         format!(
@@ -377,19 +388,24 @@ impl Target {
 /// nginx in the foreground on a free port, with its config, pid file and logs in its own temporary
 /// directory; dropping it stops the master (SIGQUIT, then SIGTERM, each waited for) and then
 /// removes the directory.
-struct Nginx {
+pub(crate) struct Nginx {
     // Declared first: dropped (stopped) before the directory it writes into is removed.
     process: Guarded,
     dir: TempDir,
-    http: SocketAddr,
+    pub http: SocketAddr,
 }
 
+/// The greeting every server under `bench http` answers.
+const HELLO_LOCATION: &str = r#"default_type text/plain;
+            return 200 "Hello, World!\n";"#;
+
 impl Nginx {
-    fn start(binary: &Path) -> anyhow::Result<Self> {
+    /// Starts nginx with `location` (directives) as its only `location /` block.
+    pub(crate) fn start(binary: &Path, location: &str) -> anyhow::Result<Self> {
         let [http] = free_ports()?;
         let dir = TempDir::create("nginx")?;
         let conf = dir.0.join("nginx.conf");
-        fs::write(&conf, nginx_conf(&dir.0, http))
+        fs::write(&conf, nginx_conf(&dir.0, http, location))
             .with_context(|| format!("cannot write {}", conf.display()))?;
         let error_log = dir.0.join("error.log");
         let child = Command::new(binary)
@@ -419,14 +435,14 @@ impl Nginx {
     }
 
     /// Errors nginx logged (warn and above), for the report.
-    fn error_log(&self) -> String {
+    pub(crate) fn error_log(&self) -> String {
         fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
     }
 }
 
-/// The whole nginx config: one `return 200` location, every path inside `dir`, no access log,
-/// and no per-connection request limit (khttpd has none either).
-fn nginx_conf(dir: &Path, listen: SocketAddr) -> String {
+/// The whole nginx config: one location, every path inside `dir`, no access log, and no
+/// per-connection request limit (khttpd has none either).
+fn nginx_conf(dir: &Path, listen: SocketAddr, location: &str) -> String {
     let dir = dir.display();
     format!(
         r#"# Written by `cargo xtask bench http`.
@@ -452,8 +468,7 @@ http {{
     server {{
         listen {listen};
         location / {{
-            default_type text/plain;
-            return 200 "Hello, World!\n";
+            {location}
         }}
     }}
 }}
@@ -462,10 +477,10 @@ http {{
 }
 
 /// A directory under the system's temporary directory, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
-    fn create(name: &str) -> anyhow::Result<Self> {
+    pub(crate) fn create(name: &str) -> anyhow::Result<Self> {
         let path = env::temp_dir().join(format!("xtask-bench-http-{name}.{}", std::process::id()));
         // Left over from a run that was killed: nothing in it is needed.
         let _ = fs::remove_dir_all(&path);
@@ -568,7 +583,7 @@ fn validate(args: &Args) -> anyhow::Result<()> {
 }
 
 /// `/usr/sbin/nginx`, else `nginx` on PATH.
-fn find_nginx() -> Option<PathBuf> {
+pub(crate) fn find_nginx() -> Option<PathBuf> {
     let debian = Path::new("/usr/sbin/nginx");
     if debian.is_file() {
         return Some(debian.to_owned());
@@ -576,7 +591,7 @@ fn find_nginx() -> Option<PathBuf> {
     find_on_path("nginx")
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     env::split_paths(&env::var_os("PATH")?)
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
@@ -592,7 +607,7 @@ fn bench_mode(
     progress("starting the server");
     let target = match (mode.khttpd_args(), nginx) {
         (Some(server_args), _) => Target::Khttpd(Server::start(khttpd, server_args)?),
-        (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx)?),
+        (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx, HELLO_LOCATION)?),
         (None, None) => unreachable!("nginx mode without nginx"),
     };
     target.check_hello()?;
@@ -663,7 +678,7 @@ fn http_counter_deltas(before: &Metrics, after: &Metrics) -> Vec<String> {
 }
 
 /// The median of the values that exist.
-fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+pub(crate) fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
     let mut values: Vec<f64> = values.into_iter().flatten().collect();
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
@@ -679,7 +694,7 @@ fn median_of(runs: &[Run], value: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
 }
 
 /// `1234567.8` as `1,234,568`.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (index, digit) in digits.chars().enumerate() {
@@ -907,7 +922,8 @@ Transfer/sec:     31.55MB
 
     #[test]
     fn nginx_config_answers_like_khttpd() {
-        let conf = nginx_conf(Path::new("/tmp/x"), "127.0.0.1:8080".parse().unwrap());
+        let listen = "127.0.0.1:8080".parse().unwrap();
+        let conf = nginx_conf(Path::new("/tmp/x"), listen, HELLO_LOCATION);
         assert!(conf.contains("listen 127.0.0.1:8080;"));
         assert!(conf.contains(r#"return 200 "Hello, World!\n";"#));
         assert!(conf.contains("pid /tmp/x/nginx.pid;"));

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_echo;
 mod bench_http;
+mod bench_site;
 mod differential;
 mod htstress;
 mod toolchain;
@@ -65,6 +66,8 @@ enum Bench {
     Echo(bench_echo::Args),
     /// HTTP: thread per connection vs work queue vs kernel fast path vs nginx, under htstress and wrk.
     Http(bench_http::Args),
+    /// A generated folder (`--root`): kernel fast path vs user space vs nginx, with wrk.
+    Site(bench_site::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,6 +116,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Echo(args)) => {
             toolchain::ensure()?;
             bench_echo::run(&args, &build_khttpd()?)
+        }
+        Task::Bench(Bench::Site(args)) => {
+            toolchain::ensure()?;
+            bench_site::run(&args, &build_khttpd()?)
         }
         Task::Bench(Bench::Http(args)) => {
             toolchain::ensure()?;

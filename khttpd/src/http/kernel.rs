@@ -184,6 +184,9 @@ enum ResponseSlot {
 /// How long a slot rests between two contents (a marked request is synthesized within
 /// microseconds; this is a wide margin).
 const SLOT_REST: Duration = Duration::from_secs(1);
+/// An answer taught this recently is not evicted to make room: when every slot is this warm, a
+/// new answer is simply not cached (evicting would only make the table thrash).
+const SLOT_WARM: Duration = Duration::from_secs(5);
 
 impl Table {
     /// The slot holding `response`, filled (or found) now; `None` when every slot is busy.
@@ -233,14 +236,19 @@ impl Table {
         Ok(Some(slot as u32))
     }
 
-    /// Makes room: the least recently taught response and every request naming it leave.
+    /// Makes room: the least recently taught response, unless it is still warm, and every
+    /// request naming it leave.
     fn evict_least_recent(&mut self, now: Instant) {
         let victim = self
             .slots
             .iter()
             .enumerate()
             .filter_map(|(i, slot)| match slot {
-                ResponseSlot::Used { last_taught, .. } => Some((*last_taught, i)),
+                ResponseSlot::Used { last_taught, .. }
+                    if now.duration_since(*last_taught) >= SLOT_WARM =>
+                {
+                    Some((*last_taught, i))
+                }
                 _ => None,
             })
             .min()
@@ -326,14 +334,15 @@ impl KernelHttp {
     }
 
     /// Teaches the kernel requests user space just answered, unless the table was forgotten
-    /// since `generation` (a file may have changed under those answers).
-    pub fn learn(&self, learned: &[Learned], generation: u64) {
-        if learned.is_empty() {
-            return;
-        }
+    /// since `generation` (a file may have changed under those answers). Returns whether the
+    /// kernel can now answer the last of them itself.
+    pub fn learn(&self, learned: &[Learned], generation: u64) -> bool {
+        let Some(last) = learned.last() else {
+            return false;
+        };
         let mut table = self.table.lock().unwrap();
         if generation != self.generation() {
-            return;
+            return false;
         }
         let now = Instant::now();
         for item in learned {
@@ -341,6 +350,11 @@ impl KernelHttp {
                 debug!("http: cannot teach the kernel a request: {e}");
             }
         }
+        last.keep_alive
+            && table
+                .taught
+                .get(&last.request)
+                .is_some_and(|(slot, _)| slot.is_some())
     }
 
     fn learn_one(&self, table: &mut Table, item: &Learned, now: Instant) -> io::Result<()> {

@@ -400,9 +400,7 @@ impl UserConnection {
         let Some(kernel) = &self.service.kernel else {
             return false;
         };
-        let learned = session.take_learned();
-        kernel.learn(&learned, self.generation);
-        learned.last().is_some_and(|last| last.keep_alive)
+        kernel.learn(&session.take_learned(), self.generation)
     }
 
     /// Before writing: waits until the kernel's responses on the connection are queued.
