@@ -219,20 +219,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let shutdown = || Shutdown::new(notify_shutdown.subscribe());
     // What the kernel learned from files under --root is forgotten when any of them changes.
-    let _site_watcher = match (&http.site, &http.kernel) {
-        (Some(site), Some(_)) => {
-            let http = http.clone();
-            let watcher = site
-                .watch(move || {
-                    if let Some(kernel) = &http.kernel {
-                        kernel.forget_everything();
-                    }
-                })
-                .context("watching --root for changes")?;
-            Some(watcher)
-        }
-        _ => None,
-    };
+    if let (Some(site), Some(_)) = (&http.site, &http.kernel) {
+        let http = http.clone();
+        site.watch(move || {
+            if let Some(kernel) = &http.kernel {
+                kernel.forget_everything();
+            }
+        })
+        .context("watching --root for changes")?;
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = args.metrics {

@@ -263,7 +263,7 @@ fn the_idle_timer_counts_requests_the_kernel_answered() {
     if !common::bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Auto, &["--idle-timeout", "2"]);
+    let server = Server::start(Mode::Kernel, &["--idle-timeout", "2"]);
     let mut stream = connect(&server);
     let request = b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n";
     // 4 s of traffic, twice the timeout: the kernel answers all but the first request.

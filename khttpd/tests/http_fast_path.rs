@@ -262,8 +262,10 @@ fn auto_moves_keep_alive_connections_to_the_kernel_and_leaves_closing_ones_alone
             assert!(same_but_date(&response, &first), "answer {i}");
         }
     }
+    // User space answers the first 32 or so: auto waits for a streak of answers the kernel
+    // could send before it moves a connection.
     let answered = server.metric("khttpd_http_kernel_responses_total");
-    assert!(answered >= 95, "the kernel answered {answered} of 99");
+    assert!(answered >= 60, "the kernel answered {answered} of 99");
 }
 
 #[test]

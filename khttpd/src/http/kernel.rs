@@ -336,7 +336,8 @@ impl KernelHttp {
     /// Teaches the kernel requests user space just answered, unless the table was forgotten
     /// since `generation` (a file may have changed under those answers). Returns whether the
     /// kernel can now answer the last of them itself.
-    pub fn learn(&self, learned: &[Learned], generation: u64) -> bool {
+    /// `out` is the buffer the answers were written to (see [`Learned::response`]).
+    pub fn learn(&self, learned: &[Learned], out: &[u8], generation: u64) -> bool {
         let Some(last) = learned.last() else {
             return false;
         };
@@ -346,7 +347,10 @@ impl KernelHttp {
         }
         let now = Instant::now();
         for item in learned {
-            if let Err(e) = self.learn_one(&mut table, item, now) {
+            let Some(response) = out.get(item.response.clone()) else {
+                continue;
+            };
+            if let Err(e) = self.learn_one(&mut table, item, response, now) {
                 debug!("http: cannot teach the kernel a request: {e}");
             }
         }
@@ -357,7 +361,13 @@ impl KernelHttp {
                 .is_some_and(|(slot, _)| slot.is_some())
     }
 
-    fn learn_one(&self, table: &mut Table, item: &Learned, now: Instant) -> io::Result<()> {
+    fn learn_one(
+        &self,
+        table: &mut Table,
+        item: &Learned,
+        response: &[u8],
+        now: Instant,
+    ) -> io::Result<()> {
         if table
             .taught
             .get(&item.request)
@@ -378,10 +388,10 @@ impl KernelHttp {
             }
         }
         let (route, slot) = if item.keep_alive {
-            if item.response.len() > self.cache_max {
+            if response.len() > self.cache_max {
                 return Ok(());
             }
-            let Some(slot) = table.slot_for(&item.response, now)? else {
+            let Some(slot) = table.slot_for(response, now)? else {
                 return Ok(());
             };
             (

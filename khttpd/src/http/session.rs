@@ -60,8 +60,10 @@ pub struct Session {
 pub struct Learned {
     /// The request head, exactly as received.
     pub request: Vec<u8>,
-    /// The answer, exactly as sent (its Date aside).
-    pub response: Vec<u8>,
+    /// Where the answer is in the output buffer the session wrote it to (the driver teaches the
+    /// kernel before it writes and clears that buffer, so nothing is copied for answers the
+    /// kernel already knows).
+    pub response: std::ops::Range<usize>,
     pub keep_alive: bool,
 }
 
@@ -218,7 +220,7 @@ impl Session {
                             if head.status == Status::Ok && whole && len <= REQUEST_KEY_BYTES {
                                 learned.push(Learned {
                                     request: input[..len].to_vec(),
-                                    response: out[start..].to_vec(),
+                                    response: start..out.len(),
                                     keep_alive: head.keep_alive,
                                 });
                             }

@@ -7,6 +7,7 @@
 //! sendfile(2), so their bytes never pass through user space ([`FileBody`]).
 
 use std::{
+    collections::HashMap,
     fs::{self, File},
     io,
     os::unix::ffi::OsStrExt,
@@ -63,23 +64,53 @@ impl Site {
         Ok(Site { root })
     }
 
-    /// Calls `changed` whenever something under the root is created, modified, moved or removed
-    /// (inotify, through the notify crate). Watching stops when the returned watcher is dropped.
-    pub fn watch(
-        &self,
-        changed: impl Fn() + Send + 'static,
-    ) -> notify::Result<notify::RecommendedWatcher> {
-        use notify::{EventKind, RecursiveMode, Watcher as _};
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                match event {
-                    Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
-                    // An error may mean lost events: forgetting is always safe.
-                    _ => changed(),
+    /// Calls `changed` (on a thread of its own) whenever something under the root is written,
+    /// created, removed, moved or has its attributes changed, for the rest of the process's
+    /// life. inotify directly, with a mask without IN_OPEN: a watcher woken by every file the
+    /// server opens cost a fifth of the user-space path's throughput (measured with the notify
+    /// crate, whose mask always has it).
+    pub fn watch(&self, changed: impl Fn() + Send + 'static) -> io::Result<()> {
+        use inotify::{EventMask, Inotify, WatchMask};
+        let mask = WatchMask::ATTRIB
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::CLOSE_WRITE
+            | WatchMask::MODIFY
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF;
+        let mut inotify = Inotify::init()?;
+        let mut dirs = HashMap::new();
+        watch_tree(&mut inotify, &mut dirs, &self.root, mask);
+        std::thread::Builder::new()
+            .name("site-watch".into())
+            .spawn(move || {
+                let mut buffer = [0u8; 16 * 1024];
+                loop {
+                    let Ok(events) = inotify.read_events_blocking(&mut buffer) else {
+                        return;
+                    };
+                    let mut new_dirs = Vec::new();
+                    for event in events {
+                        let is_new_dir = event.mask.contains(EventMask::ISDIR)
+                            && event
+                                .mask
+                                .intersects(EventMask::CREATE | EventMask::MOVED_TO);
+                        if let (true, Some(name), Some(parent)) =
+                            (is_new_dir, event.name, dirs.get(&event.wd))
+                        {
+                            new_dirs.push(parent.join(name));
+                        }
+                    }
+                    for dir in new_dirs {
+                        watch_tree(&mut inotify, &mut dirs, &dir, mask);
+                    }
+                    // Anything at all (an overflow too): forgetting is always safe.
+                    changed();
                 }
             })?;
-        watcher.watch(&self.root, RecursiveMode::Recursive)?;
-        Ok(watcher)
+        Ok(())
     }
 
     /// Appends the answer to `request` to `out`; returns the file bytes still to send after it.
@@ -323,6 +354,29 @@ impl Site {
 fn empty(out: &mut Vec<u8>, status: Status, keep_alive: bool, header: (&str, &str)) {
     let content = Some(("text/plain; charset=utf-8", 0));
     response::write_head(out, status, keep_alive, content, &[header]);
+}
+
+/// Watches `top` and every directory under it, remembering which watch is which directory.
+fn watch_tree(
+    inotify: &mut inotify::Inotify,
+    dirs: &mut HashMap<inotify::WatchDescriptor, PathBuf>,
+    top: &Path,
+    mask: inotify::WatchMask,
+) {
+    let mut pending = vec![top.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        if let Ok(wd) = inotify.watches().add(&dir, mask) {
+            dirs.insert(wd, dir.clone());
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            pending.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
 }
 
 /// The path of a request target: before any `?` or `#`.
