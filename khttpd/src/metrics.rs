@@ -289,6 +289,9 @@ fn render_echo(out: &mut String, echo: &EchoService) {
     }
 }
 
+/// A metric family: name, type, help, and how to read it from a queue's statistics.
+type Family = (&'static str, &'static str, &'static str, fn(&Stats) -> u64);
+
 /// One family per statistic, one sample per queue (a family's samples must stay together).
 fn render_queues(out: &mut String, queues: &[&WorkQueue]) {
     let samples: Vec<(String, Stats)> = queues
@@ -306,7 +309,7 @@ fn render_queues(out: &mut String, queues: &[&WorkQueue]) {
             .map(|(labels, stats)| (labels.as_str(), value(stats)))
             .collect()
     };
-    let families: [(&str, &str, &str, fn(&Stats) -> u64); 5] = [
+    let families: [Family; 5] = [
         (
             "khttpd_workqueue_pending",
             "gauge",

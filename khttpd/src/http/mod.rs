@@ -167,10 +167,6 @@ impl HttpService {
     /// Serves one accepted connection, or turns it away when `max_connections` are open.
     pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream) {
         self.connections.fetch_add(1, Ordering::Relaxed);
-        // Answers go out as soon as they are written (like nginx's `tcp_nodelay on`): with Nagle,
-        // a small answer behind unacknowledged bytes — a kernel answer or the end of a large file —
-        // waits for the client's delayed ACK, about 40 ms.
-        let _ = stream.set_nodelay(true);
         let Some(slot) = self.take_slot() else {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(reject(stream));
@@ -178,6 +174,7 @@ impl HttpService {
         };
         let (stream, slot) = match &self.kernel {
             Some(kernel) if self.kernel_first => {
+                no_delay(&stream);
                 let parked = Parked {
                     stream,
                     answered: Answered::default(),
@@ -233,6 +230,7 @@ impl HttpService {
                         Ok(false) => {}
                     }
                 }
+                no_delay(&stream);
                 let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
                 if self
                     .queue
@@ -721,6 +719,14 @@ fn send_file_once(fd: RawFd, file: &mut FileBody) -> io::Result<usize> {
     Ok(sent as usize)
 }
 
+/// For a connection that stays open: answers go out as soon as they are written (like nginx's
+/// `tcp_nodelay on`). With Nagle, a small answer behind unacknowledged bytes — a kernel answer or
+/// the end of a large file — waits for the client's delayed ACK, about 40 ms. (A connection
+/// answered and closed at accept never needs it, and saves the system call.)
+fn no_delay(stream: &std::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
 /// Whether the receive queue is empty right now (so closing sends a FIN, not a reset).
 fn nothing_pending(fd: RawFd) -> bool {
     let mut pending: libc::c_int = 0;
@@ -735,6 +741,7 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
     if stream.set_nonblocking(false).is_err() {
         return;
     }
+    no_delay(&stream);
     let runtime = connection.service.runtime.clone();
     let mut session = connection.session();
     let mut buf = vec![0u8; READ_CHUNK];
