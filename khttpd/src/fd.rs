@@ -48,6 +48,14 @@ pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }
 
+/// Whether the socket received nothing for `idle`. TCP_INFO counts every byte received, also
+/// those the kernel path answered without user space seeing them.
+pub fn silent_for(fd: RawFd, idle: std::time::Duration) -> bool {
+    tcp_info(fd).map_or(true, |info| {
+        u128::from(info.tcpi_last_data_recv) >= idle.as_millis()
+    })
+}
+
 fn getsockopt<T: Copy>(fd: RawFd, level: i32, name: i32) -> io::Result<T> {
     let mut value = std::mem::MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;

@@ -32,7 +32,10 @@ use khttpd_common::Handoff;
 use log::{debug, warn};
 use tokio::io::unix::AsyncFd;
 
-use crate::fd::{async_readable, cvt, epoll_ctl, socket_cookie, tcp_info};
+use crate::{
+    fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie},
+    shutdown::Shutdown,
+};
 
 /// How long a half-closed connection may take to get its last bytes acknowledged.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -173,8 +176,35 @@ impl<S: Service> KernelConnections<S> {
         Ok(())
     }
 
+    /// Gives `serve` every connection the kernel hands to user space, until shutdown. A hand-off
+    /// for a connection the watcher does not hold (user space already serves it, or it closed)
+    /// is skipped.
+    pub async fn serve_handoffs(
+        &self,
+        mut shutdown: Shutdown,
+        mut serve: impl FnMut(u64, S::Parked),
+    ) {
+        loop {
+            let cookie = tokio::select! {
+                cookie = self.next_handoff() => cookie,
+                () = shutdown.recv() => return,
+            };
+            match cookie {
+                Ok(cookie) => {
+                    if let Some(parked) = self.take_back(cookie) {
+                        serve(cookie, parked);
+                    }
+                }
+                Err(e) => {
+                    warn!("{}: cannot read kernel hand-offs: {e}", S::NAME);
+                    return;
+                }
+            }
+        }
+    }
+
     /// Waits for the next connection the kernel handed back to user space.
-    pub async fn next_handoff(&self) -> io::Result<u64> {
+    async fn next_handoff(&self) -> io::Result<u64> {
         let mut ring = self.handoffs.lock().await;
         loop {
             let mut ready = ring.readable_mut().await?;
@@ -342,9 +372,7 @@ impl<S: Service> Inner<S> {
     fn close_idle(&self, idle: Duration) {
         let mut connections = self.connections.lock().unwrap();
         connections.retain(|&cookie, parked| {
-            let silent = tcp_info(parked.as_raw_fd()).map_or(true, |info| {
-                u128::from(info.tcpi_last_data_recv) >= idle.as_millis()
-            });
+            let silent = silent_for(parked.as_raw_fd(), idle);
             if silent {
                 debug!(
                     "{}: connection {cookie} idle for {idle:?}; closing it",

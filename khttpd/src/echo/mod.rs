@@ -81,27 +81,15 @@ impl EchoService {
     }
 
     /// Moves connections the kernel hands back to user space, until shutdown.
-    pub async fn handoff_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+    pub async fn handoff_loop(self: Arc<Self>, shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
-        loop {
-            let cookie = tokio::select! {
-                cookie = kernel.next_handoff() => cookie,
-                () = shutdown.recv() => return,
-            };
-            match cookie {
-                Ok(cookie) => {
-                    if let Some(stream) = kernel.take_back(cookie) {
-                        kernel.leave_sockhash(cookie);
-                        warn!("echo: kernel handed connection {cookie} back; echoing it in user space");
-                        self.serve_in_user_space(stream);
-                    }
-                }
-                Err(e) => {
-                    warn!("echo: cannot read kernel hand-offs: {e}");
-                    return;
-                }
-            }
-        }
+        kernel
+            .serve_handoffs(shutdown, |cookie, stream| {
+                kernel.leave_sockhash(cookie);
+                warn!("echo: kernel handed connection {cookie} back; echoing it in user space");
+                self.serve_in_user_space(stream);
+            })
+            .await;
     }
 
     /// Closes every connection and drains the work queue.

@@ -33,7 +33,7 @@ use tokio::{
 };
 
 use crate::{
-    fd::{into_tokio, tcp_info},
+    fd::{into_tokio, silent_for},
     shutdown::Shutdown,
     workqueue::WorkQueue,
 };
@@ -96,14 +96,6 @@ impl ReadClock {
     }
 }
 
-/// Whether the connection really was silent for `idle`: the kernel may have answered requests on
-/// it that user space never saw (TCP_INFO counts every byte received).
-fn silent_for(fd: RawFd, idle: Duration) -> bool {
-    tcp_info(fd).map_or(true, |info| {
-        u128::from(info.tcpi_last_data_recv) >= idle.as_millis()
-    })
-}
-
 /// How the service runs (from the command line; see the fields of [`HttpService`]).
 pub struct Config {
     pub dispatch: Dispatch,
@@ -118,7 +110,7 @@ pub struct HttpService {
     pub dispatch: Dispatch,
     pub kernel: Option<KernelHttp>,
     /// `--fast-path on`: connections start in the kernel. Otherwise (auto) they start in user
-    /// space and move to the kernel after their first keep-alive answer the kernel has learned:
+    /// space and move to the kernel after a run of answers it could send ([`PROMOTE_AFTER`]):
     /// a connection that closes after one request (htstress) never pays for the kernel path,
     /// which cannot close it (see the README's measurements).
     kernel_first: bool,
@@ -252,22 +244,10 @@ impl HttpService {
     }
 
     /// Serves in user space the connections the kernel hands over, until shutdown.
-    pub async fn handoff_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+    pub async fn handoff_loop(self: Arc<Self>, shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
-        loop {
-            let cookie = tokio::select! {
-                cookie = kernel.next_handoff() => cookie,
-                () = shutdown.recv() => return,
-            };
-            let cookie = match cookie {
-                Ok(cookie) => cookie,
-                Err(e) => {
-                    warn!("http: cannot read kernel hand-offs: {e}");
-                    return;
-                }
-            };
-            // Not parked means a user-space task already serves it (or it closed).
-            if let Some(parked) = kernel.take_back(cookie) {
+        kernel
+            .serve_handoffs(shutdown, |cookie, parked| {
                 self.handoffs.fetch_add(1, Ordering::Relaxed);
                 let link = Link {
                     cookie,
@@ -277,8 +257,8 @@ impl HttpService {
                 };
                 let written = parked.answered.written_bytes;
                 self.serve_in_user_space(parked.stream, parked.slot, Some(link), written);
-            }
-        }
+            })
+            .await;
     }
 
     /// Keeps the kernel's `Date` current: refreshed just after each second starts.
@@ -440,49 +420,45 @@ impl UserConnection {
     /// it has this answer finds the kernel ready. The kernel answers only once these `pending`
     /// bytes are in the send queue.
     fn announce(&mut self, pending: usize) {
-        if self.link.is_some() {
-            self.publish(self.written + pending as u64);
-        }
+        self.publish(self.written + pending as u64);
     }
 
-    fn publish(&mut self, written: u64) -> bool {
+    /// Tells the kernel what user space read and wrote on a linked connection (once per change).
+    /// `None` if the connection is not linked or the kernel could not be told.
+    fn publish(&mut self, written: u64) -> Option<Answered> {
         let (Some(kernel), Some(link)) = (&self.service.kernel, &mut self.link) else {
-            return false;
+            return None;
         };
         let answered = Answered {
             read_bytes: link.read_bytes,
             written_bytes: written,
         };
-        if link.published == Some(answered) {
-            return true;
-        }
-        match kernel.publish(link.cookie, answered) {
-            Ok(()) => {
-                link.published = Some(answered);
-                true
-            }
-            Err(e) => {
+        if link.published != Some(answered) {
+            if let Err(e) = kernel.publish(link.cookie, answered) {
                 debug!(
                     "http: cannot publish connection {}'s state ({e})",
                     link.cookie
                 );
-                false
+                return None;
             }
+            link.published = Some(answered);
         }
+        Some(answered)
     }
 
     /// Hands the connection (idle, owing nothing) to the kernel; returns the socket if user space
     /// keeps serving it.
     fn release(&mut self, stream: std::net::TcpStream) -> Option<std::net::TcpStream> {
-        let Some(kernel) = &self.service.kernel else {
+        let service = Arc::clone(&self.service);
+        let Some(kernel) = &service.kernel else {
+            return Some(stream);
+        };
+        let Some(slot) = self.slot.take() else {
             return Some(stream);
         };
         let Some(link) = &self.link else {
             // Not in the sockhash yet: install it. Every byte it gets from now on passes the
             // verdict, so the kernel's count of passed bytes and ours both start at zero.
-            let Some(slot) = self.slot.take() else {
-                return Some(stream);
-            };
             let parked = Parked {
                 stream,
                 answered: Answered {
@@ -499,18 +475,9 @@ impl UserConnection {
                 }
             };
         };
-        let answered = Answered {
-            read_bytes: link.read_bytes,
-            written_bytes: self.written,
-        };
         let cookie = link.cookie;
-        if !self.publish(self.written) {
-            return Some(stream);
-        }
-        let Some(kernel) = &self.service.kernel else {
-            return Some(stream);
-        };
-        let Some(slot) = self.slot.take() else {
+        let Some(answered) = self.publish(self.written) else {
+            self.slot = Some(slot);
             return Some(stream);
         };
         let parked = Parked {
@@ -590,7 +557,7 @@ async fn serve_async(
             }
         }
         if next == Next::Close {
-            if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {
+            if may_close_at_once(&session, stream.as_raw_fd()) {
                 return;
             }
             close_gracefully(stream, &mut buf).await;
@@ -681,8 +648,7 @@ fn answer_at_once(
     Ok(exchange.out.is_empty()
         && !exchange.session.owes_file()
         && exchange.next == Next::Close
-        && exchange.session.client_is_done()
-        && nothing_pending(stream.as_raw_fd()))
+        && may_close_at_once(&exchange.session, stream.as_raw_fd()))
 }
 
 /// Sends a file body with sendfile(2) as the socket takes it.
@@ -727,11 +693,14 @@ fn no_delay(stream: &std::net::TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
-/// Whether the receive queue is empty right now (so closing sends a FIN, not a reset).
-fn nothing_pending(fd: RawFd) -> bool {
+/// After the last answer: whether the connection may close now without lingering — the client
+/// said it is done and nothing more has arrived, so closing sends a FIN, not a reset.
+fn may_close_at_once(session: &Session, fd: RawFd) -> bool {
     let mut pending: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int.
-    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) == 0 && pending == 0 }
+    session.client_is_done()
+        && unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) } == 0
+        && pending == 0
 }
 
 /// The `thread` connection: the same session, blocking I/O.
@@ -816,7 +785,7 @@ fn serve_blocking(mut stream: std::net::TcpStream, mut connection: UserConnectio
             reusable = connection.learn(&mut session, &out);
         }
         if next == Next::Close {
-            if session.client_is_done() && nothing_pending(stream.as_raw_fd()) {
+            if may_close_at_once(&session, stream.as_raw_fd()) {
                 return;
             }
             let _ = stream.shutdown(std::net::Shutdown::Write);

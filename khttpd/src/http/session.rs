@@ -69,14 +69,10 @@ pub struct Learned {
 
 struct Body {
     framing: Framing,
-    /// What to answer from the site once the body is read.
-    site_request: Option<site::Request>,
     /// Bytes of body seen so far.
     total: u64,
-    /// The response owed once the body is done.
-    status: Status,
-    keep_alive: bool,
-    head_only: bool,
+    /// The request head, answered once the body is done (its `framing` taken out).
+    head: Head,
 }
 
 enum Framing {
@@ -143,6 +139,16 @@ impl Session {
                 self.pending_file = site.answer(request, head.keep_alive, head.head_only, out);
             }
             _ => response::write(out, head.status, head.keep_alive, head.head_only),
+        }
+    }
+
+    /// The step after answering a request of `len` bytes on a connection that stays open: on to
+    /// the next request, or a pause while the answer still owes file bytes.
+    fn answered(&self, len: usize) -> Step {
+        if self.pending_file.is_some() {
+            Step::Paused(len)
+        } else {
+            Step::Consumed(len)
         }
     }
 
@@ -226,11 +232,7 @@ impl Session {
                             }
                         }
                         if head.keep_alive {
-                            if self.pending_file.is_some() {
-                                Step::Paused(len)
-                            } else {
-                                Step::Consumed(len)
-                            }
+                            self.answered(len)
                         } else {
                             // The client asked to close (or spoke HTTP/1.0) after a request it
                             // sent whole: it has nothing more to send.
@@ -241,11 +243,11 @@ impl Session {
                     Some(framing) => {
                         self.body = Some(Body {
                             framing,
-                            site_request: head.site_request,
                             total: 0,
-                            status: head.status,
-                            keep_alive: head.keep_alive,
-                            head_only: head.head_only,
+                            head: Head {
+                                framing: None,
+                                ..head
+                            },
                         });
                         Step::Consumed(len)
                     }
@@ -311,21 +313,10 @@ impl Session {
             }
             None => {
                 let body = self.body.take().expect("a body is being read");
-                let head = Head {
-                    status: body.status,
-                    keep_alive: body.keep_alive,
-                    head_only: body.head_only,
-                    framing: None,
-                    site_request: body.site_request,
-                };
-                self.answer(&head, out);
-                if body.keep_alive {
+                self.answer(&body.head, out);
+                if body.head.keep_alive {
                     // Every framing ends by consuming at least one byte, so this is progress.
-                    if self.pending_file.is_some() {
-                        Step::Paused(consumed)
-                    } else {
-                        Step::Consumed(consumed)
-                    }
+                    self.answered(consumed)
                 } else {
                     Step::Close
                 }
