@@ -1,25 +1,5 @@
-//! khttpd: an echo and web server whose hot path runs inside the Linux kernel.
-//!
-//! Following a connection:
-//! 1. `listener` binds the interface's addresses; `listener::accept_loop` accepts and hands each
-//!    socket to its service's dispatcher.
-//! 2. With the fast path (`fast_path`), the socket goes into the service's sockhash (`sockmap`):
-//!    `echo::kernel` echoes every byte in the kernel; `http::kernel` answers the requests user
-//!    space has taught it and hands the connection back at the first one it cannot answer.
-//! 3. Otherwise (and after a hand-off) the connection is one work item on the cmwq-style
-//!    `workqueue` (`echo::user`, `http::serve_async`), or a thread (`--dispatch thread`).
-//! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
-
-mod btf;
-mod echo;
-mod fast_path;
-mod fd;
-mod http;
-mod listener;
-mod metrics;
-mod shutdown;
-mod sockmap;
-mod workqueue;
+//! The `khttpd` command: parses the flags, loads the fast path, binds, serves until a signal.
+//! The modules it wires together are in the library (`lib.rs` tells how a connection flows).
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -28,7 +8,8 @@ use clap::{ArgAction, Parser, ValueEnum};
 use log::{info, warn};
 use tokio::{signal::unix, sync::broadcast};
 
-use crate::{
+use khttpd::{
+    http, listener, metrics,
     echo::{kernel::KernelEcho, EchoService},
     fast_path::FastPath,
     http::{kernel::KernelHttp, Dispatch, HttpService, Timeouts},

@@ -1,0 +1,23 @@
+//! khttpd: an echo and web server whose hot path runs inside the Linux kernel.
+//!
+//! Following a connection:
+//! 1. `listener` binds the interface's addresses; `listener::accept_loop` accepts and hands each
+//!    socket to its service's dispatcher.
+//! 2. With the fast path (`fast_path`), the socket goes into the service's sockhash (`sockmap`):
+//!    `echo::kernel` echoes every byte in the kernel; `http::kernel` answers the requests user
+//!    space has taught it and hands the connection back at the first one it cannot answer.
+//! 3. Otherwise (and after a hand-off) the connection is one work item on the cmwq-style
+//!    `workqueue` (`echo::user`, `http::serve_async`), or a thread (`--dispatch thread`).
+//! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
+
+pub mod btf;
+pub mod echo;
+pub mod fast_path;
+pub mod fd;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod shutdown;
+pub mod sockmap;
+pub mod workqueue;
+
