@@ -207,14 +207,16 @@ impl Session {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let parsed = request.parse(input);
+        // An error answer to a HEAD has no body either (httparse keeps the method it parsed).
+        let head_only = request.method == Some("HEAD");
         match parsed {
             Ok(httparse::Status::Partial) => match oversize(input) {
-                Some(status) => fail(out, status),
+                Some(status) => fail(out, status, head_only),
                 None => Step::Consumed(0),
             },
             Ok(httparse::Status::Complete(len)) => {
                 if let Some(status) = oversize(&input[..len]) {
-                    return fail(out, status);
+                    return fail(out, status, head_only);
                 }
                 let head = evaluate(&request, self.site.is_some());
                 match head.framing {
@@ -253,15 +255,25 @@ impl Session {
                     }
                 }
             }
-            Err(httparse::Error::Version) => fail(out, Status::VersionNotSupported),
-            Err(httparse::Error::TooManyHeaders) => fail(out, Status::HeaderFieldsTooLarge),
-            Err(_) => fail(out, Status::BadRequest),
+            Err(httparse::Error::Version) => match version_error(input) {
+                Some(status) => fail(out, status, head_only),
+                // Which error depends on the rest of the line: wait for it, within the limits.
+                None => match oversize(input) {
+                    Some(status) => fail(out, status, head_only),
+                    None => Step::Consumed(0),
+                },
+            },
+            Err(httparse::Error::TooManyHeaders) => {
+                fail(out, Status::HeaderFieldsTooLarge, head_only)
+            }
+            Err(_) => fail(out, Status::BadRequest, head_only),
         }
     }
 
     /// Reads and drops body bytes; answers when the body is complete.
     fn discard_body(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {
         let body = self.body.as_mut().expect("a body is being read");
+        let head_only = body.head.head_only;
         let (consumed, framing) = match body.framing {
             Framing::Length(remaining) => {
                 let n = remaining.min(input.len() as u64);
@@ -275,14 +287,14 @@ impl Session {
                 Ok(httparse::Status::Complete((len, size))) => {
                     body.total = body.total.saturating_add(size);
                     if body.total > MAX_BODY {
-                        return fail(out, Status::PayloadTooLarge);
+                        return fail(out, Status::PayloadTooLarge, head_only);
                     }
                     (len, Some(Framing::ChunkData(size)))
                 }
                 Ok(httparse::Status::Partial) if input.len() <= MAX_CHUNK_LINE => {
                     return Step::Consumed(0)
                 }
-                _ => return fail(out, Status::BadRequest),
+                _ => return fail(out, Status::BadRequest, head_only),
             },
             Framing::ChunkData(remaining) => {
                 let n = remaining.min(input.len() as u64);
@@ -296,14 +308,14 @@ impl Session {
             Framing::ChunkDataEnd => match input {
                 [b'\r', b'\n', ..] => (2, Some(Framing::ChunkSize)),
                 [b'\r'] | [] => return Step::Consumed(0),
-                _ => return fail(out, Status::BadRequest),
+                _ => return fail(out, Status::BadRequest, head_only),
             },
             // Trailer fields are ignored; the body ends at the empty line.
             Framing::Trailers => match input.windows(2).position(|w| w == b"\r\n") {
                 Some(0) => (2, None),
                 Some(end) => (end + 2, Some(Framing::Trailers)),
                 None if input.len() <= MAX_CHUNK_LINE => return Step::Consumed(0),
-                None => return fail(out, Status::BadRequest),
+                None => return fail(out, Status::BadRequest, head_only),
             },
         };
         match framing {
@@ -334,8 +346,8 @@ enum Step {
     Close,
 }
 
-fn fail(out: &mut Vec<u8>, status: Status) -> Step {
-    response::write(out, status, false, false);
+fn fail(out: &mut Vec<u8>, status: Status, head_only: bool) -> Step {
+    response::write(out, status, false, head_only);
     Step::Close
 }
 
@@ -355,6 +367,9 @@ fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
     let http11 = request.version == Some(1);
     let method = request.method.unwrap_or("");
     let head_only = method == "HEAD";
+    let Some(path) = origin_form(method, request.path.unwrap_or("").as_bytes()) else {
+        return refuse(Status::BadRequest, head_only);
+    };
     let mut content_length: Option<u64> = None;
     let mut transfer_encoding: Option<&[u8]> = None;
     let (mut close, mut keep_alive, mut hosts) = (false, false, 0);
@@ -363,15 +378,15 @@ fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
         if name.eq_ignore_ascii_case("content-length") {
             // Digits only: no sign, no spaces inside, no list. Repeats must agree.
             let Some(value) = parse_length(header.value) else {
-                return refuse(Status::BadRequest);
+                return refuse(Status::BadRequest, head_only);
             };
             if content_length.is_some_and(|existing| existing != value) {
-                return refuse(Status::BadRequest);
+                return refuse(Status::BadRequest, head_only);
             }
             content_length = Some(value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if transfer_encoding.is_some() {
-                return refuse(Status::BadRequest);
+                return refuse(Status::BadRequest, head_only);
             }
             transfer_encoding = Some(header.value);
         } else if name.eq_ignore_ascii_case("connection") {
@@ -381,22 +396,26 @@ fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case("host") {
+            if !is_host(header.value) {
+                return refuse(Status::BadRequest, head_only);
+            }
             hosts += 1;
         }
     }
     // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host.
     if hosts > 1 || (http11 && hosts == 0) {
-        return refuse(Status::BadRequest);
+        return refuse(Status::BadRequest, head_only);
     }
     let framing = match (content_length, transfer_encoding) {
         // Both framings at once is the classic smuggling shape: refuse it.
-        (Some(_), Some(_)) => return refuse(Status::BadRequest),
-        // HTTP/1.0 has no transfer codings; only a lone `chunked` is understood.
-        (None, Some(te)) if !http11 || !te.trim_ascii().eq_ignore_ascii_case(b"chunked") => {
-            return refuse(Status::BadRequest)
-        }
-        (None, Some(_)) => Some(Framing::ChunkSize),
-        (Some(length), None) if length > MAX_BODY => return refuse(Status::PayloadTooLarge),
+        (Some(_), Some(_)) => return refuse(Status::BadRequest, head_only),
+        // HTTP/1.0 has no transfer codings (RFC 9112 §6.1: the framing is faulty).
+        (None, Some(_)) if !http11 => return refuse(Status::BadRequest, head_only),
+        (None, Some(te)) => match transfer_codings(te) {
+            Ok(()) => Some(Framing::ChunkSize),
+            Err(status) => return refuse(status, head_only),
+        },
+        (Some(length), None) if length > MAX_BODY => return refuse(Status::PayloadTooLarge, head_only),
         (Some(0), None) | (None, None) => None,
         (Some(length), None) => Some(Framing::Length(length)),
     };
@@ -415,7 +434,7 @@ fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
                 .map(|h| String::from_utf8_lossy(h.value).into_owned())
         };
         site::Request {
-            target: request.path.unwrap_or("").as_bytes().to_vec(),
+            target: path.to_vec(),
             if_none_match: header("if-none-match"),
             if_modified_since: header("if-modified-since"),
             range: header("range"),
@@ -431,13 +450,105 @@ fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
 }
 
 /// An error answer: no body is read and the connection closes.
-fn refuse(status: Status) -> Head {
+fn refuse(status: Status, head_only: bool) -> Head {
     Head {
         status,
         keep_alive: false,
-        head_only: false,
+        head_only,
         framing: None,
         site_request: None,
+    }
+}
+
+/// 505 for a well-formed version this server does not speak (`HTTP/2.0`, `HTTP/0.9`), 400 for
+/// anything else httparse refused as a version (`http/1.1`, `HTTP/1.10`, none at all); `None`
+/// until the request line is complete (httparse refuses `HTTP/2` before the line ends).
+fn version_error(input: &[u8]) -> Option<Status> {
+    let line = &input[..input.iter().position(|&b| b == b'\n')?];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]), None)
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            Some(Status::VersionNotSupported)
+        }
+        _ => Some(Status::BadRequest),
+    }
+}
+
+/// The origin-form target (`/path?query`) of a request (RFC 9112 §3.2): as sent, or the path
+/// of an absolute-form target (`http://host/path`, which servers must accept), `/` when it has
+/// none; CONNECT's authority-form as sent (it gets 501). `None` for anything else — a target that
+/// is not a path, `*` other than for OPTIONS, a fragment, or bytes outside visible ASCII
+/// (httparse lets UTF-8 through) — which gets 400.
+fn origin_form<'a>(method: &str, target: &'a [u8]) -> Option<&'a [u8]> {
+    if !target.iter().all(|&b| b.is_ascii_graphic() && b != b'#') {
+        return None;
+    }
+    if target.first() == Some(&b'/')
+        || (target == b"*" && method == "OPTIONS")
+        || method == "CONNECT"
+    {
+        return Some(target);
+    }
+    let scheme_end = target.windows(3).position(|w| w == b"://")?;
+    let scheme = &target[..scheme_end];
+    if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let authority_end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    if authority_end == 0 || !is_host(&rest[..authority_end]) {
+        return None;
+    }
+    match &rest[authority_end..] {
+        [] => Some(b"/"),
+        path if path[0] == b'?' => None,
+        path => Some(path),
+    }
+}
+
+/// A Host value: `uri-host [":" port]` (RFC 9110 §7.2), empty allowed. Servers must answer 400
+/// to an invalid one (RFC 9112 §3.2); names are only checked for their characters.
+fn is_host(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) if !value[colon..].contains(&b']') => (&value[..colon], &value[colon + 1..]),
+        _ => (value, &b""[..]),
+    };
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty() && literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        name => name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)),
+    };
+    host_ok && port.iter().all(u8::is_ascii_digit)
+}
+
+/// A request's `Transfer-Encoding` list: only `chunked`, once, is understood. The body of a list
+/// whose last coding is not chunked has no knowable end (400, RFC 9112 §6.3); any other coding
+/// before a final chunked is one this server does not implement (501, RFC 9112 §6.1).
+fn transfer_codings(value: &[u8]) -> Result<(), Status> {
+    let codings: Vec<&[u8]> = value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty())
+        .collect();
+    let is_chunked = |coding: &&[u8]| coding.eq_ignore_ascii_case(b"chunked");
+    match codings.split_last() {
+        Some((last, others)) if is_chunked(last) && !others.iter().any(is_chunked) => {
+            if others.is_empty() {
+                Ok(())
+            } else {
+                Err(Status::NotImplemented)
+            }
+        }
+        _ => Err(Status::BadRequest),
     }
 }
 

@@ -132,8 +132,13 @@ impl Site {
             response::write(out, Status::NotFound, keep_alive, head_only);
             return None;
         };
+        let target = path_part(&request.target);
+        if !meta.is_dir() && target.ends_with(b"/") {
+            // `/file.txt/` names a folder that does not exist (open(2) says ENOTDIR).
+            response::write(out, Status::NotFound, keep_alive, head_only);
+            return None;
+        }
         if meta.is_dir() {
-            let target = path_part(&request.target);
             if !target.ends_with(b"/") {
                 let mut location = String::from_utf8_lossy(target).into_owned();
                 location.push('/');
@@ -405,6 +410,15 @@ fn not_modified(request: &Request, etag: &str, modified: u64) -> bool {
 
 /// A single `bytes=` range: `Some(Ok((first, last)))`, `Some(Err(()))` when unsatisfiable, `None`
 /// when the header is not one range this server honours (the whole file is sent).
+/// A byte position of a Range: digits only (no sign), and a number past `u64` is just very large
+/// (it is clamped to the file like any other).
+fn position(digits: &str) -> Option<u64> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(digits.parse().unwrap_or(u64::MAX))
+}
+
 fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     let spec = header.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
@@ -414,18 +428,18 @@ fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     let (first, last) = (first.trim(), last.trim());
     let range = match (first.is_empty(), last.is_empty()) {
         (true, false) => {
-            let suffix: u64 = last.parse().ok()?;
+            let suffix = position(last)?;
             if suffix == 0 || size == 0 {
                 return Some(Err(()));
             }
             (size.saturating_sub(suffix), size - 1)
         }
         (false, _) => {
-            let first: u64 = first.parse().ok()?;
-            let last: u64 = if last.is_empty() {
+            let first = position(first)?;
+            let last = if last.is_empty() {
                 size.saturating_sub(1)
             } else {
-                last.parse().ok()?
+                position(last)?
             };
             if first >= size {
                 return Some(Err(()));
@@ -464,6 +478,9 @@ mod tests {
         assert_eq!(byte_range("bytes=0-1,5-6", 100), None);
         assert_eq!(byte_range("bytes=9-1", 100), None);
         assert_eq!(byte_range("items=0-1", 100), None);
+        assert_eq!(byte_range("bytes=0-99999999999999999999", 100), Some(Ok((0, 99))));
+        assert_eq!(byte_range("bytes=-99999999999999999999", 100), Some(Ok((0, 99))));
+        assert_eq!(byte_range("bytes=+1-2", 100), None);
     }
 
     #[test]
