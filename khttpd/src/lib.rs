@@ -17,6 +17,7 @@ pub mod fd;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod privileges;
 pub mod shutdown;
 pub mod sockmap;
 pub mod workqueue;

@@ -9,7 +9,7 @@ use log::{info, warn};
 use tokio::{signal::unix, sync::broadcast};
 
 use khttpd::{
-    http, listener, metrics,
+    http, listener, metrics, privileges,
     echo::{kernel::KernelEcho, EchoService},
     fast_path::FastPath,
     http::{kernel::KernelHttp, Dispatch, HttpService, Timeouts},
@@ -86,6 +86,10 @@ struct Args {
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Once the programs are loaded and the ports bound, run as this user, without capabilities,
+    /// confined to --root (chroot) if given. `root` keeps every privilege (not recommended).
+    #[arg(long, value_name = "NAME", default_value = "nobody")]
+    user: String,
     /// More log output (-v debug, including the eBPF programs' logs; -vv trace).
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
@@ -116,7 +120,8 @@ fn main() -> ExitCode {
         .filter_module("aya_obj", level.min(log::LevelFilter::Info))
         .format_target(false)
         .init();
-    raise_fd_limit();
+    raise_fd_limit(args.max_connections);
+    privileges::forbid_new_privileges();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,11 +146,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.body {
         http::response::set_body(read_body(path)?);
     }
-    let site = match &args.root {
-        Some(root) => Some(Arc::new(
-            http::site::Site::new(root).with_context(|| format!("--root {}", root.display()))?,
-        )),
+    // Checked now, opened after the privilege drop (which may make it the filesystem's root).
+    let root = match &args.root {
+        Some(root) => Some(http::site::Site::new(root).with_context(|| format!("--root {}", root.display()))?),
         None => None,
+    };
+    // Looked up before a chroot hides the user database; `root` (or not being root) keeps all.
+    let user = match privileges::lookup(&args.user)? {
+        user if user.uid == 0 => None,
+        _ if !privileges::is_root() => {
+            info!("not started as root: --user {} not applied", args.user);
+            None
+        }
+        user => Some(user),
     };
     let echo_listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
     let http_listeners = listener::bind(&args.iface, args.port, args.backlog)?;
@@ -180,6 +193,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (None, None, None),
     };
 
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    // Everything that needs root is done: programs loaded and attached, ports bound.
+    let site = match (root, &user) {
+        (Some(root), Some(user)) => {
+            privileges::drop_to(user, Some(root.root()))?;
+            Some(Arc::new(http::site::Site::new(std::path::Path::new("/"))?))
+        }
+        (root, user) => {
+            if let Some(user) = user {
+                privileges::drop_to(user, None)?;
+            }
+            root.map(Arc::new)
+        }
+    };
+
     let queue = |name| {
         WorkQueue::alloc(Config::new(name, args.workqueue, args.max_active))
             .context("allocating a work queue")
@@ -211,10 +246,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(addr) = args.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    if let Some(listener) = metrics_listener {
         info!("metrics: http://{}/metrics", listener.local_addr()?);
         let services = Arc::new(Services {
             echo: echo.clone(),
@@ -297,18 +329,62 @@ fn read_body(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("--body {}", path.display()))
 }
 
-/// Lets the server hold as many connections as the hard limit allows.
-fn raise_fd_limit() {
+/// File descriptors beyond one per HTTP connection: listeners, BPF objects, epoll and event fds,
+/// files being sent under `--root`, connections lingering after a 503, echo connections.
+const FD_SLACK: libc::rlim_t = 4096;
+
+/// Raises RLIMIT_NOFILE: the soft limit to the hard one (echo connections have no limit of their
+/// own), and both to what `--max-connections` needs plus `FD_SLACK` when the hard limit is lower
+/// and raising it is allowed (CAP_SYS_RESOURCE; at most /proc/sys/fs/nr_open). Never lowers it.
+/// When the limit stays short, says so: past it accept fails with EMFILE and new connections wait
+/// in the backlog instead of getting a 503.
+fn raise_fd_limit(max_connections: usize) {
+    let wanted = libc::rlim_t::try_from(max_connections)
+        .unwrap_or(libc::rlim_t::MAX)
+        .saturating_add(FD_SLACK);
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: plain get/setrlimit on a stack struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    // SAFETY: getrlimit writes the stack struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return warn!("cannot read the file descriptor limit: {error}");
+    }
+    // No process may have a higher limit than nr_open.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(wanted);
+    let both = wanted.min(ceiling).max(limit.rlim_max);
+    let attempts = [
+        libc::rlimit {
+            rlim_cur: both,
+            rlim_max: both,
+        },
+        libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        },
+    ];
+    for attempt in attempts {
+        if attempt.rlim_cur <= limit.rlim_cur {
+            continue;
         }
+        // SAFETY: setrlimit reads the stack struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &attempt) } == 0 {
+            log::debug!("file descriptor limit raised to {}", attempt.rlim_cur);
+            limit = attempt;
+            break;
+        }
+    }
+    if limit.rlim_cur < wanted {
+        warn!(
+            "the file descriptor limit is {} (hard limit {}), below the {wanted} that \
+             --max-connections {max_connections} needs (one per connection + {FD_SLACK}): once it \
+             is reached, new connections wait unaccepted (EMFILE) instead of getting a 503; raise \
+             it (ulimit -n, LimitNOFILE=) or lower --max-connections",
+            limit.rlim_cur, limit.rlim_max
+        );
     }
 }

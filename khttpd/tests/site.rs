@@ -59,15 +59,13 @@ impl TestSite {
     }
 
     fn server(&self, mode: Mode, dispatch: &str) -> Server {
-        Server::start(
-            mode,
-            &[
-                "--root",
-                self.root.to_str().unwrap(),
-                "--dispatch",
-                dispatch,
-            ],
-        )
+        self.server_as(mode, dispatch, "nobody")
+    }
+
+    /// `user`: `root` keeps the server unconfined, so only its own checks keep it in the root.
+    fn server_as(&self, mode: Mode, dispatch: &str, user: &str) -> Server {
+        let root = self.root.to_str().unwrap();
+        Server::start(mode, &["--root", root, "--dispatch", dispatch, "--user", user])
     }
 }
 
@@ -230,7 +228,8 @@ fn files_listings_validators_and_ranges() {
 #[test]
 fn nothing_outside_the_root_is_served() {
     let site = TestSite::new("confined");
-    let server = site.server(Mode::UserUnbound, "cmwq");
+    // Its own checks first: unconfined (`--user root`), where a path outside could be opened.
+    let server = site.server_as(Mode::UserUnbound, "cmwq", "root");
     for (attempt, status) in [
         ("/../etc/hostname", 403),
         ("/%2e%2e/etc/hostname", 403),
@@ -252,6 +251,11 @@ fn nothing_outside_the_root_is_served() {
     assert!(log.contains("would leave the document root"), "{log}");
     assert!(log.contains("outside the document root"), "{log}");
     assert!(log.contains("NUL byte"), "{log}");
+    // Confined to the root (the default, `--user nobody`), a link out leads nowhere.
+    let server = site.server(Mode::UserUnbound, "cmwq");
+    assert_eq!(get(&server, "/link-outside", &[]).status, 404);
+    assert_eq!(get(&server, "/../etc/hostname", &[]).status, 403);
+    assert_eq!(get(&server, "/link-inside", &[]).body, b"inner\n");
 }
 
 #[test]
@@ -358,34 +362,15 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
 
 #[test]
 fn unreadable_files_are_403() {
-    use std::{os::unix::fs::PermissionsExt, process::Command};
+    use std::os::unix::fs::PermissionsExt;
     let site = TestSite::new("unreadable");
     let secret = site.root.join("secret.txt");
     fs::write(&secret, b"secret\n").unwrap();
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
-    // As root every file is readable: run the server as nobody, without capabilities.
-    let port = common::free_port();
-    let mut child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(["--inh-caps=-all", "--bounding-set=-all"])
-        .arg(common::KHTTPD)
-        .args(["--fast-path", "off", "--root", site.root.to_str().unwrap()])
-        .args(["--port", &port.to_string()])
-        .args(["--echo-port", &common::free_port().to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("setpriv khttpd");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = common::eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok());
-    let answers = up.then(|| {
-        (
-            get_at(addr, "/secret.txt", &[]).status,
-            get_at(addr, "/page.html", &[]).status,
-        )
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    assert_eq!(answers, Some((403, 200)), "server up: {up}");
+    // Root reads every file; the server runs as nobody once started (the default `--user`).
+    let server = site.server(Mode::UserUnbound, "cmwq");
+    assert_eq!(get(&server, "/secret.txt", &[]).status, 403);
+    assert_eq!(get(&server, "/page.html", &[]).status, 200);
 }
 
 #[test]

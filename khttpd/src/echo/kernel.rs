@@ -7,11 +7,10 @@
 
 use std::{io, net::TcpStream, ops::Deref, os::fd::AsRawFd};
 
-use aya::maps::{MapData, PerCpuArray};
 use khttpd_common::echo::Counter;
 
 use crate::{
-    fast_path::EchoMaps,
+    fast_path::{Counters, EchoMaps},
     fd::tcp_info,
     sockmap::{KernelConnections, Service},
 };
@@ -32,7 +31,7 @@ impl Service for Echo {
 
 pub struct KernelEcho {
     connections: KernelConnections<Echo>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Counters,
 }
 
 impl KernelEcho {
@@ -45,10 +44,7 @@ impl KernelEcho {
 
     /// The kernel's per-CPU counter, summed.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.counters
-            .get(&(counter as u32), 0)
-            .map(|values| values.iter().sum())
-            .unwrap_or(0)
+        self.counters.sum(counter as u32)
     }
 }
 

@@ -37,7 +37,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData};
 use khttpd_common::http::{
     self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock,
     ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
@@ -46,7 +46,7 @@ use log::{debug, warn};
 
 use super::{response, session::Learned, Slot};
 use crate::{
-    fast_path::HttpMaps,
+    fast_path::{Counters, HttpMaps},
     fd::tcp_info,
     sockmap::{KernelConnections, Service},
 };
@@ -145,7 +145,7 @@ pub struct KernelHttp {
     /// Largest answer taught (`--kernel-cache-max`).
     cache_max: usize,
     dates: Mutex<Dates>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Counters,
 }
 
 /// The kernel's `Date` slots and which one is current.
@@ -505,10 +505,7 @@ impl KernelHttp {
 
     /// The kernel's per-CPU counter, summed.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.counters
-            .get(&(counter as u32), 0)
-            .map(|values| values.iter().sum())
-            .unwrap_or(0)
+        self.counters.sum(counter as u32)
     }
 
     pub fn passed(&self, reason: PassReason) -> u64 {

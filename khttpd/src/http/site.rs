@@ -64,6 +64,11 @@ impl Site {
         Ok(Site { root })
     }
 
+    /// The folder served, canonical.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Calls `changed` (on a thread of its own) whenever something under the root is written,
     /// created, removed, moved or has its attributes changed, for the rest of the process's
     /// life. inotify directly, with a mask without IN_OPEN: a watcher woken by every file the

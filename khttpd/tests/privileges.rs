@@ -1,0 +1,167 @@
+//! Least privilege, read from the outside (/proc/<pid>): once started, the server is `nobody`
+//! with no capabilities, confined to its document root, unable to gain privileges through
+//! execve — and the kernel fast path still works, through the descriptors it opened as root.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use common::{bpf_allowed, loaded_program_ids, Mode, Server, KHTTPD};
+
+/// The value of a `Name:\tvalue` line of /proc/<pid>/status.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+struct Folder(std::path::PathBuf);
+
+impl Folder {
+    fn create(name: &str) -> Folder {
+        let dir = std::env::temp_dir().join(format!("khttpd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        std::fs::write(dir.join("root/page.txt"), "page\n").unwrap();
+        std::fs::write(dir.join("outside.txt"), "outside\n").unwrap();
+        std::os::unix::fs::symlink(dir.join("outside.txt"), dir.join("root/out")).unwrap();
+        Folder(dir)
+    }
+
+    fn root(&self) -> std::path::PathBuf {
+        self.0.join("root")
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `requests` keep-alive GETs of `path` on one connection; the statuses.
+fn statuses(server: &Server, path: &str, requests: usize) -> Vec<u16> {
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut statuses = Vec::new();
+    for _ in 0..requests {
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        // Heads end with CRLFCRLF; the bodies here are 5 or 14 bytes and end with '\n'.
+        while !answer.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            answer.push(byte[0]);
+        }
+        let head = String::from_utf8(answer).unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).unwrap();
+        statuses.push(head[9..12].parse().unwrap());
+    }
+    statuses
+}
+
+#[test]
+fn after_start_the_server_is_nobody_without_capabilities_confined_to_the_root() {
+    if !bpf_allowed() {
+        return;
+    }
+    let folder = Folder::create("privileges");
+    let root = folder.root();
+    let server = Server::start(Mode::Kernel, &["--root", root.to_str().unwrap()]);
+    let pid = server.pid();
+    let nobody = "65534\t65534\t65534\t65534";
+    assert_eq!(status_field(pid, "Uid"), nobody);
+    assert_eq!(status_field(pid, "Gid"), nobody);
+    assert_eq!(status_field(pid, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // Every thread, not only the one that dropped.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+        assert!(status.contains(&format!("Uid:\t{nobody}")), "{status}");
+    }
+    // Its filesystem is the document root, and it holds no file outside it open: no path it
+    // can name leads out, and without CAP_SYS_CHROOT it cannot leave.
+    let jail = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    assert_eq!(jail, std::fs::canonicalize(&root).unwrap());
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap();
+        let target = target.to_string_lossy();
+        let harmless = ["socket:", "anon_inode:", "pipe:", "/dev/null"];
+        assert!(
+            harmless.iter().any(|prefix| target.starts_with(prefix)),
+            "fd {:?} → {target}",
+            fd.file_name()
+        );
+    }
+    // It checked that the kernel refuses it a BPF program (the probe loads as root: unit test).
+    let log = server.stderr();
+    assert!(
+        log.contains("running as nobody (uid 65534, gid 65534), no capabilities, confined to")
+            && log.contains("loading BPF is refused"),
+        "{log}"
+    );
+    // A file outside the root through a symlink: not there for the server.
+    assert_eq!(statuses(&server, "/out", 1), [404]);
+    // The fast path works through what was opened as root: new connections go into the
+    // sockhash, answers are taught, the kernel answers, counters are read.
+    let before = server.metric("khttpd_http_kernel_responses_total");
+    assert!(statuses(&server, "/page.txt", 40).iter().all(|&s| s == 200));
+    let answered = server.metric("khttpd_http_kernel_responses_total") - before;
+    assert!(answered >= 30, "the kernel answered {answered} of 40");
+    let mut echo = TcpStream::connect(server.echo_addr()).unwrap();
+    echo.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    echo.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    assert!(server.metric("khttpd_echo_kernel_bytes_total") >= 4);
+    // And it still cleans up: exit 0, none of its programs left.
+    let (programs, _) = server.bpf_ids();
+    assert!(!programs.is_empty());
+    assert!(server.terminate().success());
+    let loaded = loaded_program_ids();
+    assert!(programs.iter().all(|id| !loaded.contains(id)));
+}
+
+#[test]
+fn user_root_keeps_privileges_and_unknown_users_are_refused() {
+    if !bpf_allowed() {
+        return;
+    }
+    let server = Server::start(Mode::UserUnbound, &["--user", "root"]);
+    assert!(status_field(server.pid(), "Uid").starts_with("0\t"));
+    drop(server);
+    let output = Command::new(KHTTPD)
+        .args(["--fast-path", "off", "--user", "no-such-user-khttpd"])
+        .args(["--port", &common::free_port().to_string()])
+        .args(["--echo-port", &common::free_port().to_string()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.lines().last(),
+        Some("khttpd: error: --user no-such-user-khttpd: no such user"),
+        "{stderr}"
+    );
+}
