@@ -6,6 +6,7 @@ mod common;
 use std::{
     io::{ErrorKind, Read, Write},
     net::TcpStream,
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -14,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{bpf_allowed, eventually, loaded_program_ids, Mode, Server};
+use common::{ask, bpf_allowed, eventually, loaded_program_ids, Mode, Server};
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: faults\r\n\r\n";
 
@@ -145,4 +146,225 @@ fn kill_9_leaves_no_program_attached_and_a_restart_serves_within_a_second() {
     assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK"));
     let took = restarted.elapsed();
     assert!(took < Duration::from_secs(1), "serving again took {took:?}");
+}
+
+/// A khttpd whose kernel refuses it BPF: a seccomp filter makes bpf(2) — every command, or only
+/// `command` — fail with `errno`, as a kernel built without BPF (ENOSYS), a container that forbids
+/// it, or a kernel that refuses program loads (BPF_PROG_LOAD: EACCES) would.
+fn khttpd_refused_bpf(mode: Mode, command: Option<u32>, errno: i32) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let filter = refuse_bpf_filter(command, errno);
+    let mut khttpd = Command::new(common::KHTTPD);
+    khttpd.args(mode.args());
+    // SAFETY: between fork and exec only prctl runs (no allocation): the filter was built before.
+    unsafe {
+        khttpd.pre_exec(move || {
+            let program = SockFprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr(),
+            };
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            // SECCOMP_MODE_FILTER; the kernel copies the program during the call.
+            if libc::prctl(libc::PR_SET_SECCOMP, 2, &raw const program) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    khttpd
+}
+
+#[repr(C)]
+struct SockFilter {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const SockFilter,
+}
+
+/// A classic-BPF seccomp program: bpf(2) (with `command` as its first argument, if given) fails
+/// with `errno`; everything else is allowed.
+fn refuse_bpf_filter(command: Option<u32>, errno: i32) -> Vec<SockFilter> {
+    const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xc000_00b7;
+    let op = |code, k| SockFilter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // seccomp_data: the syscall number at 0, the architecture at 4, args[0] (low half) at 16.
+    // Each test falls through when it matches and jumps to the final ALLOW when it does not.
+    let mut filter = vec![
+        op(LOAD_WORD, 4),
+        op(JUMP_IF_EQUAL, AUDIT_ARCH),
+        op(LOAD_WORD, 0),
+        op(JUMP_IF_EQUAL, libc::SYS_bpf as u32),
+    ];
+    if let Some(command) = command {
+        filter.extend([op(LOAD_WORD, 16), op(JUMP_IF_EQUAL, command)]);
+    }
+    filter.push(op(RETURN, 0x0005_0000 | errno as u32)); // SECCOMP_RET_ERRNO
+    filter.push(op(RETURN, 0x7fff_0000)); // SECCOMP_RET_ALLOW
+    let allow = filter.len() - 1;
+    for (at, instruction) in filter.iter_mut().enumerate() {
+        if instruction.code == JUMP_IF_EQUAL {
+            instruction.jf = (allow - at - 1) as u8;
+        }
+    }
+    filter
+}
+
+#[test]
+fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
+    if !bpf_allowed() {
+        return;
+    }
+    const BPF_PROG_LOAD: u32 = 5;
+    let refusals = [
+        ("no bpf(2) at all", None, libc::ENOSYS, "Function not implemented"),
+        // Every program load refused, aya's own feature probes included, so the object fails
+        // before the verifier would see the programs.
+        ("program loads refused", Some(BPF_PROG_LOAD), libc::EACCES, "loading the BPF object"),
+    ];
+    for (refusal, command, errno, reason) in refusals {
+        // --fast-path on: exit at once, one line saying why.
+        let mut on = khttpd_refused_bpf(Mode::Kernel, command, errno);
+        on.args(["--port", &common::free_port().to_string()])
+            .args(["--echo-port", &common::free_port().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = on.spawn().unwrap();
+        let status = common::wait_bounded(&mut child, Duration::from_secs(20)).expect("exits");
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("khttpd: error:")).collect();
+        assert!(!status.success(), "{refusal}: {stderr}");
+        assert!(errors.len() == 1 && errors[0].contains(reason), "{refusal}: {stderr}");
+        // --fast-path auto: one warning, and both services from user space.
+        let khttpd = khttpd_refused_bpf(Mode::Auto, command, errno);
+        let server = Server::start_command(khttpd, &[], false);
+        let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+        assert_eq!(ask(&mut stream, REQUEST), (200, b"Hello, World!\n".to_vec()), "{refusal}");
+        let mut echo = TcpStream::connect(server.echo_addr()).unwrap();
+        echo.write_all(b"still here").unwrap();
+        let mut back = [0u8; 10];
+        echo.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"still here");
+        let log = server.stderr();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("serving from user space")).collect();
+        assert!(warnings.len() == 1 && warnings[0].contains(reason), "{refusal}: {log}");
+        assert!(server.terminate().success(), "{refusal}");
+    }
+}
+
+/// A folder with `count` small files, each naming its version.
+struct Folder(std::path::PathBuf);
+
+impl Folder {
+    fn create(name: &str, count: usize) -> Folder {
+        let dir = std::env::temp_dir().join(format!("khttpd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let folder = Folder(dir);
+        for i in 0..count {
+            folder.write(i, 1);
+        }
+        folder
+    }
+
+    fn write(&self, file: usize, version: u32) {
+        std::fs::write(self.0.join(format!("{file}.txt")), Folder::content(file, version)).unwrap();
+    }
+
+    fn content(file: usize, version: u32) -> Vec<u8> {
+        format!("file {file}, version {version}\n").into_bytes()
+    }
+
+    fn root(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn get(file: usize) -> Vec<u8> {
+    format!("GET /{file}.txt HTTP/1.1\r\nHost: faults\r\n\r\n").into_bytes()
+}
+
+/// Maps that refuse updates (frozen from outside while the server runs): the kernel cannot learn,
+/// cannot be told what user space answered, cannot take new connections, cannot forget — and
+/// every answer is still the current file, from user space where the kernel cannot be trusted.
+#[test]
+fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
+    if !bpf_allowed() {
+        return;
+    }
+    use khttpd_common::http::{ANSWERED_MAP, CONNECTIONS_MAP, REQUESTS_MAP, RESPONSES_MAP};
+    for frozen in [REQUESTS_MAP, ANSWERED_MAP, CONNECTIONS_MAP, RESPONSES_MAP] {
+        let folder = Folder::create("frozen", 2);
+        let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
+        let mut early = TcpStream::connect(server.http_addr()).unwrap();
+        early.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for _ in 0..5 {
+            assert_eq!(ask(&mut early, &get(0)), (200, Folder::content(0, 1)));
+        }
+        let taught = server.metric("khttpd_http_kernel_responses_total");
+        assert!(taught >= 3, "{frozen}: the kernel answered {taught} of 5 before the fault");
+        server.freeze_map(frozen);
+        // A change the kernel must forget, a file it never learned, connections old and new.
+        folder.write(0, 2);
+        thread::sleep(Duration::from_millis(300));
+        let mut late = TcpStream::connect(server.http_addr()).unwrap();
+        late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for round in 0..20 {
+            for stream in [&mut early, &mut late] {
+                assert_eq!(ask(stream, &get(0)), (200, Folder::content(0, 2)), "{frozen}, round {round}");
+                assert_eq!(ask(stream, &get(1)), (200, Folder::content(1, 1)), "{frozen}, round {round}");
+            }
+        }
+        let log = server.stderr();
+        assert!(!log.contains("panicked"), "{frozen}: {log}");
+        assert!(server.terminate().success(), "{frozen}");
+    }
+}
+
+/// More distinct answers than the kernel has slots (256): the rest come from user space, all exact.
+#[test]
+fn a_full_kernel_table_sends_the_rest_from_user_space() {
+    if !bpf_allowed() {
+        return;
+    }
+    let files = 400;
+    let folder = Folder::create("full", files);
+    let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for _ in 0..3 {
+        for file in 0..files {
+            assert_eq!(ask(&mut stream, &get(file)), (200, Folder::content(file, 1)));
+        }
+    }
+    let metrics = server.metrics();
+    let entries = metrics["khttpd_http_kernel_cache_entries"];
+    let kernel = metrics["khttpd_http_kernel_responses_total"];
+    let unknown = metrics["khttpd_http_passed_total{reason=\"unknown_request\"}"];
+    assert!(entries <= 256 && entries >= 200, "{entries} cached");
+    assert!(kernel >= 200, "the kernel answered {kernel}");
+    assert!(unknown >= (files - 256) as u64, "user space answered {unknown} misses");
 }

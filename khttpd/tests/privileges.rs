@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{bpf_allowed, loaded_program_ids, Mode, Server, KHTTPD};
+use common::{ask, bpf_allowed, loaded_program_ids, Mode, Server, KHTTPD};
 
 /// The value of a `Name:\tvalue` line of /proc/<pid>/status.
 fn status_field(pid: u32, name: &str) -> String {
@@ -53,28 +53,9 @@ fn statuses(server: &Server, path: &str, requests: usize) -> Vec<u16> {
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
-    let mut statuses = Vec::new();
-    for _ in 0..requests {
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut answer = Vec::new();
-        let mut byte = [0u8; 1];
-        // Heads end with CRLFCRLF; the bodies here are 5 or 14 bytes and end with '\n'.
-        while !answer.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).unwrap();
-            answer.push(byte[0]);
-        }
-        let head = String::from_utf8(answer).unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut body = vec![0u8; length];
-        stream.read_exact(&mut body).unwrap();
-        statuses.push(head[9..12].parse().unwrap());
-    }
-    statuses
+    (0..requests)
+        .map(|_| ask(&mut stream, request.as_bytes()).0)
+        .collect()
 }
 
 #[test]

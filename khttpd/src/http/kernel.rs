@@ -42,7 +42,7 @@ use khttpd_common::http::{
     self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock,
     ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
 };
-use log::{debug, warn};
+use log::{debug, error, warn};
 
 use super::{response, session::Learned, Slot};
 use crate::{
@@ -179,6 +179,9 @@ enum ResponseSlot {
     /// marked just before may still be synthesized from it, so it is not rewritten before
     /// [`SLOT_REST`] has passed.
     Resting(Instant),
+    /// A request naming it could not be removed from the kernel's table: its length is 0 (the
+    /// verdict passes such requests to user space) and it is never filled again.
+    Disabled,
 }
 
 /// How long a slot rests between two contents (a marked request is synthesized within
@@ -209,7 +212,7 @@ impl Table {
         let free = self.slots.iter().position(|slot| match slot {
             ResponseSlot::Free => true,
             ResponseSlot::Resting(since) => now.duration_since(*since) >= SLOT_REST,
-            ResponseSlot::Used { .. } => false,
+            ResponseSlot::Used { .. } | ResponseSlot::Disabled => false,
         });
         let Some(slot) = free else {
             self.evict_least_recent(now);
@@ -267,18 +270,50 @@ impl Table {
     }
 
     fn rest(&mut self, slot: u32, now: Instant) {
-        if let ResponseSlot::Used { response, .. } =
-            std::mem::replace(&mut self.slots[slot as usize], ResponseSlot::Resting(now))
-        {
+        self.retire(slot, ResponseSlot::Resting(now));
+    }
+
+    /// Replaces a slot's state (a disabled slot stays disabled).
+    fn retire(&mut self, slot: u32, next: ResponseSlot) {
+        let slot = &mut self.slots[slot as usize];
+        if matches!(slot, ResponseSlot::Disabled) {
+            return;
+        }
+        if let ResponseSlot::Used { response, .. } = std::mem::replace(slot, next) {
             self.by_response.remove(&response);
         }
     }
 
+    /// Removes a taught request from the kernel's table. If the kernel may still hold it (the
+    /// delete failed, and not because the LRU map already dropped it), the slot it names is
+    /// disabled: the kernel must never answer it with that slot's next content, nor with stale
+    /// content after a file changed.
     fn forget_request(&mut self, request: &[u8]) {
-        self.taught.remove(request);
-        if let Some(key) = RequestKey::new(request) {
-            let _ = self.requests.remove(&key);
+        let slot = self.taught.remove(request).and_then(|(slot, _)| slot);
+        let Some(key) = RequestKey::new(request) else {
+            return;
+        };
+        match self.requests.remove(&key) {
+            Ok(()) => {}
+            Err(e) if os_error(&e) == Some(libc::ENOENT) => {}
+            Err(e) => {
+                warn!("http: the kernel could not forget a request ({e}); its answer goes to user space");
+                if let Some(slot) = slot {
+                    self.disable(slot);
+                }
+            }
         }
+    }
+
+    fn disable(&mut self, slot: u32) {
+        let off = ResponseMeta {
+            len: 0,
+            date_offset: 0,
+        };
+        if let Err(e) = self.meta.set(slot, off, 0) {
+            error!("http: cannot disable kernel answer slot {slot} either ({e}): it may answer stale bytes");
+        }
+        self.retire(slot, ResponseSlot::Disabled);
     }
 }
 
@@ -522,6 +557,18 @@ impl Deref for KernelHttp {
 }
 
 /// Every byte ever written to the socket's send queue: acknowledged ones plus those still queued.
+/// The errno under a map operation's error, if any.
+fn os_error(error: &aya::maps::MapError) -> Option<i32> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        source = e.source();
+    }
+    None
+}
+
 fn queued_bytes(fd: RawFd) -> io::Result<u64> {
     let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;

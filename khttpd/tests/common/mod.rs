@@ -29,7 +29,7 @@ pub enum Mode {
 pub const ALL_MODES: [Mode; 3] = [Mode::Kernel, Mode::UserUnbound, Mode::UserBound];
 
 impl Mode {
-    fn args(self) -> &'static [&'static str] {
+    pub fn args(self) -> &'static [&'static str] {
         match self {
             Mode::Kernel => &["--fast-path", "on"],
             Mode::Auto => &["--fast-path", "auto"],
@@ -88,8 +88,28 @@ impl Server {
         http_port: u16,
         metrics_addr: SocketAddr,
     ) -> Server {
-        let mut child = Command::new(KHTTPD)
-            .args(mode.args())
+        let fast_path = matches!(mode, Mode::Kernel | Mode::Auto);
+        let mut command = Command::new(KHTTPD);
+        command.args(mode.args());
+        Server::spawn(command, extra, [echo_port, http_port], metrics_addr, fast_path)
+    }
+
+    /// Starts with `command` (khttpd with its mode and whatever the test set up, e.g. a seccomp
+    /// filter) and waits until it serves, with the fast path on or not as `fast_path` says.
+    pub fn start_command(command: Command, extra: &[&str], fast_path: bool) -> Server {
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let ports = [free_port(), free_port()];
+        Server::spawn(command, extra, ports, metrics_addr, fast_path)
+    }
+
+    fn spawn(
+        mut command: Command,
+        extra: &[&str],
+        [echo_port, http_port]: [u16; 2],
+        metrics_addr: SocketAddr,
+        fast_path: bool,
+    ) -> Server {
+        let mut child = command
             .args(["--echo-port", &echo_port.to_string()])
             .args(["--port", &http_port.to_string()])
             .args(["--metrics", &metrics_addr.to_string()])
@@ -116,22 +136,18 @@ impl Server {
             metrics_addr,
             stderr,
         };
-        server.wait_ready(mode);
+        server.wait_ready(fast_path);
         server
     }
 
-    fn wait_ready(&self, mode: Mode) {
+    fn wait_ready(&self, fast_path: bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = self.try_metrics_text() {
-                let fast_path = if matches!(mode, Mode::Kernel | Mode::Auto) {
-                    "khttpd_fast_path_enabled 1"
-                } else {
-                    "khttpd_fast_path_enabled 0"
-                };
+                let enabled = format!("khttpd_fast_path_enabled {}", u8::from(fast_path));
                 assert!(
-                    text.contains(fast_path),
-                    "wrong path for {mode:?}:\n{}",
+                    text.contains(&enabled),
+                    "expected {enabled}:\n{}",
                     self.stderr()
                 );
                 return;
@@ -336,4 +352,51 @@ pub fn xtask_binary() -> &'static Path {
         assert!(status.success(), "cargo build --package xtask: {status}");
         profile_dir.join("xtask")
     })
+}
+
+impl Server {
+    /// Freezes the server's map `name` (BPF_MAP_FREEZE): from then on every write to it from
+    /// user space fails with EPERM while the programs' own writes go on — a map that refuses
+    /// updates, injected from outside into the real server.
+    pub fn freeze_map(&self, name: &str) {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // The kernel keeps the first 15 bytes of a map's name.
+        let kernel_name = &name[..name.len().min(15)];
+        let (_, maps) = self.bpf_ids();
+        for id in maps {
+            let Ok(info) = aya::maps::MapInfo::from_id(id) else {
+                continue;
+            };
+            if info.name_as_str() == Some(kernel_name) {
+                let map = aya::maps::MapData::from_id(id).unwrap();
+                let fd = map.fd().as_fd().as_raw_fd() as u32;
+                const BPF_MAP_FREEZE: libc::c_long = 22;
+                // SAFETY: the attribute is the map's fd, read by the kernel during the call.
+                let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &raw const fd, 4) };
+                assert_eq!(rc, 0, "freezing {name}: {}", std::io::Error::last_os_error());
+                return;
+            }
+        }
+        panic!("server holds no map {name}");
+    }
+}
+
+/// Sends `request` on a kept-alive connection and reads one answer: (status, body). The answer
+/// must have a Content-Length (every answer of khttpd does, except to HEAD and 304).
+pub fn ask(stream: &mut TcpStream, request: &[u8]) -> (u16, Vec<u8>) {
+    stream.write_all(request).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("an answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("Content-Length: "))
+        .map_or(0, |value| value.parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (head[9..12].parse().unwrap(), body)
 }
