@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask bench echo|http`,
-//! `cargo xtask htstress`.
+//! `cargo xtask htstress`, `cargo xtask fuzz`.
 //!
 //! `run` and `test` first make sure the eBPF toolchain is installed (see `toolchain`), so a fresh
 //! clone on a fresh machine needs nothing but these two commands.
@@ -9,6 +9,7 @@ mod bench_echo;
 mod bench_http;
 mod bench_site;
 mod differential;
+mod fuzz;
 mod htstress;
 mod toolchain;
 
@@ -58,6 +59,8 @@ enum Task {
         #[arg(long)]
         khttpd: Option<PathBuf>,
     },
+    /// Run each fuzz target (fuzz/, cargo-fuzz on nightly; installed if missing) for a bounded time.
+    Fuzz(fuzz::Args),
 }
 
 #[derive(Subcommand)]
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Toolchain => toolchain::ensure(),
         Task::Htstress(args) => htstress::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Diff { args, khttpd } => {
             let khttpd = match khttpd {
                 Some(path) => path,
