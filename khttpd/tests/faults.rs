@@ -315,8 +315,10 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
     if !bpf_allowed() {
         return;
     }
-    use khttpd_common::http::{ANSWERED_MAP, CONNECTIONS_MAP, REQUESTS_MAP, RESPONSES_MAP};
-    for frozen in [REQUESTS_MAP, ANSWERED_MAP, CONNECTIONS_MAP, RESPONSES_MAP] {
+    use khttpd_common::http::{
+        ANSWERED_MAP, CONNECTIONS_MAP, DATES_MAP, REQUESTS_MAP, RESPONSES_MAP,
+    };
+    for frozen in [REQUESTS_MAP, ANSWERED_MAP, CONNECTIONS_MAP, RESPONSES_MAP, DATES_MAP] {
         let folder = Folder::create("frozen", 2);
         let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
         let mut early = TcpStream::connect(server.http_addr()).unwrap();
@@ -337,6 +339,16 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
                 assert_eq!(ask(stream, &get(0)), (200, Folder::content(0, 2)), "{frozen}, round {round}");
                 assert_eq!(ask(stream, &get(1)), (200, Folder::content(1, 1)), "{frozen}, round {round}");
             }
+        }
+        if frozen == DATES_MAP {
+            // Its Date would be old: the kernel answers nothing once a refresh has failed.
+            let before = server.metric("khttpd_http_kernel_responses_total");
+            thread::sleep(Duration::from_millis(1100));
+            for _ in 0..10 {
+                assert_eq!(ask(&mut late, &get(1)), (200, Folder::content(1, 1)));
+            }
+            let after = server.metric("khttpd_http_kernel_responses_total");
+            assert_eq!(after, before, "the kernel answered with a Date it could not refresh");
         }
         let log = server.stderr();
         assert!(!log.contains("panicked"), "{frozen}: {log}");

@@ -153,6 +153,9 @@ struct Dates {
     slots: Array<MapData, HttpDate>,
     index: Array<MapData, u32>,
     current: u32,
+    /// The last refresh failed: the kernel's Date is old, so it must answer nothing until one
+    /// succeeds (everything taught was forgotten, nothing is taught meanwhile).
+    stale: bool,
 }
 
 /// What the kernel has been taught, mirrored here so that entries can be evicted and forgotten.
@@ -344,6 +347,7 @@ impl KernelHttp {
                 slots: maps.dates,
                 index: maps.date_index,
                 current: 0,
+                stale: false,
             }),
             counters: maps.counters,
         };
@@ -357,10 +361,23 @@ impl KernelHttp {
         let next = (dates.current + 1) & 1;
         let mut date = HttpDate { bytes: [0; 32] };
         date.bytes[..DATE_LEN].copy_from_slice(response::http_date().as_bytes());
-        dates.slots.set(next, date, 0).map_err(io::Error::other)?;
-        dates.index.set(0, next, 0).map_err(io::Error::other)?;
-        dates.current = next;
-        Ok(())
+        let written = dates
+            .slots
+            .set(next, date, 0)
+            .and_then(|()| dates.index.set(0, next, 0))
+            .map_err(io::Error::other);
+        match written {
+            Ok(()) => {
+                dates.current = next;
+                dates.stale = false;
+            }
+            Err(_) if !dates.stale => {
+                dates.stale = true;
+                self.forget_everything();
+            }
+            Err(_) => {}
+        }
+        written
     }
 
     /// The table's generation, read before computing answers that may be taught.
@@ -376,6 +393,9 @@ impl KernelHttp {
         let Some(last) = learned.last() else {
             return false;
         };
+        if self.dates.lock().unwrap().stale {
+            return false;
+        }
         let mut table = self.table.lock().unwrap();
         if generation != self.generation() {
             return false;

@@ -275,7 +275,7 @@ impl HttpService {
                 () = shutdown.recv() => return,
             }
             if let Err(e) = kernel.refresh_date() {
-                warn!("http: cannot refresh the kernel's Date: {e}");
+                warn!("http: cannot refresh the kernel's Date ({e}): user space answers everything until it can");
             }
         }
     }
