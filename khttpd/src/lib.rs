@@ -9,6 +9,9 @@
 //! 3. Otherwise (and after a hand-off) the connection is one work item on the cmwq-style
 //!    `workqueue` (`echo::user`, `http::serve_async`), or a thread (`--dispatch thread`).
 //! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
+//!
+//! Before the first accept, `privileges` drops root: the process keeps only the descriptors it
+//! opened (programs, maps, listening sockets) and, with `--root`, sees only that folder.
 
 pub mod btf;
 pub mod echo;
