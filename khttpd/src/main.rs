@@ -205,6 +205,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let site = match (root, &user) {
         (Some(root), Some(user)) => {
             privileges::drop_to(user, Some(root.root()))?;
+            // A folder only root may read would answer 403 to everything: say so now.
+            std::fs::read_dir("/").with_context(|| {
+                format!("--root {}: not readable as --user {}", root.root().display(), user.name)
+            })?;
             Some(Arc::new(http::site::Site::new(std::path::Path::new("/"))?))
         }
         (root, user) => {

@@ -124,25 +124,39 @@ fn after_start_the_server_is_nobody_without_capabilities_confined_to_the_root() 
     assert!(programs.iter().all(|id| !loaded.contains(id)));
 }
 
+/// Starts khttpd expecting it to fail; its last stderr line.
+fn start_fails(args: &[&str]) -> String {
+    let output = Command::new(KHTTPD)
+        .args(["--fast-path", "off"])
+        .args(["--port", &common::free_port().to_string()])
+        .args(["--echo-port", &common::free_port().to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    stderr.lines().last().unwrap_or_default().to_owned()
+}
+
 #[test]
-fn user_root_keeps_privileges_and_unknown_users_are_refused() {
+fn user_root_keeps_privileges_and_unknown_users_or_closed_roots_are_refused() {
     if !bpf_allowed() {
         return;
     }
     let server = Server::start(Mode::UserUnbound, &["--user", "root"]);
     assert!(status_field(server.pid(), "Uid").starts_with("0\t"));
     drop(server);
-    let output = Command::new(KHTTPD)
-        .args(["--fast-path", "off", "--user", "no-such-user-khttpd"])
-        .args(["--port", &common::free_port().to_string()])
-        .args(["--echo-port", &common::free_port().to_string()])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
-        stderr.lines().last(),
-        Some("khttpd: error: --user no-such-user-khttpd: no such user"),
-        "{stderr}"
+        start_fails(&["--user", "no-such-user-khttpd"]),
+        "khttpd: error: --user no-such-user-khttpd: no such user"
+    );
+    // A folder only root may read: refused at start rather than 403 for everything.
+    let folder = Folder::create("closed");
+    let root = folder.root();
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let error = start_fails(&["--root", root.to_str().unwrap()]);
+    assert!(
+        error.ends_with("not readable as --user nobody: Permission denied (os error 13)"),
+        "{error}"
     );
 }
