@@ -388,24 +388,26 @@ fn known_divergence(input: &[u8], whole: &Run, chunked: &Run) -> bool {
         return false;
     };
     let start = last.range.start;
-    let Some(other) = whole.responses.iter().find(|r| r.range.start == start) else {
-        return false;
-    };
     if last.keep_alive
         || last.range.end != chunked.out.len()
+        || whole.out.len() < start
         || blank_dates(&whole.out[..start]) != blank_dates(&chunked.out[..start])
     {
         return false;
     }
+    // What the whole run wrote instead: another answer, or (still reading) nothing.
+    let other = whole.responses.iter().find(|r| r.range.start == start);
     match last.code {
         414 | 431 => {
-            !other.keep_alive
-                && other.range.end == whole.out.len()
+            other.is_some_and(|o| !o.keep_alive && o.range.end == whole.out.len())
                 && input.len() > MAX_REQUEST_LINE
         }
-        400 => input
-            .split(|&b| b == b'\n')
-            .any(|line| line.len() > MAX_CHUNK_LINE),
+        400 => {
+            (other.is_some() || whole.out.len() == start)
+                && input
+                    .split(|&b| b == b'\n')
+                    .any(|line| line.len() > MAX_CHUNK_LINE)
+        }
         _ => false,
     }
 }

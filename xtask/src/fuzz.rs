@@ -252,8 +252,8 @@ fn new_artifacts(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
     found
 }
 
-/// The part of libFuzzer's output that says what went wrong: from the first panic or sanitizer
-/// report, without the stack frames of the fuzzing machinery.
+/// The part of libFuzzer's output that says what went wrong: the panic or sanitizer report up to
+/// its stack trace, and libFuzzer's summary lines.
 fn print_failure(log: &str) {
     let lines: Vec<&str> = log.lines().collect();
     let start = lines
@@ -265,9 +265,18 @@ fn print_failure(log: &str) {
                 || l.contains("ERROR: libFuzzer")
                 || l.contains("ALARM: working on the last Unit")
         })
-        .unwrap_or(lines.len().saturating_sub(40));
-    for line in lines[start..].iter().take(40) {
+        .unwrap_or(lines.len().saturating_sub(20));
+    for line in lines[start..]
+        .iter()
+        .take_while(|l| !l.starts_with("stack backtrace:"))
+        .take(40)
+    {
         eprintln!("  {line}");
+    }
+    for line in &lines[start..] {
+        if line.starts_with("SUMMARY:") || line.contains("Test unit written to") {
+            eprintln!("  {line}");
+        }
     }
 }
 
