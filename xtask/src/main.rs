@@ -7,10 +7,12 @@
 mod bench;
 mod bench_echo;
 mod bench_http;
+mod bench_memory;
 mod bench_site;
 mod differential;
 mod fuzz;
 mod htstress;
+mod soak;
 mod toolchain;
 
 use std::{
@@ -61,6 +63,9 @@ enum Task {
     },
     /// Run each fuzz target (fuzz/, cargo-fuzz on nightly; installed if missing) for a bounded time.
     Fuzz(fuzz::Args),
+    /// htstress -n N (close per request, then keep-alive) per fast-path mode; every fd, sockhash
+    /// entry and connection gauge must return to its baseline.
+    Soak(soak::Args),
 }
 
 #[derive(Subcommand)]
@@ -71,6 +76,8 @@ enum Bench {
     Http(bench_http::Args),
     /// A generated folder (`--root`): kernel fast path vs user space vs nginx, with wrk.
     Site(bench_site::Args),
+    /// Server memory with 10k and 50k keep-alive connections open, fast path on, auto and off.
+    Memory(bench_memory::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +132,21 @@ fn main() -> anyhow::Result<()> {
             toolchain::ensure()?;
             bench_site::run(&args, &build_khttpd()?)
         }
+        Task::Soak(args) => {
+            let khttpd = release_khttpd(args.khttpd.clone())?;
+            if cfg!(debug_assertions) {
+                // htstress runs in this process, as in `bench http`.
+                return exec_release_xtask();
+            }
+            soak::run(&args, &khttpd)
+        }
+        Task::Bench(Bench::Memory(args)) => {
+            let khttpd = release_khttpd(args.khttpd.clone())?;
+            if cfg!(debug_assertions) {
+                return exec_release_xtask();
+            }
+            bench_memory::run(&args, &khttpd)
+        }
         Task::Bench(Bench::Http(args)) => {
             toolchain::ensure()?;
             let khttpd = build_khttpd()?;
@@ -148,6 +170,17 @@ pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
+}
+
+/// `path` if given, else the release server, built.
+fn release_khttpd(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match path {
+        Some(path) => Ok(path),
+        None => {
+            toolchain::ensure()?;
+            build_khttpd()
+        }
+    }
 }
 
 /// Builds the release server and returns its path.
