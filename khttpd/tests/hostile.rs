@@ -305,6 +305,10 @@ fn framing_and_bytes() -> Vec<Case> {
         refused("one header over 8 KiB", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", header(8300)), 431),
         refused("header section over 8 KiB", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", header(100).repeat(90)), 431),
         refused("header section over 8 KiB, unfinished", format!("GET / HTTP/1.1\r\nHost: a\r\n{}", header(1000).repeat(9)), 431),
+        refused("request line over 8 KiB with a bad version", format!("GET {} HTTP/9\r\nHost: a\r\n\r\n", target(8200)), 414),
+        refused("request line over 8 KiB with a NUL at its end", format!("GET {}\0 HTTP/1.1\r\nHost: a\r\n\r\n", target(8200)), 414),
+        refused("chunk extension over 4 KiB", with_headers("POST", "Transfer-Encoding: chunked\r\n", &format!("5;x={}\r\nhello\r\n0\r\n\r\n", "e".repeat(5000))), 400),
+        refused("trailer line over 4 KiB", with_headers("POST", "Transfer-Encoding: chunked\r\n", &format!("0\r\nT: {}\r\n\r\n", "t".repeat(5000))), 400),
         refused("101 header fields", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: 1\r\n".repeat(100)), 431),
         // Within the limits: the long target is simply not a file.
         case("request line just under 8 KiB", format!("GET {} HTTP/1.1\r\nHost: a\r\n\r\n", target(8000)), 404, After::Open),

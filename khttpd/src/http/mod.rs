@@ -523,12 +523,11 @@ async fn serve_async(
         mut next,
         mut reusable,
     } = exchange;
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut clock = ReadClock::default();
     let Ok(mut stream) = into_tokio(stream) else {
         return;
     };
-    loop {
+    'serve: loop {
         if !out.is_empty() {
             if !connection.wait_for_kernel(stream.as_raw_fd()).await {
                 return;
@@ -541,6 +540,8 @@ async fn serve_async(
             }
             connection.wrote(out.len());
             out.clear();
+            // An idle connection keeps no large buffer (see `READ_BUFFER`).
+            out.shrink_to(KEPT_OUTPUT);
         }
         if let Some(mut file) = session.take_file() {
             let len = file.len;
@@ -560,7 +561,7 @@ async fn serve_async(
             if may_close_at_once(&session, stream.as_raw_fd()) {
                 return;
             }
-            close_gracefully(stream, &mut buf).await;
+            close_gracefully(stream, &mut [0u8; 1024]).await;
             return;
         }
         if reusable && session.is_idle() {
@@ -574,27 +575,53 @@ async fn serve_async(
         }
         let timeouts = connection.service.timeouts;
         let (deadline, head) = clock.deadline(&session, timeouts);
-        let n = tokio::select! {
-            read = stream.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            () = tokio::time::sleep_until(deadline.into()) => {
-                if head {
-                    session.head_timed_out(&mut out);
-                    next = Next::Close;
-                } else if silent_for(stream.as_raw_fd(), timeouts.idle) {
+        // Readiness can be stale: wait again until a read returns bytes (or the end).
+        loop {
+            tokio::select! {
+                ready = stream.readable() => if ready.is_err() {
                     return;
+                },
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if head {
+                        session.head_timed_out(&mut out);
+                        next = Next::Close;
+                    } else if silent_for(stream.as_raw_fd(), timeouts.idle) {
+                        return;
+                    }
+                    continue 'serve;
                 }
-                continue;
+                () = shutdown.recv() => return,
             }
-            () = shutdown.recv() => return,
-        };
-        connection.received(n);
-        next = session.receive(&buf[..n], &mut out);
+            let read = READ_BUFFER.with_borrow_mut(|buf| match stream.try_read(buf) {
+                Ok(0) => Err(()),
+                Ok(n) => {
+                    connection.received(n);
+                    next = session.receive(&buf[..n], &mut out);
+                    Ok(true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                Err(_) => Err(()),
+            });
+            match read {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(()) => return,
+            }
+        }
         reusable = connection.learn(&mut session, &out);
     }
 }
+
+thread_local! {
+    /// The work items' read buffer, one per runtime thread: a work item waits for readability
+    /// without a buffer and reads only when bytes are there, so an idle keep-alive connection
+    /// costs its socket and session, not 8 KiB more (measured: 10.7 KB per idle connection
+    /// before, with `cargo xtask bench memory`).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_CHUNK]);
+}
+
+/// Output buffer capacity a connection keeps between answers.
+const KEPT_OUTPUT: usize = 1024;
 
 /// A connection's protocol state between reads.
 struct Exchange {

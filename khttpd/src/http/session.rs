@@ -23,7 +23,10 @@ pub const MAX_HEADER_SECTION: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest request body read (and discarded); larger ones get 413.
 pub const MAX_BODY: u64 = 1024 * 1024;
-/// Longest chunk-size line or trailer section of a chunked body.
+/// Input buffer capacity a session keeps between requests.
+const KEPT_INPUT: usize = 512;
+/// Longest chunk-size line or trailer line of a chunked body, line ending included: one cut
+/// after this many bytes is refused, and so is one that arrives whole.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 /// What the connection does after the bytes in `out` are written.
@@ -193,6 +196,11 @@ impl Session {
             }
         };
         input.drain(..consumed);
+        // Between requests (most of a keep-alive connection's life) little is held; a small
+        // buffer is kept so that the next request is not an allocation.
+        if input.is_empty() {
+            input.shrink_to(KEPT_INPUT);
+        }
         self.input = input;
         next
     }
@@ -207,8 +215,8 @@ impl Session {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let parsed = request.parse(input);
-        // An error answer to a HEAD has no body either (httparse keeps the method it parsed).
-        let head_only = request.method == Some("HEAD");
+        // An error answer to a HEAD has no body either.
+        let head_only = is_head(input);
         match parsed {
             Ok(httparse::Status::Partial) => match oversize(input) {
                 Some(status) => fail(out, status, head_only),
@@ -255,18 +263,24 @@ impl Session {
                     }
                 }
             }
-            Err(httparse::Error::Version) => match version_error(input) {
-                Some(status) => fail(out, status, head_only),
-                // Which error depends on the rest of the line: wait for it, within the limits.
-                None => match oversize(input) {
-                    Some(status) => fail(out, status, head_only),
-                    None => Step::Consumed(0),
-                },
-            },
-            Err(httparse::Error::TooManyHeaders) => {
-                fail(out, Status::HeaderFieldsTooLarge, head_only)
+            Err(error) => {
+                // Had the head come in pieces, one ending before the error could already have
+                // been over a limit: answer what that would have, so the answer does not depend
+                // on how the bytes arrived.
+                if let Some(status) = oversize(&input[..valid_prefix(input)]) {
+                    return fail(out, status, head_only);
+                }
+                let status = match error {
+                    httparse::Error::Version => match version_error(input) {
+                        Some(status) => status,
+                        // Which error depends on the rest of the line: wait for it.
+                        None => return Step::Consumed(0),
+                    },
+                    httparse::Error::TooManyHeaders => Status::HeaderFieldsTooLarge,
+                    _ => Status::BadRequest,
+                };
+                fail(out, status, head_only)
             }
-            Err(_) => fail(out, Status::BadRequest, head_only),
         }
     }
 
@@ -283,6 +297,10 @@ impl Session {
                 )
             }
             Framing::ChunkSize => match httparse::parse_chunk_size(input) {
+                // A line is too long whether it arrives whole or cut (see MAX_CHUNK_LINE).
+                Ok(httparse::Status::Complete((len, _))) if len > MAX_CHUNK_LINE => {
+                    return fail(out, Status::BadRequest, head_only)
+                }
                 Ok(httparse::Status::Complete((len, 0))) => (len, Some(Framing::Trailers)),
                 Ok(httparse::Status::Complete((len, size))) => {
                     body.total = body.total.saturating_add(size);
@@ -312,6 +330,9 @@ impl Session {
             },
             // Trailer fields are ignored; the body ends at the empty line.
             Framing::Trailers => match input.windows(2).position(|w| w == b"\r\n") {
+                Some(end) if end + 2 > MAX_CHUNK_LINE => {
+                    return fail(out, Status::BadRequest, head_only)
+                }
                 Some(0) => (2, None),
                 Some(end) => (end + 2, Some(Framing::Trailers)),
                 None if input.len() <= MAX_CHUNK_LINE => return Step::Consumed(0),
@@ -349,6 +370,38 @@ enum Step {
 fn fail(out: &mut Vec<u8>, status: Status, head_only: bool) -> Step {
     response::write(out, status, false, head_only);
     Step::Close
+}
+
+/// Whether the request is a HEAD (decided on the bytes, so also for heads httparse refuses, and
+/// the same however they arrive).
+fn is_head(input: &[u8]) -> bool {
+    let start = input
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(input.len());
+    input[start..].starts_with(b"HEAD ")
+}
+
+/// The longest prefix of `input` that httparse still takes for the start of a head (the bytes
+/// before the one it refuses); found by bisection, only on the way to an error answer.
+fn valid_prefix(input: &[u8]) -> usize {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut partial = |len: usize| {
+        matches!(
+            httparse::Request::new(&mut headers).parse(&input[..len]),
+            Ok(httparse::Status::Partial)
+        )
+    };
+    let (mut good, mut bad) = (0, input.len());
+    while bad - good > 1 {
+        let middle = good + (bad - good) / 2;
+        if partial(middle) {
+            good = middle;
+        } else {
+            bad = middle;
+        }
+    }
+    good
 }
 
 /// 414 or 431 when an incomplete (or complete) head is already over a limit.
