@@ -152,6 +152,8 @@ pub async fn accept_loop(
         Ok(listener) => listener,
         Err(e) => return warn!("{service}: cannot poll the listener: {e}"),
     };
+    // Out-of-descriptor warnings: the first, then one per interval with how many were held back.
+    let mut starved = Starved::default();
     loop {
         let mut ready = tokio::select! {
             ready = listener.readable() => match ready {
@@ -178,12 +180,39 @@ pub async fn accept_loop(
                 {
                     // Out of descriptors or memory: back off instead of spinning; the backlog
                     // holds the waiting clients.
-                    warn!("{service}: accept failed: {e}; retrying in 100 ms");
+                    starved.warn(service, &e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     break;
                 }
                 Err(e) => debug!("{service}: accept failed: {e}"),
             }
         }
+    }
+}
+
+/// Rate limit for the accept loop's "out of descriptors" warning, which would otherwise repeat ten
+/// times a second for as long as the limit is reached.
+#[derive(Default)]
+struct Starved {
+    last: Option<std::time::Instant>,
+    held_back: u64,
+}
+
+impl Starved {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn warn(&mut self, service: &str, error: &io::Error) {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|last| now - last < Starved::INTERVAL) {
+            self.held_back += 1;
+            return;
+        }
+        let repeats = match self.held_back {
+            0 => String::new(),
+            n => format!(" ({n} more times since the last warning)"),
+        };
+        warn!("{service}: accept failed: {error}; new connections wait in the backlog, retrying every 100 ms{repeats}");
+        self.last = Some(now);
+        self.held_back = 0;
     }
 }

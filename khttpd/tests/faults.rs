@@ -380,3 +380,67 @@ fn a_full_kernel_table_sends_the_rest_from_user_space() {
     assert!(kernel >= 200, "the kernel answered {kernel}");
     assert!(unknown >= (files - 256) as u64, "user space answered {unknown} misses");
 }
+
+/// Out of file descriptors (the server started with a limit of 64): connections past it wait in
+/// the backlog while those open are served without delay, and are answered once descriptors are
+/// free again; the warning is not repeated ten times a second.
+#[test]
+fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
+    use std::os::unix::process::CommandExt as _;
+    let mut khttpd = Command::new(common::KHTTPD);
+    khttpd.args(Mode::UserUnbound.args());
+    // SAFETY: only setrlimit between fork and exec.
+    unsafe {
+        khttpd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let server = Server::start_command(khttpd, &[], false);
+    let connect = || {
+        let stream = TcpStream::connect(server.http_addr()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+    };
+    let mut held: Vec<TcpStream> = (0..30).map(|_| connect()).collect();
+    for stream in &mut held {
+        assert_eq!(ask(stream, REQUEST).0, 200);
+    }
+    // More than the descriptors left: some of these cannot be accepted.
+    let mut waiting: Vec<TcpStream> = (0..40).map(|_| connect()).collect();
+    for stream in &mut waiting {
+        stream.write_all(REQUEST).unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    let unanswered = waiting
+        .iter()
+        .filter(|stream| {
+            stream.set_nonblocking(true).unwrap();
+            let mut byte = [0u8; 1];
+            let waits = matches!(stream.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock);
+            stream.set_nonblocking(false).unwrap();
+            waits
+        })
+        .count();
+    assert!(unanswered > 0, "every newcomer was answered: the limit was not reached");
+    let started = Instant::now();
+    for stream in &mut held {
+        assert_eq!(ask(stream, REQUEST).0, 200);
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "open connections stalled");
+    drop(held);
+    for stream in &mut waiting {
+        let mut answer = vec![0u8; 4096];
+        let n = stream.read(&mut answer).expect("answered once descriptors are free");
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK"));
+    }
+    let log = server.stderr();
+    let warnings = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{log}");
+}
