@@ -215,16 +215,14 @@ impl Session {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let parsed = request.parse(input);
-        // An error answer to a HEAD has no body either.
-        let head_only = is_head(input);
         match parsed {
             Ok(httparse::Status::Partial) => match oversize(input) {
-                Some(status) => fail(out, status, head_only),
+                Some(status) => fail(out, status, is_head(input)),
                 None => Step::Consumed(0),
             },
             Ok(httparse::Status::Complete(len)) => {
                 if let Some(status) = oversize(&input[..len]) {
-                    return fail(out, status, head_only);
+                    return fail(out, status, is_head(input));
                 }
                 let head = evaluate(&request, self.site.is_some());
                 match head.framing {
@@ -266,8 +264,10 @@ impl Session {
             Err(error) => {
                 // Had the head come in pieces, one ending before the error could already have
                 // been over a limit: answer what that would have, so the answer does not depend
-                // on how the bytes arrived.
-                if let Some(status) = oversize(&input[..valid_prefix(input)]) {
+                // on how the bytes arrived. (Only the bytes before the error say it is a HEAD.)
+                let valid = &input[..valid_prefix(input)];
+                let head_only = is_head(valid);
+                if let Some(status) = oversize(valid) {
                     return fail(out, status, head_only);
                 }
                 let status = match error {
@@ -372,9 +372,11 @@ fn fail(out: &mut Vec<u8>, status: Status, head_only: bool) -> Step {
     Step::Close
 }
 
-/// Whether the request is a HEAD (decided on the bytes, so also for heads httparse refuses, and
-/// the same however they arrive).
+/// Whether the request is a HEAD, for an error answer: decided on the bytes (httparse may not
+/// have got to the method) and on no more than the bytes any limit is checked on, so the answer
+/// is the same however they arrive.
 fn is_head(input: &[u8]) -> bool {
+    let input = &input[..input.len().min(MAX_REQUEST_LINE + 1)];
     let start = input
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')
