@@ -6,9 +6,7 @@
 //! that every learned request, sent alone to a new session, gets exactly the answer it was
 //! learned with — which is what the kernel will send for those bytes — and leaves it idle; and
 //! that idle means between requests (user space then lets the kernel answer what comes next): a
-//! new session given the rest of the input answers it as the session did. A few known
-//! divergences at the size limits are tolerated unless `KHTTPD_FUZZ_STRICT=1` (see
-//! [`known_divergence`]).
+//! new session given the rest of the input answers it as the session did.
 //!
 //! Input layout: `flags`, then `flags >> 4` chunk-size bytes, then the client's bytes.
 //! - flags bit 0: the chunked run uses `Session::new()` (not learning); bit 1: a head still being
@@ -19,11 +17,11 @@
 //! - After `MAX_CALLS` pieces, the rest goes in one piece.
 #![no_main]
 
-use std::{ops::Range, sync::OnceLock};
+use std::ops::Range;
 
 use khttpd::http::{
     response::{self, HELLO},
-    session::{Learned, Next, Session, MAX_REQUEST_LINE},
+    session::{Learned, Next, Session},
 };
 use khttpd_common::http::{RequestKey, REQUEST_KEY_BYTES};
 use libfuzzer_sys::fuzz_target;
@@ -34,8 +32,6 @@ const MAX_EXPANDED: usize = 18 * 1024;
 /// parses the buffered head again, so many tiny pieces of a long head cost quadratic time).
 const MAX_CALLS: usize = 96;
 const DATE_LEN: usize = khttpd_common::http::DATE_LEN;
-/// session.rs's (private) limit on a chunk-size or trailer line.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 /// `0xff count len pattern[len % 16 + 1]` stands for the pattern repeated: `count + 1` times when
 /// `count < 0x80`, else `(count - 0x7f) * 128` times. Other bytes stand for themselves.
@@ -367,63 +363,6 @@ fn check_learned(input: &[u8], whole: &Run) {
     }
 }
 
-/// Whether the fuzz run tolerates the known divergences (`KHTTPD_FUZZ_STRICT=1`: it does not).
-fn strict() -> bool {
-    static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("KHTTPD_FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
-
-/// Known (reported) ways in which the answer depends on how the bytes arrived, all at a size limit
-/// that session.rs checks on the bytes buffered so far rather than on a fixed prefix of the stream:
-/// - a head cut after more than `MAX_REQUEST_LINE` bytes of request line (or `MAX_HEADER_SECTION`
-///   of headers) gets 414 (431) at once, while the same bytes in one piece get the 400 (505) that
-///   a byte further on calls for; or the same 414/431 with or without a body, depending on
-///   whether the method (HEAD) had arrived when the limit was hit;
-/// - a chunk-size line or trailer line longer than `MAX_CHUNK_LINE` gets 400 when cut after that
-///   many bytes, and is accepted when it arrives whole (or still awaited, when its CRLF has not).
-///
-/// Both runs then write the same bytes up to the chunked run's last answer, which is that error.
-/// Anything else that differs still fails. With `KHTTPD_FUZZ_STRICT=1` nothing is tolerated.
-fn known_divergence(input: &[u8], whole: &Run, chunked: &Run) -> bool {
-    if strict() {
-        return false;
-    }
-    let Some(last) = chunked.responses.last() else {
-        return false;
-    };
-    let start = last.range.start;
-    if last.keep_alive
-        || last.range.end != chunked.out.len()
-        || whole.out.len() < start
-        || blank_dates(&whole.out[..start]) != blank_dates(&chunked.out[..start])
-    {
-        return false;
-    }
-    // What the whole run wrote instead: another answer, or (still reading) nothing.
-    let other = whole.responses.iter().find(|r| r.range.start == start);
-    match last.code {
-        414 | 431 => {
-            other.is_some_and(|o| !o.keep_alive && o.range.end == whole.out.len())
-                && input.len() > MAX_REQUEST_LINE
-        }
-        400 => (other.is_some() || whole.out.len() == start) && has_long_line(input),
-        _ => false,
-    }
-}
-
-/// Whether some CRLF-terminated line (or the unterminated end) is longer than `MAX_CHUNK_LINE`:
-/// chunk-size and trailer lines end at CRLF, bare LFs included.
-fn has_long_line(input: &[u8]) -> bool {
-    let mut at = 0;
-    while let Some(end) = find(&input[at..], b"\r\n") {
-        if end > MAX_CHUNK_LINE {
-            return true;
-        }
-        at += end + 2;
-    }
-    input.len() - at > MAX_CHUNK_LINE
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {
         return;
@@ -443,7 +382,7 @@ fuzz_target!(|data: &[u8]| {
     let chunked = run(&pieces(input, sizes), flags & 1 == 0, time_out, heads);
 
     let (a, b) = (blank_dates(&whole.out), blank_dates(&chunked.out));
-    if a != b && !known_divergence(input, &whole, &chunked) {
+    if a != b {
         let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         let start = same.saturating_sub(200);
         panic!(
@@ -452,22 +391,20 @@ fuzz_target!(|data: &[u8]| {
             lossy(&b[start..])
         );
     }
-    if a == b {
-        // Idle means between requests: a new session given the rest answers as this one did.
-        if let Some((fed, written)) = chunked.idle_at {
-            let rest = run(&[&input[fed..]], true, time_out, heads);
-            assert!(
-                blank_dates(&rest.out) == blank_dates(&whole.out[written..]),
-                "idle after {fed} bytes, but a new session answers the rest otherwise"
-            );
-            assert_eq!(rest.next, whole.next);
-        }
-        assert_eq!(whole.next, chunked.next);
-        assert_eq!(whole.idle, chunked.idle);
-        assert_eq!(whole.reading_head, chunked.reading_head);
-        if flags & 1 == 0 {
-            assert_eq!(whole.learned, chunked.learned);
-        }
+    // Idle means between requests: a new session given the rest answers as this one did.
+    if let Some((fed, written)) = chunked.idle_at {
+        let rest = run(&[&input[fed..]], true, time_out, heads);
+        assert!(
+            blank_dates(&rest.out) == blank_dates(&whole.out[written..]),
+            "idle after {fed} bytes, but a new session answers the rest otherwise"
+        );
+        assert_eq!(rest.next, whole.next);
+    }
+    assert_eq!(whole.next, chunked.next);
+    assert_eq!(whole.idle, chunked.idle);
+    assert_eq!(whole.reading_head, chunked.reading_head);
+    if flags & 1 == 0 {
+        assert_eq!(whole.learned, chunked.learned);
     }
     for run in [&whole, &chunked] {
         if run.client_done {

@@ -31,10 +31,6 @@ pub struct Args {
     /// Run only this target (default: each of them, one after the other).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     pub target: Option<String>,
-    /// Also fail on the divergences the session target knows about and tolerates
-    /// (KHTTPD_FUZZ_STRICT=1, see fuzz/fuzz_targets/session.rs).
-    #[arg(long)]
-    pub strict: bool,
 }
 
 /// What one target's run did, from libFuzzer's final statistics.
@@ -122,9 +118,6 @@ fn run_target(target: &'static str, args: &Args) -> anyhow::Result<Outcome> {
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .stdout(log.try_clone()?)
         .stderr(log);
-    if args.strict {
-        command.env("KHTTPD_FUZZ_STRICT", "1");
-    }
     let started = SystemTime::now();
     let clock = Instant::now();
     let status = command.status().context("cannot run cargo +nightly fuzz")?;
