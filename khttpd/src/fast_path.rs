@@ -55,17 +55,19 @@ impl std::error::Error for FastPathError {}
 impl FastPathError {
     /// Classifies an aya error by its cause chain.
     fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> Self {
-        let mut source = Some(err);
-        while let Some(e) = source {
-            if let Some(io) = e.downcast_ref::<io::Error>() {
-                if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
-                    return FastPathError::MissingCapability(what.to_owned());
-                }
-            }
-            source = e.source();
+        if os_errors(err).any(|errno| matches!(errno, libc::EPERM | libc::EACCES)) {
+            return FastPathError::MissingCapability(what.to_owned());
         }
         FastPathError::Other(format!("{what}: {}", chain(err)))
     }
+}
+
+/// The errno of every `io::Error` in an error's cause chain (aya wraps the system call's).
+pub fn os_errors<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = i32> + 'a {
+    std::iter::successors(Some(err), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<io::Error>()?.raw_os_error())
 }
 
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {

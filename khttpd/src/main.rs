@@ -202,22 +202,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     // Everything that needs root is done: programs loaded and attached, ports bound.
-    let site = match (root, &user) {
-        (Some(root), Some(user)) => {
-            privileges::drop_to(user, Some(root.root()))?;
-            // A folder only root may read would answer 403 to everything: say so now.
+    if let Some(user) = &user {
+        privileges::drop_to(user, root.as_ref().map(http::site::Site::root))?;
+    }
+    let site = match root {
+        // Confined to the folder, it is the filesystem's root now; a folder only root may read
+        // would answer 403 to everything: say so now.
+        Some(root) if user.is_some() => {
             std::fs::read_dir("/").with_context(|| {
-                format!("--root {}: not readable as --user {}", root.root().display(), user.name)
+                format!("--root {}: not readable as --user {}", root.root().display(), args.user)
             })?;
-            Some(Arc::new(http::site::Site::new(std::path::Path::new("/"))?))
+            Some(http::site::Site::new(std::path::Path::new("/"))?)
         }
-        (root, user) => {
-            if let Some(user) = user {
-                privileges::drop_to(user, None)?;
-            }
-            root.map(Arc::new)
-        }
-    };
+        root => root,
+    }
+    .map(Arc::new);
 
     let queue = |name| {
         WorkQueue::alloc(Config::new(name, args.workqueue, args.max_active))

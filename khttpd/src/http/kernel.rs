@@ -46,7 +46,7 @@ use log::{debug, error, warn};
 
 use super::{response, session::Learned, Slot};
 use crate::{
-    fast_path::{Counters, HttpMaps},
+    fast_path::{os_errors, Counters, HttpMaps},
     fd::tcp_info,
     sockmap::{KernelConnections, Service},
 };
@@ -298,7 +298,7 @@ impl Table {
         };
         match self.requests.remove(&key) {
             Ok(()) => {}
-            Err(e) if os_error(&e) == Some(libc::ENOENT) => {}
+            Err(e) if os_errors(&e).next() == Some(libc::ENOENT) => {}
             Err(e) => {
                 warn!("http: the kernel could not forget a request ({e}); its answer goes to user space");
                 if let Some(slot) = slot {
@@ -577,18 +577,6 @@ impl Deref for KernelHttp {
 }
 
 /// Every byte ever written to the socket's send queue: acknowledged ones plus those still queued.
-/// The errno under a map operation's error, if any.
-fn os_error(error: &aya::maps::MapError) -> Option<i32> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return io.raw_os_error();
-        }
-        source = e.source();
-    }
-    None
-}
-
 fn queued_bytes(fd: RawFd) -> io::Result<u64> {
     let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;
