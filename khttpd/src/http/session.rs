@@ -273,6 +273,8 @@ impl Session {
                 let status = match error {
                     httparse::Error::Version => match version_error(input) {
                         Some(status) => status,
+                        // The line cannot grow past its limit while we wait.
+                        None if input.len() > MAX_REQUEST_LINE => Status::UriTooLong,
                         // Which error depends on the rest of the line: wait for it.
                         None => return Step::Consumed(0),
                     },
@@ -520,6 +522,10 @@ fn refuse(status: Status, head_only: bool) -> Head {
 /// until the request line is complete (httparse refuses `HTTP/2` before the line ends).
 fn version_error(input: &[u8]) -> Option<Status> {
     let line = &input[..input.iter().position(|&b| b == b'\n')?];
+    if line.len() > MAX_REQUEST_LINE {
+        // What a cut of this line would have got while it was still arriving (see `oversize`).
+        return Some(Status::UriTooLong);
+    }
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut parts = line.split(|&b| b == b' ');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -765,6 +771,16 @@ mod tests {
         }
         let (codes, _, closed) = run(&request, 64 * 1024);
         assert_eq!((codes, closed), (vec![413], true));
+    }
+
+    #[test]
+    fn a_line_with_a_bad_version_waits_for_its_end_only_up_to_the_limit() {
+        let mut request = b"GET / HTTP/2".to_vec();
+        request.extend(std::iter::repeat_n(b'x', MAX_REQUEST_LINE));
+        let (codes, _, closed) = run(&request, 1024);
+        assert_eq!((codes, closed), (vec![414], true));
+        let (codes, _, closed) = run(b"GET / HTTP/2.0", 1);
+        assert!(codes.is_empty() && !closed);
     }
 
     #[test]
