@@ -76,8 +76,27 @@ pub struct Server {
 
 impl Server {
     pub fn start(mode: Mode, extra: &[&str]) -> Server {
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Server::start_on(mode, extra, free_port(), free_port(), metrics_addr)
+        // A port found free can be taken by another test's client before khttpd binds it (the
+        // soak opens tens of thousands): then start again on other ports.
+        for _ in 0..4 {
+            let start = std::panic::AssertUnwindSafe(|| {
+                let metrics_addr: SocketAddr =
+                    format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                Server::start_on(mode, extra, free_port(), free_port(), metrics_addr)
+            });
+            match std::panic::catch_unwind(start) {
+                Ok(server) => return server,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .map_or("", String::as_str);
+                    if !message.contains("Address already in use") {
+                        std::panic::resume_unwind(panic);
+                    }
+                }
+            }
+        }
+        panic!("no free ports for khttpd after 4 attempts");
     }
 
     /// Starts on the given ports (e.g. those of a server that just died).
