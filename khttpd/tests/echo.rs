@@ -267,14 +267,9 @@ async fn ebpf_log_records_reach_the_server_log_at_verbose() {
     }
     let server = Server::start(Mode::Kernel, &["-v"]);
     echo(server.echo_addr(), b"log me").await.unwrap();
-    let logged = eventually(Duration::from_secs(10), || {
-        server.stderr().contains("echo: peer closed, cookie")
-    });
-    assert!(
-        logged,
-        "no record from the eBPF program in:\n{}",
-        server.stderr()
-    );
+    let record = "echo: peer closed, cookie";
+    let log = server.stderr_with(&[record]);
+    assert!(log.contains(record), "no record from the eBPF program in:\n{log}");
 }
 
 /// khttpd, optionally under a wrapper (`prefix`), with stderr captured and an HTTP port of its own

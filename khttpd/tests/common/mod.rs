@@ -196,6 +196,17 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The server's log once it holds every one of `needles`, or as it is after 10 s. A thread
+    /// copies the log from the pipe, so a line written just before an answer was sent may not be
+    /// in `stderr()` yet when the answer arrives.
+    pub fn stderr_with(&self, needles: &[&str]) -> String {
+        eventually(Duration::from_secs(10), || {
+            let log = self.stderr();
+            needles.iter().all(|needle| log.contains(needle))
+        });
+        self.stderr()
+    }
+
     fn try_metrics_text(&self) -> std::io::Result<String> {
         let mut stream = TcpStream::connect_timeout(&self.metrics_addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
