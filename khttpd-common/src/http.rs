@@ -69,23 +69,6 @@ pub const VERDICT_PROGRAM: &str = "http_verdict";
 pub const SYNTHESIZER_PROGRAM: &str = "http_synthesize";
 /// The global holding the per-load secret of [`Marker`]s.
 pub const SECRET_GLOBAL: &str = "HTTP_SECRET";
-/// The global holding [`TcpOffsets`].
-pub const TCP_OFFSETS_GLOBAL: &str = "TCP_OFFSETS";
-
-/// Byte offsets of the `struct tcp_sock` fields the verdict reads. They differ between kernel
-/// builds and aya-ebpf emits no CO-RE relocations, so the control plane finds them in the running
-/// kernel's BTF and sets them at load time; 0 means unknown (the verdict then answers nothing).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcpOffsets {
-    /// `u64 bytes_acked`: our bytes the client acknowledged.
-    pub bytes_acked: u32,
-    /// `u32 write_seq`: sequence number after the last byte queued for sending.
-    pub write_seq: u32,
-    /// `u32 snd_una`: first unacknowledged sequence number.
-    pub snd_una: u32,
-}
-
 /// Bytes of request a [`RequestKey`] holds. htstress's, wrk's and curl's requests are 40–80 bytes.
 pub const REQUEST_KEY_BYTES: usize = 252;
 /// Shortest request the kernel answers: the marker must fit in it.
@@ -304,7 +287,6 @@ mod pod {
     unsafe impl aya::Pod for HttpDate {}
     unsafe impl aya::Pod for Connection {}
     unsafe impl aya::Pod for Answered {}
-    unsafe impl aya::Pod for TcpOffsets {}
 }
 
 #[cfg(test)]

@@ -16,5 +16,25 @@ pub struct Handoff {
     pub cookie: u64,
 }
 
+/// The global holding [`TcpOffsets`], shared by both services' verdicts.
+pub const TCP_OFFSETS_GLOBAL: &str = "TCP_OFFSETS";
+
+/// Byte offsets of the `struct tcp_sock` fields the verdicts read. They differ between kernel
+/// builds and aya-ebpf emits no CO-RE relocations, so the control plane finds them in the running
+/// kernel's BTF and sets them at load time; 0 means unknown (the HTTP verdict then answers
+/// nothing, the echo verdict hands every connection to user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    /// `u64 bytes_acked`: our bytes the client acknowledged.
+    pub bytes_acked: u32,
+    /// `u32 write_seq`: sequence number after the last byte queued for sending.
+    pub write_seq: u32,
+    /// `u32 snd_una`: first unacknowledged sequence number.
+    pub snd_una: u32,
+}
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Handoff {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpOffsets {}

@@ -16,13 +16,10 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{
-        __sk_buff,
-        sk_action::{SK_DROP, SK_PASS},
-    },
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{
-        bpf_get_socket_cookie, bpf_msg_pull_data, bpf_probe_read_kernel, bpf_skb_load_bytes,
-        bpf_skb_pull_data, bpf_skb_store_bytes, bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_msg_pull_data, bpf_skb_load_bytes, bpf_skb_pull_data,
+        bpf_skb_store_bytes,
     },
     macros::{map, sk_msg, stream_verdict},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -31,24 +28,18 @@ use aya_ebpf::{
 use khttpd_common::{
     http::{
         self, Answered, Connection, Counter, HttpDate, Marker, PassReason, RequestKey,
-        ResponseBlock, ResponseMeta, Route, TcpOffsets, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN,
-        MAX_RESPONSE, MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
+        ResponseBlock, ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
+        MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
     },
     Handoff,
 };
+
+use crate::tcp::tcp_counts;
 
 /// Set by the control plane at load time (random); a message must start with it to be
 /// synthesized, so neither a client nor user space can forge a marker.
 #[unsafe(no_mangle)]
 static HTTP_SECRET: u64 = 0;
-
-/// Where the verdict finds what it reads in `struct tcp_sock` (set at load time).
-#[unsafe(no_mangle)]
-static TCP_OFFSETS: TcpOffsets = TcpOffsets {
-    bytes_acked: 0,
-    write_seq: 0,
-    snd_una: 0,
-};
 
 #[map(name = "HTTP_SOCKETS")]
 static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKETS, 0);
@@ -226,42 +217,6 @@ fn answer(
         return Err(PassReason::NoState);
     }
     Ok(())
-}
-
-/// What TCP says about our side of the connection.
-struct TcpCounts {
-    /// Bytes the client acknowledged (`tcp_sock.bytes_acked`).
-    acked: u64,
-    /// Bytes ever queued for sending: acknowledged ones plus `write_seq - snd_una`.
-    queued: u64,
-}
-
-fn tcp_counts(skb: *mut __sk_buff) -> Option<TcpCounts> {
-    // SAFETY: a global the loader fills in.
-    let offsets = unsafe { read_volatile(&TCP_OFFSETS) };
-    if offsets.bytes_acked == 0 || offsets.write_seq == 0 || offsets.snd_una == 0 {
-        return None;
-    }
-    // SAFETY: the socket pointer comes from the context and is checked by the helper; the reads
-    // go through bpf_probe_read_kernel, which cannot fault.
-    unsafe {
-        let sk = (*skb).__bindgen_anon_2.sk;
-        if sk.is_null() {
-            return None;
-        }
-        let tcp = bpf_skc_to_tcp_sock(sk.cast()).cast::<u8>();
-        if tcp.is_null() {
-            return None;
-        }
-        let field = |offset: u32| tcp.wrapping_add(offset as usize);
-        let acked: u64 = bpf_probe_read_kernel(field(offsets.bytes_acked).cast()).ok()?;
-        let write_seq: u32 = bpf_probe_read_kernel(field(offsets.write_seq).cast()).ok()?;
-        let snd_una: u32 = bpf_probe_read_kernel(field(offsets.snd_una).cast()).ok()?;
-        Some(TcpCounts {
-            acked,
-            queued: acked + u64::from(write_seq.wrapping_sub(snd_una)),
-        })
-    }
 }
 
 /// Zeroes a key with word stores (a `memset` call would not link for BPF).

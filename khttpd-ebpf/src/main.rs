@@ -7,6 +7,7 @@
 
 mod echo;
 mod http;
+mod tcp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -15,7 +15,7 @@ use aya::{
     programs::{Program, ProgramError, SkMsg, SkSkb},
     Ebpf, EbpfLoader,
 };
-use khttpd_common::{echo, http};
+use khttpd_common::{echo, http, TcpOffsets};
 use log::{debug, warn};
 
 /// The compiled programs, built by build.rs.
@@ -63,9 +63,7 @@ impl FastPathError {
 }
 
 /// The errno of every `io::Error` in an error's cause chain (aya wraps the system call's).
-pub fn os_errors<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = i32> + 'a {
+pub fn os_errors<'a>(err: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = i32> + 'a {
     std::iter::successors(Some(err), |e| e.source())
         .filter_map(|e| e.downcast_ref::<io::Error>()?.raw_os_error())
 }
@@ -84,6 +82,8 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// The echo service's maps, taken out of the loaded object so the echo module owns them.
 pub struct EchoMaps {
     pub sockets: SockHash<MapData, u64>,
+    pub detached: SockHash<MapData, u64>,
+    pub connections: HashMap<MapData, u64, echo::Connection>,
     pub counters: Counters,
     pub handoffs: RingBuf<MapData>,
 }
@@ -189,7 +189,7 @@ impl FastPath {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(http::SECRET_GLOBAL, &secret, true)
-            .override_global(http::TCP_OFFSETS_GLOBAL, &tcp_offsets()?, true)
+            .override_global(khttpd_common::TCP_OFFSETS_GLOBAL, &tcp_offsets()?, true)
             .load(PROGRAMS)
             .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
 
@@ -203,6 +203,8 @@ impl FastPath {
 
         let echo_maps = EchoMaps {
             sockets: take_map(&mut ebpf, echo::SOCKETS_MAP)?,
+            detached: take_map(&mut ebpf, echo::DETACHED_MAP)?,
+            connections: take_map(&mut ebpf, echo::CONNECTIONS_MAP)?,
             counters: take_map(&mut ebpf, echo::COUNTERS_MAP)?,
             handoffs: take_map(&mut ebpf, echo::HANDOFFS_MAP)?,
         };
@@ -283,8 +285,8 @@ fn load_program(name: &'static str, loaded: Result<(), ProgramError>) -> Result<
     })
 }
 
-/// Where the verdict's `struct tcp_sock` fields live in this kernel, from its BTF.
-fn tcp_offsets() -> Result<http::TcpOffsets, FastPathError> {
+/// Where the verdicts' `struct tcp_sock` fields live in this kernel, from its BTF.
+fn tcp_offsets() -> Result<TcpOffsets, FastPathError> {
     let btf = crate::btf::Btf::of_kernel()
         .map_err(|e| FastPathError::Other(format!("reading the kernel's BTF: {e}")))?;
     let offset = |member| {
@@ -292,7 +294,7 @@ fn tcp_offsets() -> Result<http::TcpOffsets, FastPathError> {
             FastPathError::Other(format!("the kernel's BTF has no tcp_sock.{member}"))
         })
     };
-    Ok(http::TcpOffsets {
+    Ok(TcpOffsets {
         bytes_acked: offset("bytes_acked")?,
         write_seq: offset("write_seq")?,
         snd_una: offset("snd_una")?,

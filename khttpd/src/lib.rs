@@ -24,4 +24,3 @@ pub mod privileges;
 pub mod shutdown;
 pub mod sockmap;
 pub mod workqueue;
-

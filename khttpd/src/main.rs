@@ -9,11 +9,13 @@ use log::{info, warn};
 use tokio::{signal::unix, sync::broadcast};
 
 use khttpd::{
-    http, listener, metrics, privileges,
     echo::{kernel::KernelEcho, EchoService},
     fast_path::FastPath,
+    http,
     http::{kernel::KernelHttp, Dispatch, HttpService, Timeouts},
+    listener, metrics,
     metrics::Services,
+    privileges,
     shutdown::Shutdown,
     workqueue::{Config, Kind, WorkQueue},
 };
@@ -148,7 +150,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Checked now, opened after the privilege drop (which may make it the filesystem's root).
     let root = match &args.root {
-        Some(root) => Some(http::site::Site::new(root).with_context(|| format!("--root {}", root.display()))?),
+        Some(root) => Some(
+            http::site::Site::new(root).with_context(|| format!("--root {}", root.display()))?,
+        ),
         None => None,
     };
     // Looked up before a chroot hides the user database; `root` (or not being root) keeps all.
@@ -210,7 +214,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // would answer 403 to everything: say so now.
         Some(root) if user.is_some() => {
             std::fs::read_dir("/").with_context(|| {
-                format!("--root {}: not readable as --user {}", root.root().display(), args.user)
+                format!(
+                    "--root {}: not readable as --user {}",
+                    root.root().display(),
+                    args.user
+                )
             })?;
             Some(http::site::Site::new(std::path::Path::new("/"))?)
         }

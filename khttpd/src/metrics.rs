@@ -268,6 +268,16 @@ fn render_echo(out: &mut String, echo: &EchoService) {
                 "khttpd_echo_kernel_redirect_failures_total",
                 "Redirects the kernel refused.",
             ),
+            (
+                Counter::Backpressure,
+                "khttpd_echo_kernel_detached_total",
+                "Connections moved to user space because their client fell behind.",
+            ),
+            (
+                Counter::HandoffsLost,
+                "khttpd_echo_kernel_handoffs_lost_total",
+                "Hand-off records the ring buffer had no room for.",
+            ),
         ];
         for (counter, name, help) in kernel_counters {
             metric(out, name, "counter", help, &[("", kernel.counter(counter))]);

@@ -36,7 +36,10 @@ impl std::fmt::Display for Error {
             Error::Lookup(name, e) => write!(f, "--user {name}: cannot look it up: {e}"),
             Error::Step(step, e) => write!(f, "dropping privileges: {step}: {e}"),
             Error::StillPrivileged(what) => {
-                write!(f, "dropping privileges failed: the process can still {what}")
+                write!(
+                    f,
+                    "dropping privileges failed: the process can still {what}"
+                )
             }
         }
     }
@@ -78,7 +81,10 @@ pub fn lookup(name: &str) -> Result<User, Error> {
         )
     };
     if rc != 0 {
-        return Err(Error::Lookup(name.to_owned(), io::Error::from_raw_os_error(rc)));
+        return Err(Error::Lookup(
+            name.to_owned(),
+            io::Error::from_raw_os_error(rc),
+        ));
     }
     if found.is_null() {
         return Err(Error::UnknownUser(name.to_owned()));
@@ -104,8 +110,12 @@ pub fn drop_to(user: &User, jail: Option<&Path>) -> Result<(), Error> {
     }
     // SAFETY: plain system calls; an empty group list needs no pointer.
     check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
-    check("setgid", unsafe { libc::setresgid(user.gid, user.gid, user.gid) })?;
-    check("setuid", unsafe { libc::setresuid(user.uid, user.uid, user.uid) })?;
+    check("setgid", unsafe {
+        libc::setresgid(user.gid, user.gid, user.gid)
+    })?;
+    check("setuid", unsafe {
+        libc::setresuid(user.uid, user.uid, user.uid)
+    })?;
     verify(user)?;
     info!(
         "running as {} (uid {}, gid {}), no capabilities{}; loading BPF is refused",
@@ -192,7 +202,10 @@ mod tests {
     #[test]
     fn unknown_users_are_named() {
         let error = lookup("no-such-user-khttpd").err().unwrap();
-        assert_eq!(error.to_string(), "--user no-such-user-khttpd: no such user");
+        assert_eq!(
+            error.to_string(),
+            "--user no-such-user-khttpd: no such user"
+        );
         assert_eq!(lookup("root").unwrap().uid, 0);
     }
 }

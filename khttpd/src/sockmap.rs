@@ -18,7 +18,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -27,13 +27,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf, SockHash};
+use aya::maps::{MapData, MapError, RingBuf, SockHash};
 use khttpd_common::Handoff;
 use log::{debug, warn};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie},
+    fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie, tcp_info},
     shutdown::Shutdown,
 };
 
@@ -43,6 +43,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 /// How often connections are checked for the idle timeout.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// `tcpi_state` of a closed (or reset) connection (include/net/tcp_states.h).
+const TCP_CLOSE: u8 = 7;
 /// epoll token of the wake-up eventfd; socket cookies start at 1.
 const WAKE_TOKEN: u64 = 0;
 
@@ -249,11 +251,11 @@ impl<S: Service> KernelConnections<S> {
         Some(stream)
     }
 
-    /// Removes a taken-back connection from the sockhash; from then on its bytes reach user space
-    /// without passing any program.
-    pub fn leave_sockhash(&self, cookie: u64) {
-        let _ = self.inner.sockets.lock().unwrap().remove(&cookie);
-        self.inner.service.forget(cookie);
+    /// Removes a taken-back connection from the sockhash: its program no longer sees its bytes,
+    /// which stay in TCP's receive queue. The socket's psock, and the skbs still waiting in it, are
+    /// freed with it unless another sockmap holds the socket too.
+    pub fn leave_sockhash(&self, cookie: u64) -> Result<(), MapError> {
+        self.inner.sockets.lock().unwrap().remove(&cookie)
     }
 
     /// Entries in the sockhash, counted by walking its keys.
@@ -286,6 +288,34 @@ impl<S: Service> KernelConnections<S> {
             self.inner.service.forget(*cookie);
         }
         connections.clear();
+    }
+}
+
+/// Waits until `owed` bytes have entered the socket's send queue (TCP_INFO's bytes acked plus
+/// SIOCOUTQ), so that what user space writes next cannot overtake bytes a program sent on the
+/// connection before. False if `limit` passes first or the connection is closed (nothing drains
+/// then); true on an error reading the socket's state (the write will report it).
+pub async fn wait_until_queued(fd: RawFd, owed: u64, limit: Option<Duration>) -> bool {
+    let deadline = limit.map(|limit| Instant::now() + limit);
+    let mut pause = Duration::from_micros(50);
+    loop {
+        let Ok(info) = tcp_info(fd) else { return true };
+        if info.tcpi_state == TCP_CLOSE {
+            return false;
+        }
+        let mut outq: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int.
+        if cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) }).is_err() {
+            return true;
+        }
+        if info.tcpi_bytes_acked + outq as u64 >= owed {
+            return true;
+        }
+        if deadline.is_some_and(|deadline| Instant::now() > deadline) {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
 }
 

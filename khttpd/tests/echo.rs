@@ -2,7 +2,13 @@
 
 mod common;
 
-use std::{io, net::SocketAddr, process::Command, time::Duration};
+use std::{
+    io::{self, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr},
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
 use common::{
     bpf_allowed, eventually, free_port, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD,
@@ -269,7 +275,10 @@ async fn ebpf_log_records_reach_the_server_log_at_verbose() {
     echo(server.echo_addr(), b"log me").await.unwrap();
     let record = "echo: peer closed, cookie";
     let log = server.stderr_with(&[record]);
-    assert!(log.contains(record), "no record from the eBPF program in:\n{log}");
+    assert!(
+        log.contains(record),
+        "no record from the eBPF program in:\n{log}"
+    );
 }
 
 /// khttpd, optionally under a wrapper (`prefix`), with stderr captured and an HTTP port of its own
@@ -390,4 +399,62 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
         .collect();
     assert_eq!(warnings.len(), 1, "one warning expected:\n{stderr}");
     assert!(warnings[0].contains("serving from user space"), "{stderr}");
+}
+
+/// A client that sends without reading. With sockmap, TCP's receive window never closes (the
+/// verdict consumes every skb at once), so the kernel alone would queue its echo without bound
+/// (1.2 GB in 4 s before the fix). The connection must move to user space, where TCP holds the
+/// client back, and every byte must still come back in order once the client reads.
+#[test]
+fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
+    if !bpf_allowed() {
+        return;
+    }
+    const HELD_BACK_AFTER: Duration = Duration::from_millis(500);
+    const MOST_HELD: u64 = 64 << 20;
+    let byte_at = |position: u64| (position % 251) as u8;
+    let server = Server::start(Mode::Kernel, &[]);
+    for write_size in [64 * 1024, 100] {
+        let mut stream = std::net::TcpStream::connect(server.echo_addr()).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let (mut sent, started, mut progress) = (0u64, Instant::now(), Instant::now());
+        while progress.elapsed() < HELD_BACK_AFTER
+            && started.elapsed() < Duration::from_secs(10)
+            && sent < 8 * MOST_HELD
+        {
+            let chunk: Vec<u8> = (sent..sent + write_size).map(byte_at).collect();
+            match stream.write(&chunk) {
+                Ok(n) => {
+                    sent += n as u64;
+                    progress = Instant::now();
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => sleep(Duration::from_millis(1)),
+                Err(e) => panic!("{write_size} B writes: {e} after {sent} bytes"),
+            }
+        }
+        assert!(
+            sent < MOST_HELD,
+            "{write_size} B writes: {sent} bytes taken from a client that does not read"
+        );
+        stream.shutdown(Shutdown::Write).unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).unwrap();
+        assert_eq!(echoed.len() as u64, sent, "{write_size} B writes");
+        let first_wrong = (0..sent).find(|&i| echoed[i as usize] != byte_at(i));
+        assert_eq!(first_wrong, None, "{write_size} B writes");
+    }
+    let metrics = server.metrics();
+    assert!(
+        metrics["khttpd_echo_kernel_detached_total"] >= 2,
+        "{metrics:?}"
+    );
+    assert_eq!(metrics["khttpd_echo_kernel_passes_total"], 0, "{metrics:?}");
+    assert!(metrics["khttpd_echo_kernel_bytes_total"] > 0, "{metrics:?}");
+    assert!(metrics["khttpd_echo_user_bytes_total"] > 0, "{metrics:?}");
+    assert_eq!(server.terminate().code(), Some(0));
 }

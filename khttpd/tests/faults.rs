@@ -233,10 +233,20 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
     }
     const BPF_PROG_LOAD: u32 = 5;
     let refusals = [
-        ("no bpf(2) at all", None, libc::ENOSYS, "Function not implemented"),
+        (
+            "no bpf(2) at all",
+            None,
+            libc::ENOSYS,
+            "Function not implemented",
+        ),
         // Every program load refused, aya's own feature probes included, so the object fails
         // before the verifier would see the programs.
-        ("program loads refused", Some(BPF_PROG_LOAD), libc::EACCES, "loading the BPF object"),
+        (
+            "program loads refused",
+            Some(BPF_PROG_LOAD),
+            libc::EACCES,
+            "loading the BPF object",
+        ),
     ];
     for (refusal, command, errno, reason) in refusals {
         // --fast-path on: exit at once, one line saying why.
@@ -248,23 +258,44 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
         let mut child = on.spawn().unwrap();
         let status = common::wait_bounded(&mut child, Duration::from_secs(20)).expect("exits");
         let mut stderr = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("khttpd: error:")).collect();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("khttpd: error:"))
+            .collect();
         assert!(!status.success(), "{refusal}: {stderr}");
-        assert!(errors.len() == 1 && errors[0].contains(reason), "{refusal}: {stderr}");
+        assert!(
+            errors.len() == 1 && errors[0].contains(reason),
+            "{refusal}: {stderr}"
+        );
         // --fast-path auto: one warning, and both services from user space.
         let khttpd = khttpd_refused_bpf(Mode::Auto, command, errno);
         let server = Server::start_command(khttpd, &[], false);
         let mut stream = TcpStream::connect(server.http_addr()).unwrap();
-        assert_eq!(ask(&mut stream, REQUEST), (200, b"Hello, World!\n".to_vec()), "{refusal}");
+        assert_eq!(
+            ask(&mut stream, REQUEST),
+            (200, b"Hello, World!\n".to_vec()),
+            "{refusal}"
+        );
         let mut echo = TcpStream::connect(server.echo_addr()).unwrap();
         echo.write_all(b"still here").unwrap();
         let mut back = [0u8; 10];
         echo.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"still here");
         let log = server.stderr();
-        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("serving from user space")).collect();
-        assert!(warnings.len() == 1 && warnings[0].contains(reason), "{refusal}: {log}");
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("serving from user space"))
+            .collect();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains(reason),
+            "{refusal}: {log}"
+        );
         assert!(server.terminate().success(), "{refusal}");
     }
 }
@@ -285,7 +316,11 @@ impl Folder {
     }
 
     fn write(&self, file: usize, version: u32) {
-        std::fs::write(self.0.join(format!("{file}.txt")), Folder::content(file, version)).unwrap();
+        std::fs::write(
+            self.0.join(format!("{file}.txt")),
+            Folder::content(file, version),
+        )
+        .unwrap();
     }
 
     fn content(file: usize, version: u32) -> Vec<u8> {
@@ -318,16 +353,27 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
     use khttpd_common::http::{
         ANSWERED_MAP, CONNECTIONS_MAP, DATES_MAP, REQUESTS_MAP, RESPONSES_MAP,
     };
-    for frozen in [REQUESTS_MAP, ANSWERED_MAP, CONNECTIONS_MAP, RESPONSES_MAP, DATES_MAP] {
+    for frozen in [
+        REQUESTS_MAP,
+        ANSWERED_MAP,
+        CONNECTIONS_MAP,
+        RESPONSES_MAP,
+        DATES_MAP,
+    ] {
         let folder = Folder::create("frozen", 2);
         let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
         let mut early = TcpStream::connect(server.http_addr()).unwrap();
-        early.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        early
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         for _ in 0..5 {
             assert_eq!(ask(&mut early, &get(0)), (200, Folder::content(0, 1)));
         }
         let taught = server.metric("khttpd_http_kernel_responses_total");
-        assert!(taught >= 3, "{frozen}: the kernel answered {taught} of 5 before the fault");
+        assert!(
+            taught >= 3,
+            "{frozen}: the kernel answered {taught} of 5 before the fault"
+        );
         server.freeze_map(frozen);
         // A change the kernel must forget, a file it never learned, connections old and new.
         folder.write(0, 2);
@@ -336,8 +382,16 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
         late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         for round in 0..20 {
             for stream in [&mut early, &mut late] {
-                assert_eq!(ask(stream, &get(0)), (200, Folder::content(0, 2)), "{frozen}, round {round}");
-                assert_eq!(ask(stream, &get(1)), (200, Folder::content(1, 1)), "{frozen}, round {round}");
+                assert_eq!(
+                    ask(stream, &get(0)),
+                    (200, Folder::content(0, 2)),
+                    "{frozen}, round {round}"
+                );
+                assert_eq!(
+                    ask(stream, &get(1)),
+                    (200, Folder::content(1, 1)),
+                    "{frozen}, round {round}"
+                );
             }
         }
         if frozen == DATES_MAP {
@@ -348,7 +402,10 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
                 assert_eq!(ask(&mut late, &get(1)), (200, Folder::content(1, 1)));
             }
             let after = server.metric("khttpd_http_kernel_responses_total");
-            assert_eq!(after, before, "the kernel answered with a Date it could not refresh");
+            assert_eq!(
+                after, before,
+                "the kernel answered with a Date it could not refresh"
+            );
         }
         let log = server.stderr();
         assert!(!log.contains("panicked"), "{frozen}: {log}");
@@ -366,10 +423,15 @@ fn a_full_kernel_table_sends_the_rest_from_user_space() {
     let folder = Folder::create("full", files);
     let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     for _ in 0..3 {
         for file in 0..files {
-            assert_eq!(ask(&mut stream, &get(file)), (200, Folder::content(file, 1)));
+            assert_eq!(
+                ask(&mut stream, &get(file)),
+                (200, Folder::content(file, 1))
+            );
         }
     }
     let metrics = server.metrics();
@@ -378,7 +440,10 @@ fn a_full_kernel_table_sends_the_rest_from_user_space() {
     let unknown = metrics["khttpd_http_passed_total{reason=\"unknown_request\"}"];
     assert!(entries <= 256 && entries >= 200, "{entries} cached");
     assert!(kernel >= 200, "the kernel answered {kernel}");
-    assert!(unknown >= (files - 256) as u64, "user space answered {unknown} misses");
+    assert!(
+        unknown >= (files - 256) as u64,
+        "user space answered {unknown} misses"
+    );
 }
 
 /// Out of file descriptors (the server started with a limit of 64): connections past it wait in
@@ -405,7 +470,9 @@ fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
     let server = Server::start_command(khttpd, &[], false);
     let connect = || {
         let stream = TcpStream::connect(server.http_addr()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         stream
     };
     let mut held: Vec<TcpStream> = (0..30).map(|_| connect()).collect();
@@ -423,21 +490,30 @@ fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
         .filter(|stream| {
             stream.set_nonblocking(true).unwrap();
             let mut byte = [0u8; 1];
-            let waits = matches!(stream.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock);
+            let waits =
+                matches!(stream.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock);
             stream.set_nonblocking(false).unwrap();
             waits
         })
         .count();
-    assert!(unanswered > 0, "every newcomer was answered: the limit was not reached");
+    assert!(
+        unanswered > 0,
+        "every newcomer was answered: the limit was not reached"
+    );
     let started = Instant::now();
     for stream in &mut held {
         assert_eq!(ask(stream, REQUEST).0, 200);
     }
-    assert!(started.elapsed() < Duration::from_secs(1), "open connections stalled");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "open connections stalled"
+    );
     drop(held);
     for stream in &mut waiting {
         let mut answer = vec![0u8; 4096];
-        let n = stream.read(&mut answer).expect("answered once descriptors are free");
+        let n = stream
+            .read(&mut answer)
+            .expect("answered once descriptors are free");
         assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK"));
     }
     let log = server.stderr_with(&["accept failed"]);

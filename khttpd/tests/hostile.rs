@@ -145,7 +145,11 @@ fn smuggling() -> Vec<Case> {
         ));
         cases.push(refused(
             format!("{method} Transfer-Encoding folded onto the previous line"),
-            with_headers(method, "X: 1\r\n Transfer-Encoding: chunked\r\n", "0\r\n\r\n"),
+            with_headers(
+                method,
+                "X: 1\r\n Transfer-Encoding: chunked\r\n",
+                "0\r\n\r\n",
+            ),
             400,
         ));
         // Content-Length values that are not one decimal number.
@@ -173,9 +177,15 @@ fn smuggling() -> Vec<Case> {
         }
         for (headers, name) in [
             ("Content-Length: 5\r\nContent-Length: 6\r\n", "conflicting"),
-            ("Content-Length: 5\r\nContent-Length: 05x\r\n", "second invalid"),
+            (
+                "Content-Length: 5\r\nContent-Length: 05x\r\n",
+                "second invalid",
+            ),
             ("Content-Length : 5\r\n", "space before the colon"),
-            ("Content-Length:\t5\r\nX: 1\r\n Content-Length: 6\r\n", "folded"),
+            (
+                "Content-Length:\t5\r\nX: 1\r\n Content-Length: 6\r\n",
+                "folded",
+            ),
         ] {
             cases.push(refused(
                 format!("{method} Content-Length {name}"),
@@ -187,7 +197,10 @@ fn smuggling() -> Vec<Case> {
             ("Content-Length: 5\r\n", "plain"),
             ("Content-Length: 005\r\n", "leading zeros"),
             ("Content-Length:  5 \r\n", "padded"),
-            ("Content-Length: 5\r\nContent-Length: 5\r\n", "repeated, equal"),
+            (
+                "Content-Length: 5\r\nContent-Length: 5\r\n",
+                "repeated, equal",
+            ),
         ] {
             cases.push(case(
                 format!("{method} Content-Length {name} (valid)"),
@@ -240,47 +253,198 @@ fn smuggling() -> Vec<Case> {
 fn framing_and_bytes() -> Vec<Case> {
     let mut cases = vec![
         // Line endings and whitespace (RFC 9112 §2.2, §5.1, §5.2).
-        refused("bare CR in the request line", "GET /\rHTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("bare CR ending the request line", "GET / HTTP/1.1\rHost: a\r\n\r\n", 400),
-        refused("bare CR in a header line", "GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400),
-        refused("bare CR in a header value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
-        refused("obs-fold with a space", "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n", 400),
-        refused("obs-fold with a tab", "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\t2\r\n\r\n", 400),
-        refused("fold before the first header", "GET / HTTP/1.1\r\n Host: a\r\n\r\n", 400),
-        refused("space before the colon", "GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
-        refused("tab before the colon", "GET / HTTP/1.1\r\nHost\t: a\r\n\r\n", 400),
-        refused("header without a colon", "GET / HTTP/1.1\r\nHost a\r\n\r\n", 400),
-        refused("empty header name", "GET / HTTP/1.1\r\nHost: a\r\n: x\r\n\r\n", 400),
-        refused("space before the method", " GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("two spaces after the method", "GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("two spaces before the version", "GET /  HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("tabs as separators", "GET\t/\tHTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("space after the version", "GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
+        refused(
+            "bare CR in the request line",
+            "GET /\rHTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "bare CR ending the request line",
+            "GET / HTTP/1.1\rHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "bare CR in a header line",
+            "GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+            400,
+        ),
+        refused(
+            "bare CR in a header value",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+            400,
+        ),
+        refused(
+            "obs-fold with a space",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n",
+            400,
+        ),
+        refused(
+            "obs-fold with a tab",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\t2\r\n\r\n",
+            400,
+        ),
+        refused(
+            "fold before the first header",
+            "GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "space before the colon",
+            "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "tab before the colon",
+            "GET / HTTP/1.1\r\nHost\t: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "header without a colon",
+            "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "empty header name",
+            "GET / HTTP/1.1\r\nHost: a\r\n: x\r\n\r\n",
+            400,
+        ),
+        refused(
+            "space before the method",
+            " GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "two spaces after the method",
+            "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "two spaces before the version",
+            "GET /  HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "tabs as separators",
+            "GET\t/\tHTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "space after the version",
+            "GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
+            400,
+        ),
         refused("no target", "GET HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         refused("request line only a method", "GET\r\n\r\n", 400),
-        case("bare LF line endings", "GET / HTTP/1.1\nHost: a\n\n", 200, After::Open),
-        case("mixed line endings", "GET / HTTP/1.1\r\nHost: a\n\r\n", 200, After::Open),
-        case("empty lines before the request", "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 200, After::Open),
-        case("tab after the colon", "GET / HTTP/1.1\r\nHost:\ta\r\n\r\n", 200, After::Open),
-        case("no space after the colon", "GET / HTTP/1.1\r\nHost:a\r\n\r\n", 200, After::Open),
-        case("trailing whitespace in a value", "GET / HTTP/1.1\r\nHost: a \t\r\n\r\n", 200, After::Open),
+        case(
+            "bare LF line endings",
+            "GET / HTTP/1.1\nHost: a\n\n",
+            200,
+            After::Open,
+        ),
+        case(
+            "mixed line endings",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            200,
+            After::Open,
+        ),
+        case(
+            "empty lines before the request",
+            "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            200,
+            After::Open,
+        ),
+        case(
+            "tab after the colon",
+            "GET / HTTP/1.1\r\nHost:\ta\r\n\r\n",
+            200,
+            After::Open,
+        ),
+        case(
+            "no space after the colon",
+            "GET / HTTP/1.1\r\nHost:a\r\n\r\n",
+            200,
+            After::Open,
+        ),
+        case(
+            "trailing whitespace in a value",
+            "GET / HTTP/1.1\r\nHost: a \t\r\n\r\n",
+            200,
+            After::Open,
+        ),
         // Invalid bytes.
-        refused("NUL in the method", "GE\0T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("NUL in the target", "GET /\0 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("NUL in a header name", "GET / HTTP/1.1\r\nHost: a\r\nX\0: 1\r\n\r\n", 400),
-        refused("NUL in a header value", "GET / HTTP/1.1\r\nHost: a\r\nX: 1\02\r\n\r\n", 400),
-        refused("DEL in a header value", "GET / HTTP/1.1\r\nHost: a\r\nX: 1\x7f\r\n\r\n", 400),
-        refused("control byte in a header value", "GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n", 400),
-        refused("escape in the target", "GET /\x1b[31m HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("UTF-8 in the target", "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-        refused("UTF-8 in a header name", "GET / HTTP/1.1\r\nHost: a\r\nH\u{f6}st: 1\r\n\r\n", 400),
-        refused("separator in a header name", "GET / HTTP/1.1\r\nHost: a\r\nX(y): 1\r\n\r\n", 400),
-        refused("slash in a header name", "GET / HTTP/1.1\r\nHost: a\r\nX/y: 1\r\n\r\n", 400),
-        case("UTF-8 in a header value", "GET / HTTP/1.1\r\nHost: a\r\nX: caf\u{e9}\r\n\r\n", 200, After::Open),
-        refused("TLS client hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
+        refused(
+            "NUL in the method",
+            "GE\0T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "NUL in the target",
+            "GET /\0 HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "NUL in a header name",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\0: 1\r\n\r\n",
+            400,
+        ),
+        refused(
+            "NUL in a header value",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: 1\02\r\n\r\n",
+            400,
+        ),
+        refused(
+            "DEL in a header value",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: 1\x7f\r\n\r\n",
+            400,
+        ),
+        refused(
+            "control byte in a header value",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n",
+            400,
+        ),
+        refused(
+            "escape in the target",
+            "GET /\x1b[31m HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "UTF-8 in the target",
+            "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        refused(
+            "UTF-8 in a header name",
+            "GET / HTTP/1.1\r\nHost: a\r\nH\u{f6}st: 1\r\n\r\n",
+            400,
+        ),
+        refused(
+            "separator in a header name",
+            "GET / HTTP/1.1\r\nHost: a\r\nX(y): 1\r\n\r\n",
+            400,
+        ),
+        refused(
+            "slash in a header name",
+            "GET / HTTP/1.1\r\nHost: a\r\nX/y: 1\r\n\r\n",
+            400,
+        ),
+        case(
+            "UTF-8 in a header value",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: caf\u{e9}\r\n\r\n",
+            200,
+            After::Open,
+        ),
+        refused(
+            "TLS client hello",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+            400,
+        ),
         refused("SSH banner", "SSH-2.0-OpenSSH_9.2\r\n\r\n", 400),
         refused("HTTP/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
-        refused("a response instead of a request", "HTTP/1.1 200 OK\r\n\r\n", 400),
+        refused(
+            "a response instead of a request",
+            "HTTP/1.1 200 OK\r\n\r\n",
+            400,
+        ),
         refused("all NUL", [0u8; 64], 400),
         refused("all 0xff", [0xffu8; 64], 400),
     ];
@@ -299,21 +463,97 @@ fn framing_and_bytes() -> Vec<Case> {
     let target = |len: usize| format!("/{}", "a".repeat(len - 1));
     let header = |len: usize| format!("X: {}\r\n", "b".repeat(len - 5));
     cases.extend([
-        refused("request line over 8 KiB", format!("GET {} HTTP/1.1\r\nHost: a\r\n\r\n", target(8200)), 414),
-        refused("request line over 8 KiB, unfinished", format!("GET {}", target(9000)), 414),
-        refused("method over 8 KiB", format!("{} / HTTP/1.1\r\nHost: a\r\n\r\n", "G".repeat(8300)), 414),
-        refused("one header over 8 KiB", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", header(8300)), 431),
-        refused("header section over 8 KiB", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", header(100).repeat(90)), 431),
-        refused("header section over 8 KiB, unfinished", format!("GET / HTTP/1.1\r\nHost: a\r\n{}", header(1000).repeat(9)), 431),
-        refused("request line over 8 KiB with a bad version", format!("GET {} HTTP/9\r\nHost: a\r\n\r\n", target(8200)), 414),
-        refused("request line over 8 KiB with a NUL at its end", format!("GET {}\0 HTTP/1.1\r\nHost: a\r\n\r\n", target(8200)), 414),
-        refused("chunk extension over 4 KiB", with_headers("POST", "Transfer-Encoding: chunked\r\n", &format!("5;x={}\r\nhello\r\n0\r\n\r\n", "e".repeat(5000))), 400),
-        refused("trailer line over 4 KiB", with_headers("POST", "Transfer-Encoding: chunked\r\n", &format!("0\r\nT: {}\r\n\r\n", "t".repeat(5000))), 400),
-        refused("101 header fields", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: 1\r\n".repeat(100)), 431),
+        refused(
+            "request line over 8 KiB",
+            format!("GET {} HTTP/1.1\r\nHost: a\r\n\r\n", target(8200)),
+            414,
+        ),
+        refused(
+            "request line over 8 KiB, unfinished",
+            format!("GET {}", target(9000)),
+            414,
+        ),
+        refused(
+            "method over 8 KiB",
+            format!("{} / HTTP/1.1\r\nHost: a\r\n\r\n", "G".repeat(8300)),
+            414,
+        ),
+        refused(
+            "one header over 8 KiB",
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", header(8300)),
+            431,
+        ),
+        refused(
+            "header section over 8 KiB",
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+                header(100).repeat(90)
+            ),
+            431,
+        ),
+        refused(
+            "header section over 8 KiB, unfinished",
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{}", header(1000).repeat(9)),
+            431,
+        ),
+        refused(
+            "request line over 8 KiB with a bad version",
+            format!("GET {} HTTP/9\r\nHost: a\r\n\r\n", target(8200)),
+            414,
+        ),
+        refused(
+            "request line over 8 KiB with a NUL at its end",
+            format!("GET {}\0 HTTP/1.1\r\nHost: a\r\n\r\n", target(8200)),
+            414,
+        ),
+        refused(
+            "chunk extension over 4 KiB",
+            with_headers(
+                "POST",
+                "Transfer-Encoding: chunked\r\n",
+                &format!("5;x={}\r\nhello\r\n0\r\n\r\n", "e".repeat(5000)),
+            ),
+            400,
+        ),
+        refused(
+            "trailer line over 4 KiB",
+            with_headers(
+                "POST",
+                "Transfer-Encoding: chunked\r\n",
+                &format!("0\r\nT: {}\r\n\r\n", "t".repeat(5000)),
+            ),
+            400,
+        ),
+        refused(
+            "101 header fields",
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+                "X: 1\r\n".repeat(100)
+            ),
+            431,
+        ),
         // Within the limits: the long target is simply not a file.
-        case("request line just under 8 KiB", format!("GET {} HTTP/1.1\r\nHost: a\r\n\r\n", target(8000)), 404, After::Open),
-        case("header section just under 8 KiB", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", header(100).repeat(80)), 200, After::Open),
-        case("100 header fields", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: 1\r\n".repeat(99)), 200, After::Open),
+        case(
+            "request line just under 8 KiB",
+            format!("GET {} HTTP/1.1\r\nHost: a\r\n\r\n", target(8000)),
+            404,
+            After::Open,
+        ),
+        case(
+            "header section just under 8 KiB",
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+                header(100).repeat(80)
+            ),
+            200,
+            After::Open,
+        ),
+        case(
+            "100 header fields",
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: 1\r\n".repeat(99)),
+            200,
+            After::Open,
+        ),
     ]);
     cases
 }
@@ -346,8 +586,20 @@ fn versions_methods_hosts() -> Vec<Case> {
         ));
     }
     for method in [
-        "POST", "PUT", "DELETE", "PATCH", "TRACE", "BREW", "PROPFIND", "get", "Get", "GETT",
-        "GET-", "X", "M-SEARCH", "A!#$%&'*+-.^_`|~",
+        "POST",
+        "PUT",
+        "DELETE",
+        "PATCH",
+        "TRACE",
+        "BREW",
+        "PROPFIND",
+        "get",
+        "Get",
+        "GETT",
+        "GET-",
+        "X",
+        "M-SEARCH",
+        "A!#$%&'*+-.^_`|~",
     ] {
         cases.push(case(
             format!("method {method}"),
@@ -356,8 +608,18 @@ fn versions_methods_hosts() -> Vec<Case> {
             After::Open,
         ));
     }
-    cases.push(case("OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 501, After::Open));
-    cases.push(case("CONNECT authority", "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501, After::Open));
+    cases.push(case(
+        "OPTIONS *",
+        "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        501,
+        After::Open,
+    ));
+    cases.push(case(
+        "CONNECT authority",
+        "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+        501,
+        After::Open,
+    ));
     for method in ["G@T", "GE[T", "GET\"", "GE,T", "G(T", "{GET}", "G\u{c9}T"] {
         cases.push(refused(
             format!("method {method:?}"),
@@ -387,7 +649,15 @@ fn versions_methods_hosts() -> Vec<Case> {
             400,
         ));
     }
-    for host in ["", "a:80", "[::1]", "[::1]:8081", "127.0.0.1", "xn--caf-dma.example", "a.b-c_d~e%41"] {
+    for host in [
+        "",
+        "a:80",
+        "[::1]",
+        "[::1]:8081",
+        "127.0.0.1",
+        "xn--caf-dma.example",
+        "a.b-c_d~e%41",
+    ] {
         cases.push(case(
             format!("Host {host:?}"),
             format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"),
@@ -395,7 +665,12 @@ fn versions_methods_hosts() -> Vec<Case> {
             After::Open,
         ));
     }
-    cases.push(case("HTTP/1.0 without Host", "GET / HTTP/1.0\r\n\r\n", 200, After::Closed));
+    cases.push(case(
+        "HTTP/1.0 without Host",
+        "GET / HTTP/1.0\r\n\r\n",
+        200,
+        After::Closed,
+    ));
     cases.push(case(
         "HTTP/1.0 keep-alive",
         "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
@@ -580,7 +855,9 @@ struct Responses {
 impl Responses {
     fn connect(server: &Server) -> Responses {
         let stream = TcpStream::connect(server.http_addr()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .unwrap();
         Responses {
             stream,
             buffer: Vec::new(),
@@ -732,7 +1009,10 @@ fn hostile_requests_get_the_right_answer_and_connection_state() {
         ("fast path off", Server::start(Mode::UserUnbound, &common)),
         (
             "thread per connection",
-            Server::start(Mode::UserUnbound, &[&common[..], &["--dispatch", "thread"]].concat()),
+            Server::start(
+                Mode::UserUnbound,
+                &[&common[..], &["--dispatch", "thread"]].concat(),
+            ),
         ),
     ];
     let kernel = &servers[0].1;
@@ -743,24 +1023,40 @@ fn hostile_requests_get_the_right_answer_and_connection_state() {
         connection.stream.write_all(VALID).unwrap();
         connection.next(false).unwrap();
     }
-    assert!(kernel_answers() > 0, "the kernel answered nothing: the checks below prove nothing");
+    assert!(
+        kernel_answers() > 0,
+        "the kernel answered nothing: the checks below prove nothing"
+    );
 
     let mut failures = Vec::new();
     let mut answers: Vec<Vec<Vec<u8>>> = vec![Vec::new(); cases.len()];
     for (name, server) in &servers {
         for (case, answers) in cases.iter().zip(&mut answers) {
             for before in [0, 1] {
-                let taught = if name == &servers[0].0 { kernel_answers() } else { 0 };
+                let taught = if name == &servers[0].0 {
+                    kernel_answers()
+                } else {
+                    0
+                };
                 match run(server, case, before) {
                     Ok(answer) => answers.push(answer),
-                    Err(e) => failures.push(format!("{name}, {} (after {before} valid): {e}", case.name)),
+                    Err(e) => {
+                        failures.push(format!("{name}, {} (after {before} valid): {e}", case.name))
+                    }
                 }
                 // A refused request is answered by user space only; alone on a connection, so
                 // the kernel cannot have answered a valid neighbour either.
-                if name == &servers[0].0 && before == 0 && case.after == After::Closed && case.status >= 400 {
+                if name == &servers[0].0
+                    && before == 0
+                    && case.after == After::Closed
+                    && case.status >= 400
+                {
                     let answered = kernel_answers() - taught;
                     if answered != 0 {
-                        failures.push(format!("{name}, {}: the kernel answered {answered}", case.name));
+                        failures.push(format!(
+                            "{name}, {}: the kernel answered {answered}",
+                            case.name
+                        ));
                     }
                 }
             }
@@ -829,5 +1125,8 @@ fn hostile_requests_get_the_same_answer_in_any_pieces() {
             failures.push(case.name);
         }
     }
-    assert!(failures.is_empty(), "answers depend on the pieces: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "answers depend on the pieces: {failures:?}"
+    );
 }

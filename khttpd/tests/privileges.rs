@@ -51,7 +51,9 @@ impl Drop for Folder {
 /// `requests` keep-alive GETs of `path` on one connection; the statuses.
 fn statuses(server: &Server, path: &str, requests: usize) -> Vec<u16> {
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
     (0..requests)
         .map(|_| ask(&mut stream, request.as_bytes()).0)
@@ -76,7 +78,10 @@ fn after_start_the_server_is_nobody_without_capabilities_confined_to_the_root() 
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     // Every thread, not only the one that dropped.
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
         assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
         assert!(status.contains(&format!("Uid:\t{nobody}")), "{status}");
@@ -85,7 +90,10 @@ fn after_start_the_server_is_nobody_without_capabilities_confined_to_the_root() 
     // can name leads out, and without CAP_SYS_CHROOT it cannot leave.
     let jail = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
     assert_eq!(jail, std::fs::canonicalize(&root).unwrap());
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let target = std::fs::read_link(fd.path()).unwrap();
         let target = target.to_string_lossy();
         let harmless = ["socket:", "anon_inode:", "pipe:", "/dev/null"];

@@ -65,7 +65,10 @@ impl TestSite {
     /// `user`: `root` keeps the server unconfined, so only its own checks keep it in the root.
     fn server_as(&self, mode: Mode, dispatch: &str, user: &str) -> Server {
         let root = self.root.to_str().unwrap();
-        Server::start(mode, &["--root", root, "--dispatch", dispatch, "--user", user])
+        Server::start(
+            mode,
+            &["--root", root, "--dispatch", dispatch, "--user", user],
+        )
     }
 }
 
@@ -247,7 +250,11 @@ fn nothing_outside_the_root_is_served() {
     assert_eq!(get(&server, "/link-inside", &[]).body, b"inner\n");
     // Absolute-form and other targets that are not a path.
     assert_eq!(get(&server, "*", &[]).status, 400);
-    let reasons = ["would leave the document root", "outside the document root", "NUL byte"];
+    let reasons = [
+        "would leave the document root",
+        "outside the document root",
+        "NUL byte",
+    ];
     let log = server.stderr_with(&reasons);
     for reason in reasons {
         assert!(log.contains(reason), "{reason}: {log}");

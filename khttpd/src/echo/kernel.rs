@@ -1,13 +1,22 @@
 //! The kernel echo path: accepted sockets go into the echo sockhash (see [`crate::sockmap`]) and
-//! user space never reads them.
+//! user space never reads them — unless the verdict asks it to take one over because its client
+//! falls behind (see `khttpd_common::echo`): [`KernelEcho::detach`] then moves it out of the
+//! verdict's reach without losing a byte, and user space echoes it after the kernel's bytes.
 //!
 //! A client that shuts its side is closed once every byte it sent has been echoed and
 //! acknowledged: TCP_INFO's bytes acked + 1 == bytes received, because the FIN counts one sequence
 //! number in `bytes_received` that nothing ever reads (measured, see docs/kernel-facts.md).
 
-use std::{io, net::TcpStream, ops::Deref, os::fd::AsRawFd};
+use std::{
+    io,
+    net::TcpStream,
+    ops::Deref,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
 
-use khttpd_common::echo::Counter;
+use aya::maps::{HashMap, MapData, SockHash};
+use khttpd_common::echo::{Connection, Counter};
 
 use crate::{
     fast_path::{Counters, EchoMaps},
@@ -15,11 +24,24 @@ use crate::{
     sockmap::{KernelConnections, Service},
 };
 
-pub struct Echo;
+/// The kernel's record of each connection (`ECHO_CONNECTIONS`).
+type Records = Arc<Mutex<HashMap<MapData, u64, Connection>>>;
+
+pub struct Echo {
+    records: Records,
+}
 
 impl Service for Echo {
     const NAME: &'static str = "echo";
     type Parked = TcpStream;
+
+    fn prepare(&self, cookie: u64, _stream: &TcpStream) -> io::Result<()> {
+        self.records
+            .lock()
+            .unwrap()
+            .insert(cookie, Connection::default(), 0)
+            .map_err(io::Error::other)
+    }
 
     fn drained(&self, stream: &TcpStream, _cookie: u64) -> bool {
         // Only asked after the FIN arrived, which counts one in bytes_received.
@@ -27,18 +49,70 @@ impl Service for Echo {
             info.tcpi_bytes_acked + 1 >= info.tcpi_bytes_received
         })
     }
+
+    fn forget(&self, cookie: u64) {
+        let _ = self.records.lock().unwrap().remove(&cookie);
+    }
+}
+
+/// A connection moved to user space, while user space echoes it. Dropping it deletes the kernel's
+/// record; the socket leaves `ECHO_DETACHED` when it closes.
+pub struct Detached {
+    pub cookie: u64,
+    records: Records,
+}
+
+impl Detached {
+    /// Bytes the kernel echoed on the connection (0 without a record). It can still grow for a
+    /// moment after the detach, by an skb whose verdict was running meanwhile.
+    pub fn kernel_echoed(&self) -> u64 {
+        let records = self.records.lock().unwrap();
+        records.get(&self.cookie, 0).map_or(0, |r| r.echoed_bytes)
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let _ = self.records.lock().unwrap().remove(&self.cookie);
+    }
 }
 
 pub struct KernelEcho {
     connections: KernelConnections<Echo>,
+    /// `ECHO_DETACHED`: no programs; keeps detached connections' psocks alive.
+    detached: Mutex<SockHash<MapData, u64>>,
     counters: Counters,
 }
 
 impl KernelEcho {
     pub fn start(maps: EchoMaps) -> io::Result<KernelEcho> {
+        let echo = Echo {
+            records: Arc::new(Mutex::new(maps.connections)),
+        };
         Ok(KernelEcho {
-            connections: KernelConnections::start(Echo, maps.sockets, maps.handoffs)?,
+            connections: KernelConnections::start(echo, maps.sockets, maps.handoffs)?,
+            detached: Mutex::new(maps.detached),
             counters: maps.counters,
+        })
+    }
+
+    /// Moves a connection the verdict handed back out of its reach. The socket enters
+    /// `ECHO_DETACHED` first: a socket keeps its psock while any sockmap holds it, so the skbs the
+    /// kernel redirected and that still wait for room in the send queue are sent, not freed. Then
+    /// it leaves the echo sockhash, and from then on its bytes stay in TCP's receive queue, where
+    /// the receive window holds the client back while user space cannot write.
+    pub fn detach(&self, cookie: u64, stream: &TcpStream) -> io::Result<Detached> {
+        self.detached
+            .lock()
+            .unwrap()
+            .insert(cookie, stream.as_raw_fd(), 0)
+            .map_err(io::Error::other)?;
+        self.connections
+            .leave_sockhash(cookie)
+            .map_err(io::Error::other)?;
+        Ok(Detached {
+            cookie,
+            records: Arc::clone(&self.connections.service().records),
         })
     }
 

@@ -6,8 +6,9 @@
 //! - **user space** ([`user`]): the connection is one work item on the cmwq-style work queue, which
 //!   reads and writes until the client closes (kecho's `echo_server_worker`).
 //!
-//! Connections fall back from the kernel path to user space when the sockhash is full or when the
-//! kernel hands a connection back (see `kernel::KernelEcho::next_handoff`).
+//! Connections fall back from the kernel path to user space when the sockhash is full, and move
+//! there when the verdict asks: their client falls behind, and what waits for it in the kernel has
+//! no other bound (see `khttpd_common::echo`).
 
 pub mod kernel;
 pub mod user;
@@ -21,7 +22,7 @@ use log::{debug, warn};
 use tokio::sync::broadcast;
 
 use crate::{shutdown::Shutdown, workqueue::WorkQueue};
-use kernel::KernelEcho;
+use kernel::{Detached, KernelEcho};
 
 /// Counters of the user-space side (the kernel keeps its own, see `KernelEcho::counters`).
 #[derive(Default)]
@@ -66,28 +67,36 @@ impl EchoService {
             },
             None => stream,
         };
-        self.serve_in_user_space(stream);
+        self.serve_in_user_space(stream, None);
     }
 
-    fn serve_in_user_space(&self, stream: std::net::TcpStream) {
+    fn serve_in_user_space(&self, stream: std::net::TcpStream, detached: Option<Detached>) {
         self.counters
             .user_connections
             .fetch_add(1, Ordering::Relaxed);
         let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
-        let work = user::echo(stream, shutdown, Arc::clone(&self.counters));
+        let work = user::echo(stream, detached, shutdown, Arc::clone(&self.counters));
         if self.queue.queue_work(work).is_err() {
             debug!("echo: shutting down, connection dropped");
         }
     }
 
-    /// Moves connections the kernel hands back to user space, until shutdown.
+    /// Moves the connections the verdict hands back to user space, until shutdown.
     pub async fn handoff_loop(self: Arc<Self>, shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
         kernel
             .serve_handoffs(shutdown, |cookie, stream| {
-                kernel.leave_sockhash(cookie);
-                warn!("echo: kernel handed connection {cookie} back; echoing it in user space");
-                self.serve_in_user_space(stream);
+                match kernel.detach(cookie, &stream) {
+                    Ok(detached) => {
+                        debug!("echo: connection {cookie} falls behind; echoing it in user space");
+                        self.serve_in_user_space(stream, Some(detached));
+                    }
+                    Err(e) => {
+                        // Still in the echo sockhash: the kernel goes on echoing it.
+                        warn!("echo: cannot move connection {cookie} to user space: {e}");
+                        let _ = kernel.park(cookie, stream);
+                    }
+                }
             })
             .await;
     }

@@ -1,23 +1,28 @@
-//! The user-space echo work item: one per connection, like kecho's `echo_server_worker`.
+//! The user-space echo work item: one per connection, like kecho's `echo_server_worker`. It also
+//! takes over connections detached from the kernel path, once the kernel's echo is on its way.
 
 use std::{
     io,
+    os::fd::AsRawFd,
     sync::{atomic::Ordering, Arc},
 };
 
 use log::debug;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::UserCounters;
-use crate::{fd::into_tokio, shutdown::Shutdown};
+use super::{kernel::Detached, UserCounters};
+use crate::{fd::into_tokio, shutdown::Shutdown, sockmap::wait_until_queued};
 
 /// Bytes read per system call. The buffer only exists while data is flowing, so an idle connection
 /// costs its socket and a small future, not a buffer.
 const CHUNK: usize = 16 * 1024;
 
-/// Echoes until the client closes, an error, or shutdown.
+/// Echoes until the client closes, an error, or shutdown. A connection `detached` from the kernel
+/// path is echoed once everything the kernel echoed on it is in the send queue, so nothing
+/// overtakes it; that waits for as long as the client does not read, as a blocked write would.
 pub async fn echo(
     stream: std::net::TcpStream,
+    detached: Option<Detached>,
     mut shutdown: Shutdown,
     counters: Arc<UserCounters>,
 ) {
@@ -31,7 +36,23 @@ pub async fn echo(
         }
     };
     let result = tokio::select! {
-        result = echo_until_eof(&mut stream, &counters) => result,
+        result = async {
+            if let Some(detached) = &detached {
+                let mut owed = detached.kernel_echoed();
+                loop {
+                    if !wait_until_queued(stream.as_raw_fd(), owed, None).await {
+                        return Ok(()); // closed meanwhile
+                    }
+                    // A verdict that ran during the detach may have echoed one more skb.
+                    let now = detached.kernel_echoed();
+                    if now == owed {
+                        break;
+                    }
+                    owed = now;
+                }
+            }
+            echo_until_eof(&mut stream, &counters).await
+        } => result,
         () = shutdown.recv() => Ok(()),
     };
     if let Err(e) = result {

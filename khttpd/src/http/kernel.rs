@@ -48,7 +48,7 @@ use super::{response, session::Learned, Slot};
 use crate::{
     fast_path::{os_errors, Counters, HttpMaps},
     fd::tcp_info,
-    sockmap::{KernelConnections, Service},
+    sockmap::{wait_until_queued, KernelConnections, Service},
 };
 
 /// How long a taken-back connection waits for the kernel's responses to reach the send queue.
@@ -515,17 +515,11 @@ impl KernelHttp {
             return true;
         };
         let owed = state.kernel_bytes + written;
-        let deadline = Instant::now() + ORDER_LIMIT;
-        let mut pause = Duration::from_micros(50);
-        while queued_bytes(fd).is_ok_and(|queued| queued < owed) {
-            if Instant::now() > deadline {
-                warn!("http: kernel responses on connection {cookie} not sent in {ORDER_LIMIT:?}");
-                return false;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
+        let ordered = wait_until_queued(fd, owed, Some(ORDER_LIMIT)).await;
+        if !ordered {
+            warn!("http: kernel responses on connection {cookie} not sent in {ORDER_LIMIT:?}");
         }
-        true
+        ordered
     }
 
     /// Tells the kernel what user space has read and answered on a connection and how much it has
@@ -574,13 +568,4 @@ impl Deref for KernelHttp {
     fn deref(&self) -> &Self::Target {
         &self.connections
     }
-}
-
-/// Every byte ever written to the socket's send queue: acknowledged ones plus those still queued.
-fn queued_bytes(fd: RawFd) -> io::Result<u64> {
-    let info = tcp_info(fd)?;
-    let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int.
-    crate::fd::cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) })?;
-    Ok(info.tcpi_bytes_acked + outq as u64)
 }

@@ -472,7 +472,9 @@ fn evaluate(request: &httparse::Request<'_, '_>, for_site: bool) -> Head {
             Ok(()) => Some(Framing::ChunkSize),
             Err(status) => return refuse(status, head_only),
         },
-        (Some(length), None) if length > MAX_BODY => return refuse(Status::PayloadTooLarge, head_only),
+        (Some(length), None) if length > MAX_BODY => {
+            return refuse(Status::PayloadTooLarge, head_only)
+        }
         (Some(0), None) | (None, None) => None,
         (Some(length), None) => Some(Framing::Length(length)),
     };
@@ -582,7 +584,10 @@ fn is_host(value: &[u8]) -> bool {
     };
     let host_ok = match host {
         [b'[', literal @ .., b']'] => {
-            !literal.is_empty() && literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
         }
         name => name
             .iter()

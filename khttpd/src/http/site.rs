@@ -483,8 +483,14 @@ mod tests {
         assert_eq!(byte_range("bytes=0-1,5-6", 100), None);
         assert_eq!(byte_range("bytes=9-1", 100), None);
         assert_eq!(byte_range("items=0-1", 100), None);
-        assert_eq!(byte_range("bytes=0-99999999999999999999", 100), Some(Ok((0, 99))));
-        assert_eq!(byte_range("bytes=-99999999999999999999", 100), Some(Ok((0, 99))));
+        assert_eq!(
+            byte_range("bytes=0-99999999999999999999", 100),
+            Some(Ok((0, 99)))
+        );
+        assert_eq!(
+            byte_range("bytes=-99999999999999999999", 100),
+            Some(Ok((0, 99)))
+        );
         assert_eq!(byte_range("bytes=+1-2", 100), None);
     }
 

@@ -87,9 +87,7 @@ impl Server {
             match std::panic::catch_unwind(start) {
                 Ok(server) => return server,
                 Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<String>()
-                        .map_or("", String::as_str);
+                    let message = panic.downcast_ref::<String>().map_or("", String::as_str);
                     if !message.contains("Address already in use") {
                         std::panic::resume_unwind(panic);
                     }
@@ -110,7 +108,13 @@ impl Server {
         let fast_path = matches!(mode, Mode::Kernel | Mode::Auto);
         let mut command = Command::new(KHTTPD);
         command.args(mode.args());
-        Server::spawn(command, extra, [echo_port, http_port], metrics_addr, fast_path)
+        Server::spawn(
+            command,
+            extra,
+            [echo_port, http_port],
+            metrics_addr,
+            fast_path,
+        )
     }
 
     /// Starts with `command` (khttpd with its mode and whatever the test set up, e.g. a seccomp
@@ -403,7 +407,12 @@ impl Server {
                 const BPF_MAP_FREEZE: libc::c_long = 22;
                 // SAFETY: the attribute is the map's fd, read by the kernel during the call.
                 let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &raw const fd, 4) };
-                assert_eq!(rc, 0, "freezing {name}: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "freezing {name}: {}",
+                    std::io::Error::last_os_error()
+                );
                 return;
             }
         }
