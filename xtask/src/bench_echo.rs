@@ -68,6 +68,9 @@ pub struct Args {
     /// Bytes per message, in the latency and the throughput runs.
     #[arg(long, default_value_t = 64)]
     message_size: usize,
+    /// The khttpd binary to measure (default: build the release one).
+    #[arg(long)]
+    pub khttpd: Option<std::path::PathBuf>,
 }
 
 /// One way of running the server.

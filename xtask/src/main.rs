@@ -126,8 +126,8 @@ fn main() -> anyhow::Result<()> {
             )
         }
         Task::Bench(Bench::Echo(args)) => {
-            toolchain::ensure()?;
-            bench_echo::run(&args, &build_khttpd()?)
+            let khttpd = release_khttpd(args.khttpd.clone())?;
+            bench_echo::run(&args, &khttpd)
         }
         Task::Bench(Bench::Site(args)) => {
             toolchain::ensure()?;
