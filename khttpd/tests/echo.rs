@@ -13,6 +13,7 @@ use std::{
 use common::{
     bpf_allowed, eventually, free_port, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD,
 };
+use khttpd_common::echo;
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -178,7 +179,7 @@ async fn clients_that_send_right_after_connect_are_all_echoed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closed_connections_leave_the_sockhash_and_the_fd_table() {
+async fn closed_connections_leave_the_echo_maps_and_the_fd_table() {
     if !bpf_allowed() {
         return;
     }
@@ -204,18 +205,31 @@ async fn closed_connections_leave_the_sockhash_and_the_fd_table() {
             .unwrap();
         streams.push(stream);
     }
-    assert_eq!(server.sockhash_entries(), 300);
+    // And three that fall behind: detached, echoed in user space.
+    let behind: Vec<_> = (0..3)
+        .map(|_| send_until_held_back(server.echo_addr(), 64 * 1024).0)
+        .collect();
+    let maps = || {
+        [echo::SOCKETS_MAP, echo::DETACHED_MAP, echo::CONNECTIONS_MAP]
+            .map(|name| server.echo_map_entries(name))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || maps() == [300, 3, 303]),
+        "{:?}",
+        maps()
+    );
     assert!(eventually(Duration::from_secs(5), || server.fd_count()
-        == baseline_fds + 300));
+        == baseline_fds + 303));
 
     drop(streams);
+    drop(behind);
     let drained = eventually(Duration::from_secs(10), || {
-        server.sockhash_entries() == 0 && server.fd_count() == baseline_fds
+        maps() == [0, 0, 0] && server.fd_count() == baseline_fds
     });
     assert!(
         drained,
-        "sockhash {} entries, fds {} (baseline {baseline_fds})",
-        server.sockhash_entries(),
+        "sockets, detached, records {:?}, fds {} (baseline {baseline_fds})",
+        maps(),
         server.fd_count()
     );
     assert_eq!(server.metric("khttpd_echo_kernel_connections"), 0);
@@ -410,29 +424,10 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
     if !bpf_allowed() {
         return;
     }
-    const HELD_BACK_AFTER: Duration = Duration::from_millis(500);
     const MOST_HELD: u64 = 64 << 20;
-    let byte_at = |position: u64| (position % 251) as u8;
     let server = Server::start(Mode::Kernel, &[]);
     for write_size in [64 * 1024, 100] {
-        let mut stream = std::net::TcpStream::connect(server.echo_addr()).unwrap();
-        stream.set_nodelay(true).unwrap();
-        stream.set_nonblocking(true).unwrap();
-        let (mut sent, started, mut progress) = (0u64, Instant::now(), Instant::now());
-        while progress.elapsed() < HELD_BACK_AFTER
-            && started.elapsed() < Duration::from_secs(10)
-            && sent < 8 * MOST_HELD
-        {
-            let chunk: Vec<u8> = (sent..sent + write_size).map(byte_at).collect();
-            match stream.write(&chunk) {
-                Ok(n) => {
-                    sent += n as u64;
-                    progress = Instant::now();
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => sleep(Duration::from_millis(1)),
-                Err(e) => panic!("{write_size} B writes: {e} after {sent} bytes"),
-            }
-        }
+        let (mut stream, sent) = send_until_held_back(server.echo_addr(), write_size);
         assert!(
             sent < MOST_HELD,
             "{write_size} B writes: {sent} bytes taken from a client that does not read"
@@ -445,7 +440,7 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
         let mut echoed = Vec::new();
         stream.read_to_end(&mut echoed).unwrap();
         assert_eq!(echoed.len() as u64, sent, "{write_size} B writes");
-        let first_wrong = (0..sent).find(|&i| echoed[i as usize] != byte_at(i));
+        let first_wrong = (0..sent).find(|&i| echoed[i as usize] != pattern_byte(i));
         assert_eq!(first_wrong, None, "{write_size} B writes");
     }
     let metrics = server.metrics();
@@ -457,4 +452,34 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
     assert!(metrics["khttpd_echo_kernel_bytes_total"] > 0, "{metrics:?}");
     assert!(metrics["khttpd_echo_user_bytes_total"] > 0, "{metrics:?}");
     assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// The byte at `position` of what [`send_until_held_back`] sends.
+fn pattern_byte(position: u64) -> u8 {
+    (position % 251) as u8
+}
+
+/// Connects and sends `write_size`-byte writes without reading until the client is held back (no
+/// byte taken for 500 ms), for at most 10 s or 512 MiB. Returns the connection and the bytes sent.
+fn send_until_held_back(addr: SocketAddr, write_size: u64) -> (std::net::TcpStream, u64) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let (mut sent, started, mut progress) = (0u64, Instant::now(), Instant::now());
+    while progress.elapsed() < Duration::from_millis(500)
+        && started.elapsed() < Duration::from_secs(10)
+        && sent < 512 << 20
+    {
+        let chunk: Vec<u8> = (sent..sent + write_size).map(pattern_byte).collect();
+        match stream.write(&chunk) {
+            Ok(n) => {
+                sent += n as u64;
+                progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => sleep(Duration::from_millis(1)),
+            Err(e) => panic!("{write_size} B writes: {e} after {sent} bytes"),
+        }
+    }
+    stream.set_nonblocking(false).unwrap();
+    (stream, sent)
 }

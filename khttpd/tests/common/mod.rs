@@ -274,19 +274,33 @@ impl Server {
 
     /// Entries in the server's echo sockhash, read through the bpf() syscall by map id.
     pub fn sockhash_entries(&self) -> usize {
+        self.echo_map_entries(khttpd_common::echo::SOCKETS_MAP)
+    }
+
+    /// Entries in one of the server's per-connection echo maps (`ECHO_SOCKETS`, `ECHO_DETACHED`,
+    /// `ECHO_CONNECTIONS`; all keyed by socket cookie), read through bpf() by map id.
+    pub fn echo_map_entries(&self, name: &str) -> usize {
+        // The kernel keeps 15 bytes of a map's name.
+        let kernel_name = &name[..name.len().min(15)];
         let (_, maps) = self.bpf_ids();
         for id in maps {
             let Ok(info) = aya::maps::MapInfo::from_id(id) else {
                 continue;
             };
-            if info.name_as_str() == Some(khttpd_common::echo::SOCKETS_MAP) {
-                let data = aya::maps::MapData::from_id(id).unwrap();
-                let map: aya::maps::SockHash<_, u64> =
-                    aya::maps::Map::SockHash(data).try_into().unwrap();
+            if info.name_as_str() != Some(kernel_name) {
+                continue;
+            }
+            let data = aya::maps::MapData::from_id(id).unwrap();
+            let map = aya::maps::Map::from_map_data(data).unwrap();
+            if matches!(map, aya::maps::Map::SockHash(_)) {
+                let map: aya::maps::SockHash<_, u64> = map.try_into().unwrap();
                 return map.keys().filter(Result::is_ok).count();
             }
+            let map: aya::maps::HashMap<_, u64, khttpd_common::echo::Connection> =
+                map.try_into().unwrap();
+            return map.keys().filter(Result::is_ok).count();
         }
-        panic!("server holds no {} map", khttpd_common::echo::SOCKETS_MAP);
+        panic!("server holds no {name} map");
     }
 
     /// SIGTERM, then the exit status (killed after 15 s).
