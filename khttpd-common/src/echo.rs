@@ -75,7 +75,7 @@ pub enum Counter {
     /// Redirects the kernel refused; such skbs are passed to user space.
     RedirectFailures = 3,
     /// Connections the verdict asked user space to detach because their backlog was full.
-    Backpressure = 4,
+    Detached = 4,
     /// Hand-off records the ring buffer had no room for (the verdict tries again on the next skb).
     HandoffsLost = 5,
 }
@@ -86,7 +86,7 @@ impl Counter {
         Counter::Bytes,
         Counter::Passes,
         Counter::RedirectFailures,
-        Counter::Backpressure,
+        Counter::Detached,
         Counter::HandoffsLost,
     ];
     /// Number of slots in [`COUNTERS_MAP`].

@@ -70,7 +70,7 @@ fn try_echo_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         {
             if ask_user_space(cookie).is_ok() {
                 connection.detaching = 1;
-                count(Counter::Backpressure, 1);
+                count(Counter::Detached, 1);
             } else {
                 count(Counter::HandoffsLost, 1);
             }

@@ -269,7 +269,7 @@ fn render_echo(out: &mut String, echo: &EchoService) {
                 "Redirects the kernel refused.",
             ),
             (
-                Counter::Backpressure,
+                Counter::Detached,
                 "khttpd_echo_kernel_detached_total",
                 "Connections moved to user space because their client fell behind.",
             ),
