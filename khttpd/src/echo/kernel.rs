@@ -58,7 +58,7 @@ impl Service for Echo {
 /// A connection moved to user space, while user space echoes it. Dropping it deletes the kernel's
 /// record; the socket leaves `ECHO_DETACHED` when it closes.
 pub struct Detached {
-    pub cookie: u64,
+    cookie: u64,
     records: Records,
 }
 
