@@ -56,6 +56,47 @@ pub fn silent_for(fd: RawFd, idle: std::time::Duration) -> bool {
     })
 }
 
+/// Bytes waiting in the socket's receive queue, counted without copying or consuming them
+/// (`MSG_PEEK | MSG_TRUNC`: TCP then returns the length it would have copied).
+pub fn unread_bytes(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: with MSG_TRUNC the kernel copies nothing into the (null) buffer.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            1 << 30,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n >= 0 => Ok(n as u64),
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            e => Err(e),
+        },
+    }
+}
+
+/// Makes closing the socket send a reset (SO_LINGER 0) instead of a FIN: the peer learns that not
+/// everything it sent was answered.
+pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: passes a valid `linger` of the size given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 fn getsockopt<T: Copy>(fd: RawFd, level: i32, name: i32) -> io::Result<T> {
     let mut value = std::mem::MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;

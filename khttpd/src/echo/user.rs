@@ -5,13 +5,21 @@ use std::{
     io,
     os::fd::AsRawFd,
     sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
-use log::debug;
+use log::{debug, warn};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{kernel::Detached, UserCounters};
-use crate::{fd::into_tokio, shutdown::Shutdown, sockmap::wait_until_queued};
+use crate::{
+    fd::{into_tokio, reset_on_close},
+    shutdown::Shutdown,
+    sockmap::wait_until_queued,
+};
+
+/// How long after a detach the socket's drop count is read (see `Detached::lost_bytes`).
+const DETACH_GRACE: Duration = Duration::from_millis(20);
 
 /// Bytes read per system call. The buffer only exists while data is flowing, so an idle connection
 /// costs its socket and a small future, not a buffer.
@@ -38,6 +46,8 @@ pub async fn echo(
     let result = tokio::select! {
         result = async {
             if let Some(detached) = &detached {
+                // Let an skb the kernel was handing to the verdict during the detach settle.
+                tokio::time::sleep(DETACH_GRACE).await;
                 let mut owed = detached.kernel_echoed();
                 loop {
                     if !wait_until_queued(stream.as_raw_fd(), owed, None).await {
@@ -49,6 +59,21 @@ pub async fn echo(
                         break;
                     }
                     owed = now;
+                }
+                let lost = loop {
+                    match detached.lost_bytes(stream.as_raw_fd(), owed)? {
+                        Some(lost) => break lost,
+                        None => tokio::time::sleep(DETACH_GRACE).await,
+                    }
+                };
+                if lost > 0 {
+                    // Echoing on would send a stream with a hole: a reset says it plainly.
+                    warn!(
+                        "echo: {lost} bytes were lost as connection {} left the kernel path; \
+                         resetting it",
+                        detached.cookie()
+                    );
+                    return reset_on_close(stream.as_raw_fd());
                 }
             }
             echo_until_eof(&mut stream, &counters).await
