@@ -44,6 +44,10 @@ pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
     getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
+/// `tcpi_state` values (include/net/tcp_states.h): closed or reset, and the peer's FIN received.
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+
 pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }

@@ -33,7 +33,7 @@ use log::{debug, warn};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie, tcp_info},
+    fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie, tcp_info, TCP_CLOSE},
     shutdown::Shutdown,
 };
 
@@ -43,8 +43,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 /// How often connections are checked for the idle timeout.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// `tcpi_state` of a closed (or reset) connection (include/net/tcp_states.h).
-const TCP_CLOSE: u8 = 7;
 /// epoll token of the wake-up eventfd; socket cookies start at 1.
 const WAKE_TOKEN: u64 = 0;
 

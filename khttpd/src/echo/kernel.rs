@@ -20,12 +20,9 @@ use khttpd_common::echo::{Connection, Counter};
 
 use crate::{
     fast_path::{Counters, EchoMaps},
-    fd::{tcp_info, unread_bytes},
+    fd::{tcp_info, unread_bytes, TCP_CLOSE_WAIT},
     sockmap::{KernelConnections, Service},
 };
-
-/// `tcpi_state` of a connection whose peer has sent its FIN (include/net/tcp_states.h).
-const TCP_CLOSE_WAIT: u8 = 8;
 
 /// The kernel's record of each connection (`ECHO_CONNECTIONS`).
 type Records = Arc<Mutex<HashMap<MapData, u64, Connection>>>;

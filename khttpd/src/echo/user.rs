@@ -18,7 +18,9 @@ use crate::{
     sockmap::wait_until_queued,
 };
 
-/// How long after a detach the socket's drop count is read (see `Detached::lost_bytes`).
+/// How long a detached connection waits for a verdict running during the detach to finish
+/// before it reads the kernel's count (see `Detached::lost_bytes`); also the pause between tries
+/// while bytes are still arriving.
 const DETACH_GRACE: Duration = Duration::from_millis(20);
 
 /// Bytes read per system call. The buffer only exists while data is flowing, so an idle connection
@@ -46,19 +48,13 @@ pub async fn echo(
     let result = tokio::select! {
         result = async {
             if let Some(detached) = &detached {
-                // Let an skb the kernel was handing to the verdict during the detach settle.
+                // Let an skb the kernel was handing to the verdict during the detach settle: after
+                // that the kernel's count is final (should it still grow, `lost_bytes` sees bytes
+                // it cannot account for, and the connection is reset rather than reordered).
                 tokio::time::sleep(DETACH_GRACE).await;
-                let mut owed = detached.kernel_echoed();
-                loop {
-                    if !wait_until_queued(stream.as_raw_fd(), owed, None).await {
-                        return Ok(()); // closed meanwhile
-                    }
-                    // A verdict that ran during the detach may have echoed one more skb.
-                    let now = detached.kernel_echoed();
-                    if now == owed {
-                        break;
-                    }
-                    owed = now;
+                let owed = detached.kernel_echoed();
+                if !wait_until_queued(stream.as_raw_fd(), owed, None).await {
+                    return Ok(()); // closed meanwhile
                 }
                 let lost = loop {
                     match detached.lost_bytes(stream.as_raw_fd(), owed)? {
