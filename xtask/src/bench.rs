@@ -49,6 +49,10 @@ impl Guarded {
         self.child.id()
     }
 
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// An error if the process has exited (it should be serving).
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -160,7 +164,7 @@ impl Server {
 }
 
 /// Copies a child's stderr to ours, line by line, until it ends; returns its last lines.
-fn forward_stderr(pipe: ChildStderr) -> thread::JoinHandle<String> {
+pub fn forward_stderr(pipe: ChildStderr) -> thread::JoinHandle<String> {
     const KEPT: usize = 10;
     thread::spawn(move || {
         let mut last = VecDeque::with_capacity(KEPT);
@@ -218,7 +222,7 @@ pub fn http_get(addr: SocketAddr, request: &str) -> anyhow::Result<(String, Stri
 }
 
 /// One `GET /metrics` over HTTP/1.1.
-fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
+pub fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
     let (head, body) = http_get(
         addr,
         &format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
@@ -290,7 +294,7 @@ pub fn kib_field(text: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// The aggregate `cpu` line of `/proc/stat`, in clock ticks.
+/// CPU time from `/proc/stat`, in clock ticks: of the whole machine, or of some CPUs.
 pub struct CpuTimes {
     user: u64,
     system: u64,
@@ -300,27 +304,52 @@ pub struct CpuTimes {
 }
 
 impl CpuTimes {
+    /// The whole machine (the aggregate `cpu` line).
     pub fn read() -> anyhow::Result<Self> {
-        let stat = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .find_map(|line| line.strip_prefix("cpu "))
-            .context("no cpu line in /proc/stat")?
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .context("malformed cpu line in /proc/stat")?;
-        // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
-        let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
-            bail!("short cpu line in /proc/stat");
-        };
-        Ok(Self {
-            user: user + nice,
-            system,
-            softirq: softirq + irq,
-            idle: idle + iowait,
-            total: user + nice + system + idle + iowait + irq + softirq + steal,
+        Self::read_lines(|name| name == "cpu")
+    }
+
+    /// The sum of the `cpuN` lines of `cpus`.
+    pub fn read_cpus(cpus: &[usize]) -> anyhow::Result<Self> {
+        Self::read_lines(|name| {
+            name.strip_prefix("cpu")
+                .and_then(|n| n.parse().ok())
+                .is_some_and(|n: usize| cpus.contains(&n))
         })
+    }
+
+    fn read_lines(wanted: impl Fn(&str) -> bool) -> anyhow::Result<Self> {
+        let stat = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+        let mut sum = Self {
+            user: 0,
+            system: 0,
+            softirq: 0,
+            idle: 0,
+            total: 0,
+        };
+        let mut found = false;
+        for line in stat.lines() {
+            let mut words = line.split_whitespace();
+            if !words.next().is_some_and(&wanted) {
+                continue;
+            }
+            let fields: Vec<u64> = words
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .context("malformed cpu line in /proc/stat")?;
+            // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+            let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
+                bail!("short cpu line in /proc/stat");
+            };
+            sum.user += user + nice;
+            sum.system += system;
+            sum.softirq += softirq + irq;
+            sum.idle += idle + iowait;
+            sum.total += user + nice + system + idle + iowait + irq + softirq + steal;
+            found = true;
+        }
+        ensure!(found, "no such cpu line in /proc/stat");
+        Ok(sum)
     }
 }
 

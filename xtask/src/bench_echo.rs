@@ -202,7 +202,7 @@ fn bench_mode(
 }
 
 /// kecho's bench sends "dummy message"; this repeats it to the requested size.
-fn dummy_message(size: usize) -> Vec<u8> {
+pub(crate) fn dummy_message(size: usize) -> Vec<u8> {
     b"dummy message "
         .iter()
         .copied()
@@ -254,7 +254,7 @@ impl EchoedBytes {
 }
 
 /// Opens `count` connections to `addr`, a bounded number at a time, in the order they were asked for.
-async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+pub(crate) async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<TcpStream>> {
     let in_flight = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = JoinSet::new();
     for index in 0..count {
@@ -327,7 +327,7 @@ async fn latency_round(
 
 /// Every stream echoes `message` back and forth until `duration` is over.
 /// Returns the messages echoed and the time it took.
-async fn ping_pong(
+pub(crate) async fn ping_pong(
     streams: Vec<TcpStream>,
     duration: Duration,
     message: &Arc<[u8]>,

@@ -82,7 +82,7 @@ const KEEP_ALIVE_THREADS: usize = 2;
 /// How long wrk may run past its `-d` before it is killed.
 const WRK_GRACE: Duration = Duration::from_secs(30);
 /// What every server under test answers to `GET /`.
-const HELLO: &str = "Hello, World!\n";
+pub(crate) const HELLO: &str = "Hello, World!\n";
 
 /// One way of serving HTTP.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -298,7 +298,7 @@ pub(crate) fn wrk(
 /// Reads wrk's `--latency` report: `Requests/sec`, the 50% and 99% lines, `N requests in`,
 /// `Socket errors: connect A, read B, write C, timeout D` and `Non-2xx or 3xx responses: N`
 /// (the last two only appear when non-zero).
-fn parse_wrk(text: &str) -> Option<Counts> {
+pub(crate) fn parse_wrk(text: &str) -> Option<Counts> {
     let line_after = |prefix: &str| {
         text.lines()
             .map(str::trim)
@@ -396,21 +396,39 @@ pub(crate) struct Nginx {
 }
 
 /// The greeting every server under `bench http` answers.
-const HELLO_LOCATION: &str = r#"default_type text/plain;
+pub(crate) const HELLO_LOCATION: &str = r#"default_type text/plain;
             return 200 "Hello, World!\n";"#;
 
 impl Nginx {
-    /// Starts nginx with `location` (directives) as its only `location /` block.
+    /// Starts nginx on a free loopback port with `location` (directives) as its only `location /`
+    /// block, `worker_processes auto`.
     pub(crate) fn start(binary: &Path, location: &str) -> anyhow::Result<Self> {
         let [http] = free_ports()?;
+        let conf = NginxConf {
+            workers: "auto".to_owned(),
+            listen_options: "",
+            http: "",
+            location,
+        };
+        Self::launch(Command::new(binary), http, &conf, accepts)
+    }
+
+    /// Starts nginx (`command` runs the binary: where and how is the caller's) listening on
+    /// `http` with `conf`, and waits until `reachable(http)`.
+    pub(crate) fn launch(
+        mut command: Command,
+        http: SocketAddr,
+        conf: &NginxConf,
+        reachable: impl Fn(SocketAddr) -> bool,
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::create("nginx")?;
-        let conf = dir.0.join("nginx.conf");
-        fs::write(&conf, nginx_conf(&dir.0, http, location))
-            .with_context(|| format!("cannot write {}", conf.display()))?;
+        let conf_path = dir.0.join("nginx.conf");
+        fs::write(&conf_path, nginx_conf(&dir.0, http, conf))
+            .with_context(|| format!("cannot write {}", conf_path.display()))?;
         let error_log = dir.0.join("error.log");
-        let child = Command::new(binary)
+        let child = command
             .arg("-c")
-            .arg(&conf)
+            .arg(&conf_path)
             .arg("-p")
             .arg(&dir.0)
             // Start-up messages too go to the directory, not to the system's log.
@@ -419,18 +437,20 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+            .context("cannot start nginx")?;
         let mut nginx = Self {
             process: Guarded::new(child, "nginx", &[libc::SIGQUIT, libc::SIGTERM]),
             dir,
             http,
         };
-        wait_until(&mut nginx.process, &http.to_string(), || accepts(http)).with_context(|| {
-            format!(
-                "nginx's error log:\n{}",
-                fs::read_to_string(&error_log).unwrap_or_default()
-            )
-        })?;
+        wait_until(&mut nginx.process, &http.to_string(), || reachable(http)).with_context(
+            || {
+                format!(
+                    "nginx's error log:\n{}",
+                    fs::read_to_string(&error_log).unwrap_or_default()
+                )
+            },
+        )?;
         Ok(nginx)
     }
 
@@ -440,15 +460,33 @@ impl Nginx {
     }
 }
 
+/// What varies between the nginx set-ups of the benches.
+pub(crate) struct NginxConf<'a> {
+    /// `worker_processes`: `auto` or a count.
+    pub workers: String,
+    /// Parameters of `listen` after the address, e.g. `reuseport`.
+    pub listen_options: &'a str,
+    /// Directives for the `http` block besides the common ones (e.g. `open_file_cache`).
+    pub http: &'a str,
+    /// The directives of the only `location /` block.
+    pub location: &'a str,
+}
+
 /// The whole nginx config: one location, every path inside `dir`, no access log, and no
 /// per-connection request limit (khttpd has none either).
-fn nginx_conf(dir: &Path, listen: SocketAddr, location: &str) -> String {
+fn nginx_conf(dir: &Path, listen: SocketAddr, conf: &NginxConf) -> String {
     let dir = dir.display();
+    let NginxConf {
+        workers,
+        listen_options,
+        http,
+        location,
+    } = conf;
     format!(
-        r#"# Written by `cargo xtask bench http`.
+        r#"# Written by `cargo xtask bench`.
 daemon off;
 master_process on;
-worker_processes auto;
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 
@@ -464,9 +502,10 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
+    {http}
 
     server {{
-        listen {listen};
+        listen {listen} {listen_options};
         location / {{
             {location}
         }}
@@ -923,8 +962,14 @@ Transfer/sec:     31.55MB
     #[test]
     fn nginx_config_answers_like_khttpd() {
         let listen = "127.0.0.1:8080".parse().unwrap();
-        let conf = nginx_conf(Path::new("/tmp/x"), listen, HELLO_LOCATION);
-        assert!(conf.contains("listen 127.0.0.1:8080;"));
+        let conf = NginxConf {
+            workers: "auto".to_owned(),
+            listen_options: "",
+            http: "",
+            location: HELLO_LOCATION,
+        };
+        let conf = nginx_conf(Path::new("/tmp/x"), listen, &conf);
+        assert!(conf.contains("listen 127.0.0.1:8080 ;"));
         assert!(conf.contains(r#"return 200 "Hello, World!\n";"#));
         assert!(conf.contains("pid /tmp/x/nginx.pid;"));
     }

@@ -6,16 +6,25 @@
 //! hung or aborted run: every connect, read and write has a timeout, and a run is bounded by `-n`
 //! and/or `--duration`. `--keep-alive` adds what htstress cannot measure: persistent connections.
 //!
+//! Without `--rate` the load is closed-loop, as in htstress: each connection sends its next request
+//! when the last one is answered, so a slow server is sent less, and latencies start when a request
+//! is actually sent. `--rate R` is open-loop instead (see `open_loop`): requests are due at a fixed
+//! rate whatever the server does, and latencies start when a request was due.
+//!
 //! As in htstress, each request opens a connection, sends `GET <path> HTTP/1.0` and reads until the
 //! server closes it (the response's length is never looked at); the first digit of the status code
 //! says whether the request was good (2xx, 3xx) or bad (anything else).
 
+mod open_loop;
+
 use std::{
+    cell::RefCell,
     fmt,
     future::Future,
     io,
     net::{SocketAddr, ToSocketAddrs as _},
     path::PathBuf,
+    rc::Rc,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
@@ -24,13 +33,12 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpStream, UnixStream},
-    task::JoinSet,
+    task::{JoinSet, LocalSet},
 };
-
-use crate::bench::percentile;
 
 /// How long one connect, read or write may take before it counts as a socket error.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,7 +49,8 @@ const HEAD_KEPT: usize = 256;
 /// Headers httparse can hold per response; more makes the response unparseable.
 const MAX_HEADERS: usize = 64;
 
-/// `htstress [-n N] [-c C] [-t T] [-u SOCK] [-h HOST] [-d] [-4|-6] [--keep-alive] [--duration SECS] URL`
+/// `htstress [-n N] [-c C] [-t T] [-u SOCK] [-h HOST] [-d] [-4|-6] [--keep-alive] [--duration SECS]
+/// [--rate R] URL`
 ///
 /// Benchmarks build these with `Args::try_parse_from(["htstress", "-n", "1000", url])`.
 #[derive(clap::Parser)]
@@ -77,6 +86,11 @@ pub struct Args {
     /// Start no new request after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
+    /// Open loop: R requests per second in all threads, each sent when due (or as soon as one of
+    /// its thread's connections is free), its latency counted from when it was due. Needs
+    /// --duration and/or -n.
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
     /// No progress lines.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -101,11 +115,16 @@ pub struct Report {
     pub socket_errors: u64,
     /// Wall-clock time of the whole run.
     pub seconds: f64,
-    /// Median time from a request's start (its connect, or its send on a kept-alive connection)
-    /// to the end of its response, in µs, over answered (good or bad) requests; none if none was.
+    /// Median time from a request's start (its connect, or its send on a kept-alive connection;
+    /// with `--rate`, when it was due) to the end of its response, in µs, over answered (good or
+    /// bad) requests; none if none was.
     pub p50_us: Option<u32>,
     /// 99th percentile of the same.
     pub p99_us: Option<u32>,
+    /// 99.9th percentile of the same.
+    pub p999_us: Option<u32>,
+    /// `--rate`: the requests per second the run was to send (open loop); none in closed loop.
+    pub offered_rate: Option<f64>,
 }
 
 impl Report {
@@ -150,7 +169,14 @@ impl fmt::Display for Report {
         writeln!(f, "requests/sec:  {:.3}", self.requests_per_sec())?;
         // Not in htstress: these follow its lines, which keep their order and format.
         writeln!(f, "latency p50:   {}", Micros(self.p50_us))?;
-        write!(f, "latency p99:   {}", Micros(self.p99_us))
+        writeln!(f, "latency p99:   {}", Micros(self.p99_us))?;
+        write!(f, "latency p99.9: {}", Micros(self.p999_us))?;
+        if let Some(rate) = self.offered_rate {
+            writeln!(f)?;
+            writeln!(f, "offered rate:  {rate} req/s")?;
+            write!(f, "latency from:  scheduled send time")?;
+        }
+        Ok(())
     }
 }
 
@@ -173,63 +199,77 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 /// Runs the load described by `args`: `-t` threads, each with its own single-threaded runtime
-/// driving `-c` connections, like htstress's thread-per-core epoll loops.
+/// driving `-c` connections, like htstress's thread-per-core epoll loops (with `--rate`, each with
+/// its own open-loop event loop instead).
 pub fn load(args: &Args) -> anyhow::Result<Report> {
     let plan = Arc::new(Plan::new(args)?);
     let start = Instant::now();
-    let mut latencies = std::thread::scope(|scope| {
+    let latencies = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..args.threads)
-            .map(|_| scope.spawn(|| drive_connections(&plan, args.concurrency)))
+            .map(|thread| {
+                let plan = &plan;
+                scope.spawn(move || match plan.rate {
+                    Some(rate) => open_loop::drive(plan, rate, start, thread, args.threads),
+                    None => drive_connections(plan),
+                })
+            })
             .collect();
         threads
             .into_iter()
             .map(|thread| thread.join().expect("a load thread panicked"))
-            .try_fold(Vec::new(), |mut all, latencies| {
-                all.extend(latencies?);
+            .try_fold(new_latencies(), |mut all, latencies| {
+                all.add(latencies?)
+                    .context("cannot merge latency histograms")?;
                 anyhow::Ok(all)
             })
     })?;
-    let elapsed = start.elapsed();
-    latencies.sort_unstable();
-    let at = |p| (!latencies.is_empty()).then(|| percentile(&latencies, p));
     Ok(Report {
-        p50_us: at(0.50),
-        p99_us: at(0.99),
-        ..plan.tally.report(elapsed)
+        offered_rate: plan.rate,
+        ..plan.tally.report(start.elapsed(), &latencies)
     })
 }
 
-/// Latencies of answered requests, in µs (saturating), one vector per connection task.
-type Latencies = Vec<u32>;
+/// Latencies of answered requests, in µs (saturating at `u32::MAX`), one histogram per thread.
+type Latencies = Histogram<u64>;
+
+/// An empty histogram: 3 significant digits (exact below 2048 µs), growing to fit what it records.
+fn new_latencies() -> Latencies {
+    Histogram::new(3).expect("3 significant digits are supported")
+}
 
 fn micros(since: Instant) -> u32 {
     u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
 
 /// One thread's share of the load; returns the latencies of its answered requests.
-fn drive_connections(plan: &Arc<Plan>, connections: usize) -> anyhow::Result<Latencies> {
+fn drive_connections(plan: &Arc<Plan>) -> anyhow::Result<Latencies> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start a tokio runtime")?;
-    runtime.block_on(async {
+    // The thread's connection tasks share one histogram: one each would cost up to ~120 KB (for
+    // latencies up to 10 s) per connection, at `-c 500`.
+    let latencies = Rc::new(RefCell::new(new_latencies()));
+    LocalSet::new().block_on(&runtime, async {
         let mut tasks = JoinSet::new();
-        for _ in 0..connections {
-            let plan = Arc::clone(plan);
-            tasks.spawn(async move {
+        for _ in 0..plan.concurrency {
+            let (plan, latencies) = (Arc::clone(plan), Rc::clone(&latencies));
+            tasks.spawn_local(async move {
                 if plan.keep_alive {
-                    keep_alive_requests(&plan).await
+                    keep_alive_requests(&plan, &latencies).await;
                 } else {
-                    one_shot_requests(&plan).await
+                    one_shot_requests(&plan, &latencies).await;
                 }
             });
         }
-        let mut latencies = Vec::new();
         while let Some(task) = tasks.join_next().await {
-            latencies.extend(task.context("a connection task failed")?);
+            task.context("a connection task failed")?;
         }
-        Ok(latencies)
-    })
+        anyhow::Ok(())
+    })?;
+    Ok(Rc::into_inner(latencies)
+        .expect("the connection tasks have ended")
+        .into_inner())
 }
 
 /// What the connection tasks share: where and what to send, when to stop, and the counts.
@@ -238,6 +278,10 @@ struct Plan {
     request: Vec<u8>,
     keep_alive: bool,
     debug: bool,
+    /// Connections per thread.
+    concurrency: usize,
+    /// `--rate`: requests per second, open loop.
+    rate: Option<f64>,
     budget: Budget,
     tally: Tally,
 }
@@ -252,6 +296,17 @@ impl Plan {
         }
         if args.threads == 0 {
             bail!("-t must be at least 1 (it is the number of threads)");
+        }
+        if let Some(rate) = args.rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate must be a positive number of requests per second");
+            }
+            if args.requests.is_none() && args.duration.is_none() {
+                bail!("--rate needs --duration and/or -n: an open-loop run is bounded by them");
+            }
+            if args.unix_socket.is_some() {
+                bail!("--rate does not support Unix sockets (-u)");
+            }
         }
         let duration = args
             .duration
@@ -276,6 +331,8 @@ impl Plan {
             request: request(&url.path, host, args.keep_alive),
             keep_alive: args.keep_alive,
             debug: args.debug,
+            concurrency: args.concurrency,
+            rate: args.rate,
             budget: Budget {
                 limit,
                 deadline: duration.map(|d| Instant::now() + d),
@@ -353,7 +410,9 @@ impl Tally {
     /// Counts `outcome`; an answered request's latency goes to `latencies`.
     fn record(&self, outcome: Outcome, start: Instant, latencies: &mut Latencies) {
         if outcome != Outcome::SocketError {
-            latencies.push(micros(start));
+            latencies
+                .record(micros(start).into())
+                .expect("the histogram grows to fit any u32");
         }
         let counter = match outcome {
             Outcome::Good => &self.good,
@@ -371,7 +430,11 @@ impl Tally {
     }
 
     /// Read after every thread has been joined, so the relaxed counts are final.
-    fn report(&self, elapsed: Duration) -> Report {
+    fn report(&self, elapsed: Duration, latencies: &Latencies) -> Report {
+        let at = |quantile| {
+            (!latencies.is_empty())
+                .then(|| u32::try_from(latencies.value_at_quantile(quantile)).unwrap_or(u32::MAX))
+        };
         let (good, bad, socket_errors) = (
             self.good.load(Relaxed),
             self.bad.load(Relaxed),
@@ -383,8 +446,10 @@ impl Tally {
             bad,
             socket_errors,
             seconds: elapsed.as_secs_f64(),
-            p50_us: None,
-            p99_us: None,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            offered_rate: None,
         }
     }
 }
@@ -407,9 +472,8 @@ fn first_line(head: &[u8]) -> &[u8] {
 }
 
 /// htstress's mode: a new connection per request, answered until the server closes it.
-async fn one_shot_requests(plan: &Plan) -> Latencies {
+async fn one_shot_requests(plan: &Plan, latencies: &RefCell<Latencies>) {
     let mut buffer = Vec::with_capacity(READ_CHUNK);
-    let mut latencies = Vec::new();
     while plan.budget.claim() {
         let start = Instant::now();
         let outcome = match request_until_close(plan, &mut buffer).await {
@@ -417,9 +481,9 @@ async fn one_shot_requests(plan: &Plan) -> Latencies {
             // A response that never came, or came empty.
             _ => Outcome::SocketError,
         };
-        plan.tally.record(outcome, start, &mut latencies);
+        plan.tally
+            .record(outcome, start, &mut latencies.borrow_mut());
     }
-    latencies
 }
 
 /// Connects, sends the request and reads to EOF; returns the start of the response.
@@ -439,10 +503,9 @@ async fn request_until_close(plan: &Plan, buffer: &mut Vec<u8>) -> io::Result<Ve
 
 /// `--keep-alive`: requests one after another on a persistent connection, opening a new one when
 /// there is none yet or the server closed (or will close) the last one.
-async fn keep_alive_requests(plan: &Plan) -> Latencies {
+async fn keep_alive_requests(plan: &Plan, latencies: &RefCell<Latencies>) {
     let mut buffer = Vec::with_capacity(READ_CHUNK);
     let mut idle: Option<Stream> = None;
-    let mut latencies = Vec::new();
     while plan.budget.claim() {
         let start = Instant::now();
         let outcome = match request_persistent(plan, idle.take(), &mut buffer).await {
@@ -455,9 +518,9 @@ async fn keep_alive_requests(plan: &Plan) -> Latencies {
             }
             Err(_) => Outcome::SocketError,
         };
-        plan.tally.record(outcome, start, &mut latencies);
+        plan.tally
+            .record(outcome, start, &mut latencies.borrow_mut());
     }
-    latencies
 }
 
 /// A response read on a persistent connection.
@@ -847,6 +910,8 @@ mod tests {
             seconds: 0.5,
             p50_us: Some(120),
             p99_us: None,
+            p999_us: Some(4100),
+            offered_rate: None,
         };
         assert_eq!(
             report.to_string(),
@@ -857,7 +922,17 @@ mod tests {
              seconds:       0.500\n\
              requests/sec:  6.000\n\
              latency p50:   120 us\n\
-             latency p99:   n/a"
+             latency p99:   n/a\n\
+             latency p99.9: 4100 us"
         );
+        let open_loop = Report {
+            offered_rate: Some(2000.0),
+            ..report
+        };
+        assert!(open_loop.to_string().ends_with(
+            "latency p99.9: 4100 us\n\
+             offered rate:  2000 req/s\n\
+             latency from:  scheduled send time"
+        ));
     }
 }

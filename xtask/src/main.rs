@@ -6,13 +6,16 @@
 //! clone on a fresh machine needs nothing but these two commands.
 
 mod bench;
+mod bench_cost;
 mod bench_echo;
 mod bench_http;
 mod bench_memory;
 mod bench_site;
 mod differential;
+mod floor;
 mod fuzz;
 mod htstress;
+mod netns;
 mod soak;
 mod toolchain;
 
@@ -62,6 +65,9 @@ enum Task {
         #[arg(long)]
         khttpd: Option<PathBuf>,
     },
+    /// The floor: a minimal HTTP and echo responder (no parsing, no checks) that shows the least
+    /// any user-space server can spend per request on this machine. Used by `bench cost`.
+    Floor(floor::Args),
     /// Run each fuzz target (fuzz/, cargo-fuzz on nightly; installed if missing) for a bounded time.
     Fuzz(fuzz::Args),
     /// htstress -n N (close per request, then keep-alive) per fast-path mode; every fd, sockhash
@@ -73,6 +79,9 @@ enum Task {
 enum Bench {
     /// Echo: kernel fast path vs user space on the unbound and bound work queues.
     Echo(bench_echo::Args),
+    /// What a request costs the server on its own CPU (two network namespaces), and latency at
+    /// fixed offered rates: khttpd's paths vs nginx vs a minimal responder (the floor).
+    Cost(bench_cost::Args),
     /// HTTP: thread per connection vs work queue vs kernel fast path vs nginx, under htstress and wrk.
     Http(bench_http::Args),
     /// A generated folder (`--root`): kernel fast path vs user space vs nginx, with wrk.
@@ -86,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         Task::Toolchain => toolchain::ensure(),
         Task::Htstress(args) => htstress::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Floor(args) => floor::run(&args),
         Task::Diff { args, khttpd } => {
             let khttpd = match khttpd {
                 Some(path) => path,
@@ -128,6 +138,15 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Echo(args)) => {
             let khttpd = release_khttpd(args.khttpd.clone())?;
             bench_echo::run(&args, &khttpd)
+        }
+        Task::Bench(Bench::Cost(args)) => {
+            toolchain::ensure()?;
+            let khttpd = build_khttpd()?;
+            if cfg!(debug_assertions) {
+                // The load generators and the floor are this binary: measure the optimised one.
+                return exec_release_xtask();
+            }
+            bench_cost::run(&args, &khttpd)
         }
         Task::Bench(Bench::Site(args)) => {
             toolchain::ensure()?;
