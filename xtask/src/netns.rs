@@ -11,11 +11,11 @@
 //! address plus a host route to the other. IPv6 is disabled in both namespaces before the veth
 //! exists, so not even a link-local router solicitation leaves for another range.
 //!
-//! Clean-up: dropping the [`Testbed`] deletes both namespaces (the veth pair goes with them). An
-//! interrupt (SIGINT, SIGTERM, SIGHUP) deletes them too before the process exits, every process
-//! started in them gets SIGKILL when this process dies (`PR_SET_PDEATHSIG`), and namespaces left by
-//! a run that was killed outright (SIGKILL) are deleted by the next run, found by the pid in their
-//! name.
+//! Clean-up: dropping the [`Testbed`] stops whatever still runs in the namespaces and deletes
+//! them (the veth pair goes with them). An interrupt (SIGINT, SIGTERM, SIGHUP) does the same before
+//! the process exits; every process started there also gets SIGKILL if this process dies
+//! (`PR_SET_PDEATHSIG`, for as long as it keeps its user); namespaces left by a run that was killed
+//! outright (SIGKILL) are deleted by the next run, found by the pid in their name.
 
 use std::{
     fs::File,
@@ -227,6 +227,7 @@ impl Drop for Testbed {
 
 /// Deletes a namespace (its end of the veth goes with it, and with it the peer) and forgets it.
 fn delete(name: &str) {
+    stop_processes_in(name);
     if let Err(error) = ip(&["netns", "delete", name]) {
         eprintln!("cannot delete network namespace {name}: {error:#}");
     }
@@ -235,8 +236,38 @@ fn delete(name: &str) {
         .retain(|live| live != name);
 }
 
-/// On SIGINT, SIGTERM or SIGHUP: delete the namespaces that exist, then exit as interrupted.
-/// Processes started in them die with this process (their parent-death signal).
+/// Stops every process still in the namespace `name` — only this bench starts processes there:
+/// SIGTERM (khttpd detaches its programs), up to 5 s, then SIGKILL. The parent-death signal is not
+/// enough on its own: the kernel clears it when a process changes its user (khttpd's `--user`).
+fn stop_processes_in(name: &str) {
+    let pids = || -> Vec<Pid> {
+        ip(&["netns", "pids", name])
+            .map(|output| {
+                String::from_utf8_lossy(&output.stdout)
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse().ok())
+                    .map(Pid::from_raw)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (signal, wait) in [(Signal::SIGTERM, 5), (Signal::SIGKILL, 5)] {
+        let running = pids();
+        if running.is_empty() {
+            return;
+        }
+        for &pid in &running {
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+        while !pids().is_empty() && std::time::Instant::now() < deadline {
+            thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: stop what runs in the namespaces, delete them, then exit as
+/// interrupted.
 fn install_interrupt_handler() -> anyhow::Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
@@ -404,7 +435,24 @@ mod tests {
     #[test]
     #[ignore = "a helper process of interrupted_runs_leave_nothing"]
     fn holds_a_testbed_until_interrupted() {
-        let _testbed = Testbed::create(&[0], &[0]).unwrap();
+        let testbed = Testbed::create(&[0], &[0]).unwrap();
+        // A process that changes its user, as khttpd does: the kernel clears its parent-death
+        // signal, so only the interrupt handler can stop it.
+        let server = testbed
+            .command(Side::Server, "setpriv")
+            .unwrap()
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "sleep",
+                "30",
+            ])
+            .spawn()
+            .unwrap();
+        println!("server {}", server.id());
         println!("namespaces {}", live().join(" "));
         thread::sleep(std::time::Duration::from_secs(30));
     }
@@ -424,9 +472,11 @@ mod tests {
             .unwrap();
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         // Bounded: the child exits (and its stdout ends) within 30 s whatever happens.
-        let names: Vec<String> = stdout
-            .lines()
-            .map_while(Result::ok)
+        let mut lines = stdout.lines().map_while(Result::ok);
+        let server: i32 = lines
+            .find_map(|line| line.strip_prefix("server ")?.parse().ok())
+            .expect("the child started a process in its namespace");
+        let names: Vec<String> = lines
             .find_map(|line| {
                 let names = line.strip_prefix("namespaces ")?;
                 Some(names.split(' ').map(str::to_owned).collect())
@@ -444,5 +494,11 @@ mod tests {
         for name in &names {
             assert!(!exists(name), "{name} is left");
         }
+        // Gone, or a zombie of the exited child waiting for init to reap it.
+        let state = std::fs::read_to_string(format!("/proc/{server}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z "),
+            "the process started in the namespace still runs: {state}"
+        );
     }
 }
