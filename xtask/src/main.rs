@@ -1,6 +1,6 @@
 //! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask bench
-//! echo|http|site|memory`, `cargo xtask htstress`, `cargo xtask diff`, `cargo xtask soak`,
-//! `cargo xtask fuzz`.
+//! cost|echo|http|site|memory`, `cargo xtask htstress`, `cargo xtask floor`, `cargo xtask diff`,
+//! `cargo xtask soak`, `cargo xtask fuzz`.
 //!
 //! `run` and `test` first make sure the eBPF toolchain is installed (see `toolchain`), so a fresh
 //! clone on a fresh machine needs nothing but these two commands.
