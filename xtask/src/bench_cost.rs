@@ -7,6 +7,8 @@
 //! too, see `netns`), the load generators in another namespace on `--client-cpus`, joined by a veth
 //! pair, as a server with remote clients is deployed. The server's cost is then the busy time of its
 //! CPUs (user + system + irq + softirq, from `/proc/stat`) divided by the requests answered.
+//! `--setup loopback` (or `both`, side by side) runs the same servers and loads the usual way, on
+//! the host's loopback with every CPU shared, where only the whole machine's cost can be read.
 //!
 //! Against what: nginx in its best configuration for each job (one worker per server CPU,
 //! `reuseport`, `access_log off`; `return 200` for the greeting; `open_file_cache` and, measured
@@ -44,8 +46,8 @@ use plotters::prelude::*;
 
 use crate::{
     bench::{
-        accepts, forward_stderr, get_metrics, http_get, output_bounded, register_font, wait_until,
-        write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, PALETTE,
+        accepts, forward_stderr, free_ports, get_metrics, http_get, output_bounded, register_font,
+        wait_until, write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, PALETTE,
     },
     bench_echo::{connect_all, dummy_message, ping_pong},
     bench_http::{
@@ -80,15 +82,22 @@ pub struct Args {
     /// [default: 4000,8000,12000; 10000 with --quick].
     #[arg(long, value_delimiter = ',')]
     close_rates: Vec<u32>,
+    /// Where to run: `isolated` (the server on its own CPUs, two network namespaces), `loopback`
+    /// (the host's loopback, both sides sharing every CPU, as the other benches), or `both`, side
+    /// by side in each round.
+    #[arg(long, value_enum, default_value = "isolated")]
+    setup: SetupArg,
     /// Only these servers (comma-separated) [default: all].
     #[arg(long, value_delimiter = ',', value_enum)]
     servers: Vec<Kind>,
 }
 
-/// Where the server listens, on its side of the veth.
-const HTTP_PORT: u16 = 8081;
-const ECHO_PORT: u16 = 12345;
-const METRICS_PORT: u16 = 9100;
+/// Where the server listens, on its side of the veth (on loopback: free ports).
+const ISOLATED_PORTS: Ports = Ports {
+    http: 8081,
+    echo: 12345,
+    metrics: 9100,
+};
 /// Size of the file served in the file loads.
 const FILE_SIZE: usize = 2000;
 const FILE_PATH: &str = "/file.txt";
@@ -107,6 +116,122 @@ const ECHO_MESSAGE: usize = 64;
 /// How long a load tool may run past its load before it is killed (an open-loop run drains what it
 /// scheduled for up to 10 s).
 const LOAD_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SetupArg {
+    Isolated,
+    Loopback,
+    Both,
+}
+
+/// One way of placing the server and the load generators.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Setup {
+    /// Each side in its own network namespace on its own CPUs.
+    Isolated,
+    /// The host's loopback, every CPU shared.
+    Loopback,
+}
+
+impl Setup {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Isolated => "own CPU",
+            Self::Loopback => "shared loopback",
+        }
+    }
+}
+
+/// Where a set-up runs things: a test bed of two namespaces, or this host's loopback.
+enum Place {
+    Isolated(Testbed),
+    Loopback { cpus: Vec<usize> },
+}
+
+impl Place {
+    fn create(setup: Setup, args: &Args) -> anyhow::Result<Self> {
+        Ok(match setup {
+            Setup::Isolated => Self::Isolated(
+                Testbed::create(&args.server_cpus, &args.client_cpus)
+                    .context("bench cost needs two network namespaces joined by a veth pair")?,
+            ),
+            Setup::Loopback => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                Self::Loopback {
+                    cpus: (0..cores).collect(),
+                }
+            }
+        })
+    }
+
+    fn setup(&self) -> Setup {
+        match self {
+            Self::Isolated(_) => Setup::Isolated,
+            Self::Loopback { .. } => Setup::Loopback,
+        }
+    }
+
+    /// `program`, to run on `side`: in its namespace and on its CPUs, or as is.
+    fn command(&self, side: Side, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        match self {
+            Self::Isolated(testbed) => testbed.command(side, program),
+            Self::Loopback { .. } => Ok(Command::new(program)),
+        }
+    }
+
+    /// Runs `work` where `side`'s sockets live.
+    fn run_in<T: Send>(&self, side: Side, work: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        match self {
+            Self::Isolated(testbed) => testbed.run_in(side, work),
+            Self::Loopback { .. } => Ok(work()),
+        }
+    }
+
+    fn server_ip(&self) -> std::net::Ipv4Addr {
+        match self {
+            Self::Isolated(testbed) => testbed.address(Side::Server),
+            Self::Loopback { .. } => std::net::Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    /// The interface khttpd listens on.
+    fn iface(&self) -> &str {
+        match self {
+            Self::Isolated(testbed) => testbed.veth(Side::Server),
+            Self::Loopback { .. } => "lo",
+        }
+    }
+
+    /// The CPUs whose busy time is `side`'s (on loopback: every CPU, both sides).
+    fn cpus(&self, side: Side) -> &[usize] {
+        match self {
+            Self::Isolated(testbed) => testbed.cpus(side),
+            Self::Loopback { cpus } => cpus,
+        }
+    }
+
+    fn ports(&self) -> anyhow::Result<Ports> {
+        Ok(match self {
+            Self::Isolated(_) => ISOLATED_PORTS,
+            Self::Loopback { .. } => {
+                let [http, echo, metrics] = free_ports()?.map(|addr| addr.port());
+                Ports {
+                    http,
+                    echo,
+                    metrics,
+                }
+            }
+        })
+    }
+}
+
+/// The server's ports.
+#[derive(Clone, Copy)]
+struct Ports {
+    http: u16,
+    echo: u16,
+    metrics: u16,
+}
 
 /// Who answers.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
@@ -194,10 +319,11 @@ impl Load {
         }
     }
 
-    fn label(self, client_threads: usize) -> String {
+    /// The load, without its client threads (one per client CPU).
+    fn label(self) -> String {
         match self {
-            Self::KeepAlive => format!("wrk -t{client_threads} -c{KEEP_ALIVE_CONNECTIONS}"),
-            Self::Close => format!("htstress -c {CLOSE_CONCURRENCY} -t {client_threads}"),
+            Self::KeepAlive => format!("wrk -c{KEEP_ALIVE_CONNECTIONS}"),
+            Self::Close => format!("htstress -c {CLOSE_CONCURRENCY}"),
             Self::Pipelined => {
                 format!("h2load --h1 -c {PIPELINE_CONNECTIONS} -m {PIPELINE_DEPTH}")
             }
@@ -276,16 +402,9 @@ fn subjects(only: &[Kind]) -> Vec<Subject> {
     subjects
 }
 
-/// What one run of one load against one server gave.
-#[derive(Clone)]
+/// What one run of one load against one server gave: the load tool's report and both sides' CPU.
 struct Sample {
-    answered: u64,
-    bad: u64,
-    errors: u64,
-    req_per_s: f64,
-    p50_us: Option<f64>,
-    p99_us: Option<f64>,
-    p999_us: Option<f64>,
+    tally: Tally,
     server: CpuSplit,
     client: CpuSplit,
 }
@@ -293,9 +412,13 @@ struct Sample {
 impl Sample {
     /// Busy time of the server's CPUs per answered request, in µs.
     fn server_us(&self) -> Option<f64> {
-        (self.answered > 0).then(|| self.server.busy_seconds * 1e6 / self.answered as f64)
+        let answered = self.tally.answered;
+        (answered > 0).then(|| self.server.busy_seconds * 1e6 / answered as f64)
     }
 }
+
+/// Every run, by set-up, server and load.
+type Samples = BTreeMap<(Setup, Subject, Load), Vec<Sample>>;
 
 /// What a load tool reported.
 struct Tally {
@@ -312,61 +435,75 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let plan = Plan::new(args)?;
     let started = Instant::now();
     let tools = Tools::find()?;
-    let testbed = Testbed::create(&args.server_cpus, &args.client_cpus)
-        .context("bench cost needs two network namespaces joined by a veth pair")?;
+    let setups: &[Setup] = match args.setup {
+        SetupArg::Isolated => &[Setup::Isolated],
+        SetupArg::Loopback => &[Setup::Loopback],
+        SetupArg::Both => &[Setup::Isolated, Setup::Loopback],
+    };
+    let places = setups
+        .iter()
+        .map(|&setup| Place::create(setup, args))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let site = TempDir::create("cost-site")?;
     let file: Vec<u8> = (0..FILE_SIZE)
         .map(|i| b"khttpd cost bench\n"[i % 18])
         .collect();
     fs::write(site.0.join(&FILE_PATH[1..]), &file).context("cannot write the served file")?;
-    let bench = Bench {
-        plan: &plan,
-        testbed: &testbed,
-        tools: &tools,
-        khttpd,
-        site: &site.0,
-        file: &file,
-    };
+    let benches = places
+        .iter()
+        .map(|place| {
+            Ok(Bench {
+                plan: &plan,
+                place,
+                ports: place.ports()?,
+                tools: &tools,
+                khttpd,
+                site: &site.0,
+                file: &file,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let mut samples: BTreeMap<(Subject, Load), Vec<Sample>> = BTreeMap::new();
+    let mut samples = Samples::new();
     let mut failures: Vec<String> = Vec::new();
     for round in 1..=plan.rounds {
-        for &subject in &plan.subjects {
-            let name = format!(
-                "[{}/{}, {}, round {round}/{}]",
-                subject.kind.label(),
-                subject.content.label(),
-                if subject.content == Content::Echo {
-                    "echo"
-                } else {
-                    "http"
-                },
-                plan.rounds
-            );
-            if let Err(error) = bench.subject(subject, &name, &mut samples) {
-                let error = format!("{name} {error:#}").replace('\n', " / ");
-                eprintln!("{error}");
-                failures.push(error);
+        for bench in &benches {
+            for &subject in &plan.subjects {
+                let name = format!(
+                    "[{}, {}/{}, round {round}/{}]",
+                    bench.place.setup().label(),
+                    subject.kind.label(),
+                    subject.content.label(),
+                    plan.rounds
+                );
+                if let Err(error) = bench.subject(subject, &name, &mut samples) {
+                    let error = format!("{name} {error:#}").replace('\n', " / ");
+                    eprintln!("{error}");
+                    failures.push(error);
+                }
             }
         }
     }
-    for ((subject, load), runs) in &samples {
+    for ((setup, subject, load), runs) in &samples {
         for run in runs {
-            if run.bad + run.errors > 0 {
+            if run.tally.bad + run.tally.errors > 0 {
                 failures.push(format!(
-                    "{} {} {}: {} bad answers, {} socket errors",
+                    "{} {} {} {}: {} bad answers, {} socket errors",
+                    setup.label(),
                     subject.kind.label(),
                     subject.content.label(),
-                    load.label(args.client_cpus.len()),
-                    run.bad,
-                    run.errors
+                    load.label(),
+                    run.tally.bad,
+                    run.tally.errors
                 ));
             }
         }
     }
-    let table = render(args, &plan, &samples, &failures, started.elapsed());
-    write_results("cost", &table, |path| plot(path, &plan, &samples))?;
-    drop(testbed);
+    let table = render(args, &plan, setups, &samples, &failures, started.elapsed());
+    write_results("cost", &table, |path| {
+        plot(path, &plan, setups[0], &samples)
+    })?;
+    drop(places);
     if !failures.is_empty() {
         bail!("{} runs failed:\n{}", failures.len(), failures.join("\n"));
     }
@@ -443,7 +580,8 @@ enum Running {
 /// Everything a run needs.
 struct Bench<'a> {
     plan: &'a Plan,
-    testbed: &'a Testbed,
+    place: &'a Place,
+    ports: Ports,
     tools: &'a Tools,
     khttpd: &'a Path,
     site: &'a Path,
@@ -452,31 +590,30 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     fn server_addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::from((self.testbed.address(Side::Server), port))
+        SocketAddr::from((self.place.server_ip(), port))
     }
 
     fn url(&self, content: Content) -> String {
-        format!("http://{}{}", self.server_addr(HTTP_PORT), content.path())
+        format!(
+            "http://{}{}",
+            self.server_addr(self.ports.http),
+            content.path()
+        )
     }
 
     fn client_threads(&self) -> usize {
-        self.testbed.cpus(Side::Client).len()
+        self.place.cpus(Side::Client).len()
     }
 
     /// Whether `addr` accepts a connection from the client side.
     fn reachable(&self, addr: SocketAddr) -> bool {
-        self.testbed
+        self.place
             .run_in(Side::Client, || accepts(addr))
             .unwrap_or(false)
     }
 
     /// Starts `subject`, checks its answer, runs every load, stops it.
-    fn subject(
-        &self,
-        subject: Subject,
-        name: &str,
-        samples: &mut BTreeMap<(Subject, Load), Vec<Sample>>,
-    ) -> anyhow::Result<()> {
+    fn subject(&self, subject: Subject, name: &str, samples: &mut Samples) -> anyhow::Result<()> {
         eprintln!("{name} starting");
         let running = self.start(subject)?;
         let metrics = self.metrics(&running).context("cannot scrape /metrics")?;
@@ -488,21 +625,24 @@ impl Bench<'_> {
                 .context("warm-up")?;
         }
         for load in self.plan.loads(subject.content) {
-            let label = load.label(self.client_threads());
+            let label = load.label();
             let sample = self
                 .measure(load, subject.content)
                 .with_context(|| label.clone())?;
             eprintln!(
                 "{name} {label}: {} req/s, server {:.1} µs/req ({:.0}% busy), client {:.0}% busy, p99 {} µs, bad {} errors {}",
-                thousands(sample.req_per_s),
+                thousands(sample.tally.req_per_s),
                 sample.server_us().unwrap_or(0.0),
                 100.0 - sample.server.idle,
                 100.0 - sample.client.idle,
-                sample.p99_us.map_or("–".to_owned(), thousands),
-                sample.bad,
-                sample.errors,
+                sample.tally.p99_us.map_or("–".to_owned(), thousands),
+                sample.tally.bad,
+                sample.tally.errors,
             );
-            samples.entry((subject, load)).or_default().push(sample);
+            samples
+                .entry((self.place.setup(), subject, load))
+                .or_default()
+                .push(sample);
         }
         if let (Some(before), Running::Process(_)) = (metrics, &running) {
             if let Some(after) = self.metrics(&running)? {
@@ -533,8 +673,8 @@ impl Bench<'_> {
     fn metrics(&self, running: &Running) -> anyhow::Result<Option<crate::bench::Metrics>> {
         match running {
             Running::Process(process) if process.name() == "khttpd" => {
-                let addr = self.server_addr(METRICS_PORT);
-                self.testbed
+                let addr = self.server_addr(self.ports.metrics);
+                self.place
                     .run_in(Side::Client, || get_metrics(addr))?
                     .map(Some)
             }
@@ -543,9 +683,9 @@ impl Bench<'_> {
     }
 
     fn start(&self, subject: Subject) -> anyhow::Result<Running> {
-        let http = self.server_addr(HTTP_PORT);
-        let echo = self.server_addr(ECHO_PORT);
-        let server_cpus = self.testbed.cpus(Side::Server).len();
+        let http = self.server_addr(self.ports.http);
+        let echo = self.server_addr(self.ports.echo);
+        let server_cpus = self.place.cpus(Side::Server).len();
         let (mut command, name) = match subject.kind {
             Kind::Nginx => {
                 let root = self.site.display();
@@ -565,12 +705,12 @@ impl Bench<'_> {
                     http: "",
                     location: &location,
                 };
-                let command = self.testbed.command(Side::Server, &self.tools.nginx)?;
+                let command = self.place.command(Side::Server, &self.tools.nginx)?;
                 let nginx = Nginx::launch(command, http, &conf, |addr| self.reachable(addr))?;
                 return Ok(Running::Nginx(nginx));
             }
             Kind::Floor => {
-                let mut command = self.testbed.command(Side::Server, &self.tools.xtask)?;
+                let mut command = self.place.command(Side::Server, &self.tools.xtask)?;
                 command.arg("floor").arg("--http").arg(http.to_string());
                 command.arg("--echo").arg(echo.to_string());
                 command.arg("--threads").arg(server_cpus.to_string());
@@ -580,19 +720,19 @@ impl Bench<'_> {
                 (command, "floor")
             }
             kind => {
-                let mut command = self.testbed.command(Side::Server, self.khttpd)?;
+                let mut command = self.place.command(Side::Server, self.khttpd)?;
                 let fast_path = match kind {
                     Kind::On => "on",
                     Kind::Auto => "auto",
                     _ => "off",
                 };
                 command.args(["--fast-path", fast_path, "-q"]);
-                command.arg("--iface").arg(self.testbed.veth(Side::Server));
-                command.arg("--port").arg(HTTP_PORT.to_string());
-                command.arg("--echo-port").arg(ECHO_PORT.to_string());
+                command.arg("--iface").arg(self.place.iface());
+                command.arg("--port").arg(self.ports.http.to_string());
+                command.arg("--echo-port").arg(self.ports.echo.to_string());
                 command
                     .arg("--metrics")
-                    .arg(self.server_addr(METRICS_PORT).to_string());
+                    .arg(self.server_addr(self.ports.metrics).to_string());
                 if kind == Kind::Bound {
                     command.args(["--workqueue", "bound"]);
                 }
@@ -611,7 +751,7 @@ impl Bench<'_> {
         let said = forward_stderr(child.stderr.take().expect("piped stderr"));
         let mut process = Guarded::new(child, name, &[libc::SIGTERM]);
         // khttpd serves /metrics last.
-        let metrics = (name == "khttpd").then(|| self.server_addr(METRICS_PORT));
+        let metrics = (name == "khttpd").then(|| self.server_addr(self.ports.metrics));
         if let Err(error) = wait_until(&mut process, &format!("{http} and {echo}"), || {
             self.reachable(http)
                 && self.reachable(echo)
@@ -627,8 +767,8 @@ impl Bench<'_> {
     /// The same answer from every server: the greeting, the file's bytes, an echo.
     fn check(&self, subject: Subject) -> anyhow::Result<()> {
         if subject.content == Content::Echo {
-            let echo = self.server_addr(ECHO_PORT);
-            return self.testbed.run_in(Side::Client, || {
+            let echo = self.server_addr(self.ports.echo);
+            return self.place.run_in(Side::Client, || {
                 use std::io::{Read as _, Write as _};
                 let mut stream = std::net::TcpStream::connect(echo)?;
                 stream.set_read_timeout(Some(crate::bench::IO_TIMEOUT))?;
@@ -639,13 +779,13 @@ impl Bench<'_> {
                 Ok(())
             })?;
         }
-        let http = self.server_addr(HTTP_PORT);
+        let http = self.server_addr(self.ports.http);
         let request = format!(
             "GET {} HTTP/1.0\r\nHost: bench\r\n\r\n",
             subject.content.path()
         );
         let (head, body) = self
-            .testbed
+            .place
             .run_in(Side::Client, || http_get(http, &request))?
             .with_context(|| format!("GET {}", subject.content.path()))?;
         let expected: &[u8] = match subject.content {
@@ -668,10 +808,8 @@ impl Bench<'_> {
 
     /// One run of `load`, with both sides' CPU time around it.
     fn measure(&self, load: Load, content: Content) -> anyhow::Result<Sample> {
-        let (server_cpus, client_cpus) = (
-            self.testbed.cpus(Side::Server),
-            self.testbed.cpus(Side::Client),
-        );
+        let (server_cpus, client_cpus) =
+            (self.place.cpus(Side::Server), self.place.cpus(Side::Client));
         let server_before = CpuTimes::read_cpus(server_cpus)?;
         let client_before = CpuTimes::read_cpus(client_cpus)?;
         let seconds = self.plan.seconds.to_string();
@@ -710,13 +848,7 @@ impl Bench<'_> {
             Load::PingPong => self.ping_pong()?,
         };
         Ok(Sample {
-            answered: tally.answered,
-            bad: tally.bad,
-            errors: tally.errors,
-            req_per_s: tally.req_per_s,
-            p50_us: tally.p50_us,
-            p99_us: tally.p99_us,
-            p999_us: tally.p999_us,
+            tally,
             server: CpuSplit::between(&server_before, &CpuTimes::read_cpus(server_cpus)?),
             client: CpuSplit::between(&client_before, &CpuTimes::read_cpus(client_cpus)?),
         })
@@ -724,7 +856,7 @@ impl Bench<'_> {
 
     /// Runs a load tool on the client side, bounded in time; its stdout.
     fn client_tool(&self, program: &Path, args: &[String]) -> anyhow::Result<String> {
-        let mut command = self.testbed.command(Side::Client, program)?;
+        let mut command = self.place.command(Side::Client, program)?;
         command.args(args);
         let limit = Duration::from_secs(self.plan.seconds) + LOAD_GRACE;
         let output = output_bounded(&mut command, limit)
@@ -795,10 +927,13 @@ impl Bench<'_> {
 
     /// Echo connections ping-ponging small messages, driven from a thread in the client namespace.
     fn ping_pong(&self) -> anyhow::Result<Tally> {
-        let echo = self.server_addr(ECHO_PORT);
+        let echo = self.server_addr(self.ports.echo);
         let duration = Duration::from_secs(self.plan.seconds);
-        let (messages, elapsed) = self.testbed.run_in(Side::Client, || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+        let threads = self.client_threads();
+        let (messages, elapsed) = self.place.run_in(Side::Client, || {
+            // One worker per client CPU; threads started here inherit the namespace and CPUs.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
                 .enable_all()
                 .build()
                 .context("cannot start a runtime")?;
@@ -881,6 +1016,7 @@ fn parse_h2load(text: &str) -> Option<Tally> {
 
 /// Medians of a row's runs.
 struct Row<'a> {
+    setup: Setup,
     subject: Subject,
     load: Load,
     runs: &'a [Sample],
@@ -903,22 +1039,23 @@ fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
 fn render(
     args: &Args,
     plan: &Plan,
-    samples: &BTreeMap<(Subject, Load), Vec<Sample>>,
+    setups: &[Setup],
+    samples: &Samples,
     failures: &[String],
     elapsed: Duration,
 ) -> String {
-    let threads = args.client_cpus.len();
-    let rows: Vec<Row> = plan
-        .subjects
+    let rows: Vec<Row> = setups
         .iter()
-        .flat_map(|&subject| {
+        .flat_map(|&setup| plan.subjects.iter().map(move |&subject| (setup, subject)))
+        .flat_map(|(setup, subject)| {
             plan.loads(subject.content)
                 .into_iter()
-                .map(move |load| (subject, load))
+                .map(move |load| (setup, subject, load))
         })
-        .filter_map(|(subject, load)| {
-            let runs = samples.get(&(subject, load))?;
+        .filter_map(|(setup, subject, load)| {
+            let runs = samples.get(&(setup, subject, load))?;
             Some(Row {
+                setup,
                 subject,
                 load,
                 runs,
@@ -929,6 +1066,7 @@ fn render(
         rows.iter()
             .find(|row| {
                 row.subject.kind == kind
+                    && row.setup == like.setup
                     && row.subject.content == like.subject.content
                     && row.load == like.load
             })
@@ -941,11 +1079,11 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| server | content | load | req/s | server CPU % (usr/sys/irq) | client CPU % | server µs/req | × floor | × nginx | p50 µs | p99 µs | p99.9 µs | errors |"
+        "| set-up | server | content | load | req/s | server CPU % (usr/sys/irq) | client CPU % | server µs/req | × floor | × nginx | p50 µs | p99 µs | p99.9 µs | errors |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in &rows {
         let m = |value: fn(&Sample) -> Option<f64>| row.median(value);
@@ -959,23 +1097,28 @@ fn render(
         ]
         .map(|share| or_dash(share, |v| format!("{v:.0}")));
         let cost = row.cost();
-        let failed: u64 = row.runs.iter().map(|s| s.bad + s.errors).sum();
+        let failed: u64 = row.runs.iter().map(|s| s.tally.bad + s.tally.errors).sum();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} ({}) | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} ({}) | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.setup.label(),
             row.subject.kind.label(),
             row.subject.content.label(),
-            row.load.label(threads),
-            or_dash(m(|s| Some(s.req_per_s)), thousands),
+            row.load.label(),
+            or_dash(m(|s| Some(s.tally.req_per_s)), thousands),
             busy(|s| s.server),
             server_split.join("/"),
-            busy(|s| s.client),
+            // On loopback both sides are the same CPUs.
+            match row.setup {
+                Setup::Isolated => format!("{:.0}", busy(|s| s.client)),
+                Setup::Loopback => "=".to_owned(),
+            },
             or_dash(cost, |v| format!("{v:.1}")),
             ratio(cost, cost_of(Kind::Floor, row)),
             ratio(cost, cost_of(Kind::Nginx, row)),
-            or_dash(m(|s| s.p50_us), thousands),
-            or_dash(m(|s| s.p99_us), thousands),
-            or_dash(m(|s| s.p999_us), thousands),
+            or_dash(m(|s| s.tally.p50_us), thousands),
+            or_dash(m(|s| s.tally.p99_us), thousands),
+            or_dash(m(|s| s.tally.p999_us), thousands),
             if failed == 0 {
                 "0".to_owned()
             } else {
@@ -985,13 +1128,15 @@ fn render(
     }
     let _ = writeln!(
         out,
-        "\nMedians of {} rounds, {} s per load. Server on CPU {:?} in its own network namespace \
-         (receive processing steered there with RPS), load generators on CPU {:?} in another, \
-         joined by a veth. server µs/req = busy time of the server's CPUs (user + system + irq + \
-         softirq) / answered requests; × floor and × nginx compare it with the same load's row. \
-         Open-loop rows (`at N req/s`, htstress --rate): latency from each request's scheduled \
-         send time. wrk reports no p99.9; h2load and the echo load report no percentiles. Total \
-         time {:.0} s.",
+        "\nMedians of {} rounds, {} s per load. own CPU: server on CPU {:?} in its own network \
+         namespace (receive processing steered there with RPS), load generators on CPU {:?} in \
+         another, joined by a veth; server µs/req = busy time of the server's CPUs (user + system \
+         + irq + softirq) / answered requests. shared loopback: server and load generators on \
+         every CPU over loopback, as the other benches; server µs/req is then the whole \
+         machine's busy time, load generator included. × floor and × nginx compare it with the \
+         same set-up's and load's row. One client thread per client CPU. Open-loop rows (`at N \
+         req/s`, htstress --rate): latency from each request's scheduled send time. wrk reports \
+         no p99.9; h2load and the echo load report no percentiles. Total time {:.0} s.",
         plan.rounds,
         plan.seconds,
         args.server_cpus,
@@ -1005,10 +1150,9 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "- nginx: `worker_processes {}`, `listen … reuseport`, `access_log off`; greeting `return \
-         200`; file: `open_file_cache`, `sendfile off` (faster here than `sendfile on`, with or \
-         without `tcp_nopush`: 46k vs 32k vs 16k req/s).",
-        args.server_cpus.len()
+        "- nginx: one worker per server CPU, `listen … reuseport`, `access_log off`; greeting \
+         `return 200`; file: `open_file_cache`, `sendfile off` (faster here than `sendfile on`, \
+         with or without `tcp_nopush`: 46k vs 32k vs 16k req/s)."
     );
     let _ = writeln!(
         out,
@@ -1027,10 +1171,11 @@ fn render(
             .collect();
         let _ = writeln!(
             out,
-            "  - {}, {}, {}: {}",
+            "  - {}, {}, {}, {}: {}",
+            row.setup.label(),
             row.subject.kind.label(),
             row.subject.content.label(),
-            row.load.label(threads),
+            row.load.label(),
             each.join(" / ")
         );
     }
@@ -1041,11 +1186,7 @@ fn render(
 /// (bars, one per server; echo: `khttpd on` is the kernel echo, `off` the user-space one). Middle
 /// and right: p99 latency against offered rate, keep-alive and a connection per request, for the
 /// greeting (one line per server, logarithmic).
-fn plot(
-    path: &Path,
-    plan: &Plan,
-    samples: &BTreeMap<(Subject, Load), Vec<Sample>>,
-) -> anyhow::Result<()> {
+fn plot(path: &Path, plan: &Plan, setup: Setup, samples: &Samples) -> anyhow::Result<()> {
     let with_text = register_font();
     let root = BitMapBackend::new(path, (2100, 700)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -1063,7 +1204,7 @@ fn plot(
     };
     let cost = |subject: Subject, load: Load| {
         samples
-            .get(&(subject, load))
+            .get(&(setup, subject, load))
             .and_then(|runs| median(runs.iter().map(Sample::server_us)))
     };
     let closed = [
@@ -1102,7 +1243,10 @@ fn plot(
         })
         .collect();
     GroupedBars {
-        caption: "Server CPU per request ÷ the floor's (own CPU; lower is better)",
+        caption: &format!(
+            "Server CPU per request ÷ the floor's ({}; lower is better)",
+            setup.label()
+        ),
         y_desc: "× the floor's µs per request",
         groups: &groups,
         series: &series,
@@ -1112,12 +1256,18 @@ fn plot(
 
     let rated = [
         (
-            "Greeting, keep-alive: p99 latency (µs) vs offered req/s",
+            format!(
+                "Greeting, keep-alive, {}: p99 µs vs offered req/s",
+                setup.label()
+            ),
             true,
             &plan.rates,
         ),
         (
-            "Greeting, conn/request: p99 latency (µs) vs offered req/s",
+            format!(
+                "Greeting, conn/request, {}: p99 µs vs offered req/s",
+                setup.label()
+            ),
             false,
             &plan.close_rates,
         ),
@@ -1128,16 +1278,17 @@ fn plot(
             .map(|&kind| {
                 let points = samples
                     .iter()
-                    .filter(|((subject, _), _)| {
-                        *subject
-                            == Subject {
-                                content: Content::Greeting,
-                                kind,
-                            }
+                    .filter(|((at, subject, _), _)| {
+                        *at == setup
+                            && *subject
+                                == Subject {
+                                    content: Content::Greeting,
+                                    kind,
+                                }
                     })
-                    .filter_map(|((_, load), runs)| {
+                    .filter_map(|((_, _, load), runs)| {
                         let rate = load.offered_rate(keep_alive)?;
-                        let p99 = median(runs.iter().map(|s| s.p99_us))?;
+                        let p99 = median(runs.iter().map(|s| s.tally.p99_us))?;
                         Some((f64::from(rate), p99.max(1.0)))
                     })
                     .collect();
@@ -1154,7 +1305,7 @@ fn plot(
         builder.margin(20);
         if with_text {
             builder
-                .caption(caption, ("sans-serif", 18))
+                .caption(&caption, ("sans-serif", 18))
                 .x_label_area_size(40)
                 .y_label_area_size(70);
         }
