@@ -113,6 +113,9 @@ pub struct Report {
     /// Not answered: connect failure, reset, timeout, empty or truncated response, or (with
     /// `--keep-alive`) a response whose end cannot be found, such as a chunked one.
     pub socket_errors: u64,
+    /// `--rate`: requests still queued for a free connection when the run ended (10 s after the
+    /// last was due): the server fell that far behind. Their wait so far is in the latencies.
+    pub not_sent: u64,
     /// Wall-clock time of the whole run.
     pub seconds: f64,
     /// Median time from a request's start (its connect, or its send on a kept-alive connection;
@@ -174,7 +177,8 @@ impl fmt::Display for Report {
         if let Some(rate) = self.offered_rate {
             writeln!(f)?;
             writeln!(f, "offered rate:  {rate} req/s")?;
-            write!(f, "latency from:  scheduled send time")?;
+            writeln!(f, "latency from:  scheduled send time")?;
+            write!(f, "not sent:      {}", self.not_sent)?;
         }
         Ok(())
     }
@@ -384,6 +388,9 @@ enum Outcome {
     Good,
     Bad,
     SocketError,
+    /// `--rate`: still waiting for a free connection when the run ended. Not an error of the
+    /// server's, but not an answer either; its wait so far is counted as its latency.
+    NotSent,
 }
 
 /// Counts outcomes from every thread, and prints progress every tenth of `-n`.
@@ -391,6 +398,7 @@ struct Tally {
     good: AtomicU64,
     bad: AtomicU64,
     socket_errors: AtomicU64,
+    not_sent: AtomicU64,
     finished: AtomicU64,
     /// The request count progress is reported against; none when quiet or bounded by time only.
     progress_of: Option<u64>,
@@ -402,6 +410,7 @@ impl Tally {
             good: AtomicU64::new(0),
             bad: AtomicU64::new(0),
             socket_errors: AtomicU64::new(0),
+            not_sent: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             progress_of,
         }
@@ -418,6 +427,7 @@ impl Tally {
             Outcome::Good => &self.good,
             Outcome::Bad => &self.bad,
             Outcome::SocketError => &self.socket_errors,
+            Outcome::NotSent => &self.not_sent,
         };
         counter.fetch_add(1, Relaxed);
         let finished = self.finished.fetch_add(1, Relaxed) + 1;
@@ -435,16 +445,18 @@ impl Tally {
             (!latencies.is_empty())
                 .then(|| u32::try_from(latencies.value_at_quantile(quantile)).unwrap_or(u32::MAX))
         };
-        let (good, bad, socket_errors) = (
+        let (good, bad, socket_errors, not_sent) = (
             self.good.load(Relaxed),
             self.bad.load(Relaxed),
             self.socket_errors.load(Relaxed),
+            self.not_sent.load(Relaxed),
         );
         Report {
-            requests: good + bad + socket_errors,
+            requests: good + bad + socket_errors + not_sent,
             good,
             bad,
             socket_errors,
+            not_sent,
             seconds: elapsed.as_secs_f64(),
             p50_us: at(0.50),
             p99_us: at(0.99),
@@ -907,6 +919,7 @@ mod tests {
             good: 2,
             bad: 1,
             socket_errors: 1,
+            not_sent: 0,
             seconds: 0.5,
             p50_us: Some(120),
             p99_us: None,
@@ -932,7 +945,8 @@ mod tests {
         assert!(open_loop.to_string().ends_with(
             "latency p99.9: 4100 us\n\
              offered rate:  2000 req/s\n\
-             latency from:  scheduled send time"
+             latency from:  scheduled send time\n\
+             not sent:      0"
         ));
     }
 }

@@ -91,11 +91,12 @@ pub(super) fn drive(
             }
         }
     }
-    // Whatever is unanswered now, or was never sent, counts as a socket error.
+    // Whatever was sent and is unanswered now counts as a socket error; what never left the queue
+    // is counted apart, its wait so far as its latency.
     connections.fail(|_| true);
     while let Some(due) = schedule.take_waiting() {
         plan.tally
-            .record(Outcome::SocketError, due, &mut connections.latencies);
+            .record(Outcome::NotSent, due, &mut connections.latencies);
     }
     Ok(connections.latencies)
 }
