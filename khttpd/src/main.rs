@@ -6,7 +6,7 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{ArgAction, Parser, ValueEnum};
 use log::{info, warn};
-use tokio::{signal::unix, sync::broadcast};
+use tokio::signal::unix;
 
 use khttpd::{
     echo::{kernel::KernelEcho, EchoService},
@@ -16,7 +16,7 @@ use khttpd::{
     listener, metrics,
     metrics::Services,
     privileges,
-    shutdown::Shutdown,
+    shutdown::{self, Shutdown},
     workqueue::{Config, Kind, WorkQueue},
 };
 
@@ -230,7 +230,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         WorkQueue::alloc(Config::new(name, args.workqueue, args.max_active))
             .context("allocating a work queue")
     };
-    let (notify_shutdown, _) = broadcast::channel(1);
+    let notify_shutdown = shutdown::notify();
     let echo = EchoService::new(queue("khttpd_echo")?, kernel_echo, notify_shutdown.clone());
     let http = HttpService::new(
         queue("khttpd_http")?,
@@ -244,7 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         notify_shutdown.clone(),
     );
-    let shutdown = || Shutdown::new(notify_shutdown.subscribe());
+    let shutdown = || Shutdown::new(&notify_shutdown);
     // What the kernel learned from files under --root is forgotten when any of them changes.
     if let (Some(site), Some(_)) = (&http.site, &http.kernel) {
         let http = http.clone();
@@ -316,7 +316,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = sigint.recv() => info!("SIGINT: shutting down"),
     }
     // Stop accepting, end user-space connections, close kernel ones, drain the queue.
-    let _ = notify_shutdown.send(());
+    notify_shutdown.send_replace(true);
     while tasks.join_next().await.is_some() {}
     echo.stop().await;
     http.stop().await;

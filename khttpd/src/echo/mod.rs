@@ -19,9 +19,11 @@ use std::sync::{
 };
 
 use log::{debug, warn};
-use tokio::sync::broadcast;
 
-use crate::{shutdown::Shutdown, workqueue::WorkQueue};
+use crate::{
+    shutdown::{self, Shutdown},
+    workqueue::WorkQueue,
+};
 use kernel::{Detached, KernelEcho};
 
 /// Counters of the user-space side (the kernel keeps its own, see `KernelEcho::counters`).
@@ -36,14 +38,14 @@ pub struct EchoService {
     pub queue: Arc<WorkQueue>,
     pub kernel: Option<KernelEcho>,
     pub counters: Arc<UserCounters>,
-    notify_shutdown: broadcast::Sender<()>,
+    notify_shutdown: shutdown::Notify,
 }
 
 impl EchoService {
     pub fn new(
         queue: Arc<WorkQueue>,
         kernel: Option<KernelEcho>,
-        notify_shutdown: broadcast::Sender<()>,
+        notify_shutdown: shutdown::Notify,
     ) -> Arc<Self> {
         Arc::new(EchoService {
             queue,
@@ -74,7 +76,7 @@ impl EchoService {
         self.counters
             .user_connections
             .fetch_add(1, Ordering::Relaxed);
-        let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
+        let shutdown = Shutdown::new(&self.notify_shutdown);
         let work = user::echo(stream, detached, shutdown, Arc::clone(&self.counters));
         if self.queue.queue_work(work).is_err() {
             debug!("echo: shutting down, connection dropped");

@@ -27,14 +27,11 @@ use std::{
 };
 
 use log::{debug, warn};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::broadcast,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     fd::{into_tokio, silent_for},
-    shutdown::Shutdown,
+    shutdown::{self, Shutdown},
     workqueue::WorkQueue,
 };
 use kernel::{KernelHttp, Parked, Release};
@@ -127,7 +124,7 @@ pub struct HttpService {
     pub connections: AtomicU64,
     /// Connections the kernel handed to user space.
     pub handoffs: AtomicU64,
-    notify_shutdown: broadcast::Sender<()>,
+    notify_shutdown: shutdown::Notify,
     /// For connection threads that wait on the kernel path.
     runtime: tokio::runtime::Handle,
 }
@@ -137,7 +134,7 @@ impl HttpService {
         queue: Arc<WorkQueue>,
         kernel: Option<KernelHttp>,
         config: Config,
-        notify_shutdown: broadcast::Sender<()>,
+        notify_shutdown: shutdown::Notify,
     ) -> Arc<Self> {
         Arc::new(HttpService {
             queue,
@@ -223,7 +220,7 @@ impl HttpService {
                     }
                 }
                 no_delay(&stream);
-                let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
+                let shutdown = Shutdown::new(&self.notify_shutdown);
                 if self
                     .queue
                     .queue_work(serve_async(stream, connection, exchange, shutdown))
