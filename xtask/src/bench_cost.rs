@@ -1036,6 +1036,16 @@ impl Row<'_> {
     fn cost(&self) -> Option<f64> {
         self.median(Sample::server_us)
     }
+
+    /// Set-up, server, content and load.
+    fn labels(&self) -> [String; 4] {
+        [
+            self.setup.label().to_owned(),
+            self.subject.kind.label().to_owned(),
+            self.subject.content.label().to_owned(),
+            self.load.label(),
+        ]
+    }
 }
 
 fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
@@ -1107,11 +1117,8 @@ fn render(
         let not_sent: u64 = row.runs.iter().map(|s| s.tally.not_sent).sum();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.0} ({}) | {} | {} | {} | {} | {} | {} | {} | {} |",
-            row.setup.label(),
-            row.subject.kind.label(),
-            row.subject.content.label(),
-            row.load.label(),
+            "| {} | {} | {:.0} ({}) | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.labels().join(" | "),
             or_dash(m(|s| Some(s.tally.req_per_s)), thousands),
             busy(|s| s.server),
             server_split.join("/"),
@@ -1178,15 +1185,7 @@ fn render(
             .iter()
             .map(|s| or_dash(s.server_us(), |v| format!("{v:.1}")))
             .collect();
-        let _ = writeln!(
-            out,
-            "  - {}, {}, {}, {}: {}",
-            row.setup.label(),
-            row.subject.kind.label(),
-            row.subject.content.label(),
-            row.load.label(),
-            each.join(" / ")
-        );
+        let _ = writeln!(out, "  - {}: {}", row.labels().join(", "), each.join(" / "));
     }
     out
 }
@@ -1217,13 +1216,13 @@ fn plot(path: &Path, plan: &Plan, setup: Setup, samples: &Samples) -> anyhow::Re
             .and_then(|runs| median(runs.iter().map(Sample::server_us)))
     };
     let closed = [
-        (Content::Greeting, Load::KeepAlive, "greeting, keep-alive"),
-        (Content::Greeting, Load::Close, "greeting, conn/req"),
-        (Content::Greeting, Load::Pipelined, "greeting, pipelined"),
+        (Content::Greeting, Load::KeepAlive, "hello, keep-alive"),
+        (Content::Greeting, Load::Close, "hello, conn/req"),
+        (Content::Greeting, Load::Pipelined, "hello, pipelined"),
         (Content::File, Load::KeepAlive, "file, keep-alive"),
         (Content::File, Load::Close, "file, conn/req"),
         (Content::File, Load::Pipelined, "file, pipelined"),
-        (Content::Echo, Load::PingPong, "echo ping-pong"),
+        (Content::Echo, Load::PingPong, "echo"),
     ];
     let groups: Vec<String> = closed
         .iter()
@@ -1344,12 +1343,7 @@ fn plot(path: &Path, plan: &Plan, setup: Setup, samples: &Samples) -> anyhow::Re
             }
         }
         if with_text {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            crate::bench::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
     }
     root.present()?;

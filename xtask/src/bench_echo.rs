@@ -506,12 +506,7 @@ fn plot(path: &Path, args: &Args, reports: &[ModeReport]) -> anyhow::Result<()> 
         }
     }
     if with_text {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        crate::bench::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     root.present()?;
     Ok(())
