@@ -51,10 +51,11 @@ use crate::{
     },
     bench_echo::{connect_all, dummy_message, ping_pong},
     bench_http::{
-        find_nginx, find_on_path, median, parse_wrk, thousands, Nginx, NginxConf, TempDir, HELLO,
-        HELLO_LOCATION,
+        find_nginx, find_on_path, median, or_dash, parse_wrk, thousands, Nginx, NginxConf, TempDir,
+        HELLO, HELLO_LOCATION,
     },
     netns::{Side, Testbed},
+    toolchain::Step,
 };
 
 #[derive(clap::Args)]
@@ -87,6 +88,9 @@ pub struct Args {
     /// by side in each round.
     #[arg(long, value_enum, default_value = "isolated")]
     setup: SetupArg,
+    /// The khttpd binary to measure (default: build the release one).
+    #[arg(long)]
+    pub khttpd: Option<PathBuf>,
     /// Only these servers (comma-separated) [default: all].
     #[arg(long, value_delimiter = ',', value_enum)]
     servers: Vec<Kind>,
@@ -523,46 +527,24 @@ struct Tools {
 
 impl Tools {
     /// Finds every tool, installing the missing Debian packages when root (as the eBPF toolchain
-    /// is installed), else naming the command.
+    /// is installed), else naming the commands.
     fn find() -> anyhow::Result<Self> {
-        let missing: Vec<&str> = [
-            ("wrk", "wrk"),
-            ("h2load", "nghttp2-client"),
-            ("nginx", "nginx-light"),
-        ]
-        .into_iter()
-        .filter(|(tool, _)| match *tool {
-            "nginx" => find_nginx().is_none(),
-            tool => find_on_path(tool).is_none(),
-        })
-        .map(|(_, package)| package)
-        .collect();
-        if !missing.is_empty() {
-            let command = format!("apt-get install -y {}", missing.join(" "));
-            ensure!(
-                nix::unistd::geteuid().is_root(),
-                "bench cost needs {}: run `sudo apt-get update && sudo {command}`",
-                missing.join(", ")
-            );
-            eprintln!("installing {}", missing.join(", "));
-            for args in [vec!["update", "-qq"], {
-                let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-                install.extend(&missing);
-                install
-            }] {
-                let status = Command::new("apt-get")
-                    .args(&args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .stdin(Stdio::null())
-                    .status()
-                    .context("cannot run apt-get")?;
-                ensure!(
-                    status.success(),
-                    "apt-get {} failed ({status})",
-                    args.join(" ")
-                );
-            }
-        }
+        crate::toolchain::install(
+            "bench cost",
+            &[Step {
+                what: "wrk, h2load and nginx (wrk, nghttp2-client, nginx-light)",
+                present: || {
+                    find_on_path("wrk").is_some()
+                        && find_on_path("h2load").is_some()
+                        && find_nginx().is_some()
+                },
+                commands: &[
+                    "apt-get update",
+                    "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+                     wrk nghttp2-client nginx-light",
+                ],
+            }],
+        )?;
         let on_path = |tool| find_on_path(tool).with_context(|| format!("{tool} not found"));
         Ok(Self {
             wrk: on_path("wrk")?,
@@ -1046,10 +1028,6 @@ impl Row<'_> {
             self.load.label(),
         ]
     }
-}
-
-fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
-    value.map_or_else(|| "–".to_owned(), show)
 }
 
 fn render(

@@ -754,7 +754,7 @@ fn flagged(count: u64) -> String {
     }
 }
 
-fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
+pub(crate) fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "–".to_owned(), show)
 }
 

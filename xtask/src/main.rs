@@ -140,8 +140,7 @@ fn main() -> anyhow::Result<()> {
             bench_echo::run(&args, &khttpd)
         }
         Task::Bench(Bench::Cost(args)) => {
-            toolchain::ensure()?;
-            let khttpd = build_khttpd()?;
+            let khttpd = release_khttpd(args.khttpd.clone())?;
             if cfg!(debug_assertions) {
                 // The load generators and the floor are this binary: measure the optimised one.
                 return exec_release_xtask();

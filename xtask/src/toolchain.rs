@@ -1,6 +1,7 @@
 //! Makes sure the eBPF build can run: the nightly toolchain's rust-src, LLVM 22's development files
 //! and bpf-linker 0.13 linked against LLVM 22. Installs what is missing when running as root;
 //! otherwise stops with the exact commands. When everything is present this takes milliseconds.
+//! Benches install the tools they run the same way ([`install`]).
 
 use std::{path::PathBuf, process::Command};
 
@@ -11,10 +12,11 @@ const LLVM_CONFIG: &str = "/usr/lib/llvm-22/bin/llvm-config";
 const LLVM_LIB: &str = "libLLVM.so.22";
 const BPF_LINKER_VERSION: &str = "bpf-linker 0.13.";
 
-struct Step {
-    what: &'static str,
-    present: fn() -> bool,
-    commands: &'static [&'static str],
+/// Something a task needs: how to tell it is there, and the shell commands that install it.
+pub struct Step {
+    pub what: &'static str,
+    pub present: fn() -> bool,
+    pub commands: &'static [&'static str],
 }
 
 const STEPS: &[Step] = &[
@@ -41,7 +43,13 @@ pub fn ensure() -> anyhow::Result<()> {
     if !toolchain_installed(NIGHTLY) {
         bail!("the nightly Rust toolchain is not installed; run: rustup toolchain install nightly --component rust-src");
     }
-    let missing: Vec<&Step> = STEPS.iter().filter(|step| !(step.present)()).collect();
+    install("the eBPF build", STEPS)
+}
+
+/// Installs the `steps` that are missing for `purpose` when running as root; otherwise stops with
+/// the exact commands.
+pub fn install(purpose: &str, steps: &[Step]) -> anyhow::Result<()> {
+    let missing: Vec<&Step> = steps.iter().filter(|step| !(step.present)()).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -52,7 +60,7 @@ pub fn ensure() -> anyhow::Result<()> {
             .flat_map(|step| step.commands.iter().copied())
             .collect();
         bail!(
-            "missing for the eBPF build: {}. As root, run:\n  {}",
+            "missing for {purpose}: {}. As root, run:\n  {}",
             missing
                 .iter()
                 .map(|step| step.what)
