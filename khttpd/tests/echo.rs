@@ -339,8 +339,10 @@ fn start_fails(prefix: &[&str], args: &[&str]) -> String {
 
 #[test]
 fn a_port_in_use_is_a_one_line_error() {
-    let port = free_port();
-    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // Bind port 0 and keep it: a port from free_port() is released before we could take it, and a
+    // test running in parallel may grab it in between.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
     let error = start_fails(
         &[],
         &["--fast-path", "off", "--echo-port", &port.to_string()],
