@@ -8,6 +8,11 @@
 //! that idle means between requests (user space then lets the kernel answer what comes next): a
 //! new session given the rest of the input answers it as the session did.
 //!
+//! The same pieces also drive the connection machine around the session
+//! (`khttpd::http::connection::Connection`, as both executors run it), its writes cut to the
+//! same chunk sizes: it writes exactly what the session wrote, then closes as the session said —
+//! at once only when the client is done, else with a FIN and a linger.
+//!
 //! Input layout: `flags`, then `flags >> 4` chunk-size bytes, then the client's bytes.
 //! - flags bit 0: the chunked run uses `Session::new()` (not learning); bit 1: a head still being
 //!   read at the end times out (`head_timed_out`) in both runs; bit 2: the client's bytes are
@@ -20,6 +25,7 @@
 use std::ops::Range;
 
 use khttpd::http::{
+    connection::{Action, Connection, Deadline, Timeouts},
     response::{self, HELLO},
     session::{Learned, Next, Session},
 };
@@ -82,11 +88,7 @@ fn pieces<'a>(input: &'a [u8], sizes: &[u8]) -> Vec<&'a [u8]> {
         } else {
             let b = sizes[i % sizes.len()];
             i += 1;
-            if b < 0x80 {
-                usize::from(b)
-            } else {
-                usize::from(b - 0x7f) * 128
-            }
+            size_of_byte(b)
         };
         let (piece, after) = rest.split_at(size.min(rest.len()));
         pieces.push(piece);
@@ -233,6 +235,7 @@ struct Run {
     next: Next,
     learned: Vec<Learned>,
     idle: bool,
+    /// Still reading a head after the last piece (before any time-out).
     reading_head: bool,
     client_done: bool,
     /// The last point inside the input where the session was idle: (input bytes fed, output
@@ -286,7 +289,8 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
         }
     }
     assert!(!(session.is_idle() && session.reading_head()));
-    if next == Next::Read && time_out && session.reading_head() {
+    let reading_head = session.reading_head();
+    if next == Next::Read && time_out && reading_head {
         let from = out.len();
         session.head_timed_out(&mut out);
         let new = responses(&out, from, heads);
@@ -298,13 +302,100 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
     }
     Run {
         idle: session.is_idle(),
-        reading_head: session.reading_head(),
+        reading_head,
         client_done: session.client_is_done(),
         idle_at,
         out,
         responses: found,
         next,
         learned,
+    }
+}
+
+/// How the machine's connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// Still reading when the client stopped sending (or closed for silence after it).
+    Open,
+    /// Closed at once: the client was done and sent nothing more.
+    AtOnce,
+    /// A FIN, then what the client still sent read and dropped.
+    Lingered,
+}
+
+/// The size a chunk-size byte stands for (see the input layout).
+fn size_of_byte(b: u8) -> usize {
+    if b < 0x80 {
+        usize::from(b)
+    } else {
+        usize::from(b - 0x7f) * 128
+    }
+}
+
+/// Feeds `pieces` to a connection machine (no kernel, no site) the way an executor does, each
+/// write taking at most the next of `sizes` bytes (at least one); when the pieces run out and
+/// `time_out`, the read deadline passes. `reading_head`: whether the session is still reading a
+/// head after all pieces (so the deadline is a fixed one). Returns what it wrote and how it ended.
+fn drive(pieces: &[&[u8]], sizes: &[u8], time_out: bool, reading_head: bool) -> (Vec<u8>, Ending) {
+    let timeouts = Timeouts {
+        idle: std::time::Duration::from_secs(60),
+        head: std::time::Duration::from_secs(10),
+    };
+    let mut connection = Connection::new(Session::new(), timeouts);
+    let mut pieces = pieces.iter().peekable();
+    let mut written = Vec::new();
+    let mut writes = 0;
+    let mut timed_out = false;
+    let mut fin = false;
+    loop {
+        match connection.next_action() {
+            Action::Read => {
+                let deadline = connection.deadline();
+                match pieces.next() {
+                    Some(piece) => connection.received(piece),
+                    None if fin => return (written, Ending::Lingered),
+                    None if time_out && !timed_out => {
+                        assert_eq!(
+                            matches!(deadline, Deadline::At(_)),
+                            reading_head,
+                            "{deadline:?}"
+                        );
+                        timed_out = true;
+                        connection.deadline_passed();
+                    }
+                    None => return (written, Ending::Open),
+                }
+            }
+            Action::Write => {
+                let output = connection.output();
+                assert!(!output.is_empty(), "asked to write nothing");
+                let size = match sizes {
+                    [] => output.len(),
+                    _ => size_of_byte(sizes[writes % sizes.len()]).max(1),
+                };
+                writes += 1;
+                let n = size.min(output.len());
+                written.extend_from_slice(&output[..n]);
+                connection.wrote(n);
+            }
+            Action::CloseIfQuiet => {
+                // Like the executor's check of the receive queue.
+                while pieces.next_if(|piece| piece.is_empty()).is_some() {}
+                if pieces.peek().is_none() {
+                    return (written, Ending::AtOnce);
+                }
+                connection.not_quiet();
+            }
+            Action::Shutdown => {
+                assert!(!fin, "two FINs");
+                fin = true;
+            }
+            Action::Close => {
+                assert!(fin || timed_out, "closed without a FIN while the client may send");
+                return (written, if fin { Ending::Lingered } else { Ending::Open });
+            }
+            action => panic!("{action:?} without a kernel or a site"),
+        }
     }
 }
 
@@ -400,6 +491,22 @@ fuzz_target!(|data: &[u8]| {
         );
         assert_eq!(rest.next, whole.next);
     }
+    // The connection machine writes what the session wrote, and closes as it said.
+    let (written, ending) = drive(&pieces(input, sizes), sizes, time_out, chunked.reading_head);
+    assert!(
+        blank_dates(&written) == a,
+        "the machine wrote {:?}, the session {:?}",
+        lossy(&written),
+        lossy(&whole.out)
+    );
+    let timed_out_head = time_out && whole.next == Next::Read && whole.reading_head;
+    let expected = match whole.next {
+        Next::Close if whole.client_done => Ending::AtOnce,
+        Next::Close => Ending::Lingered,
+        Next::Read if timed_out_head => Ending::Lingered,
+        Next::Read => Ending::Open,
+    };
+    assert_eq!(ending, expected);
     assert_eq!(whole.next, chunked.next);
     assert_eq!(whole.idle, chunked.idle);
     assert_eq!(whole.reading_head, chunked.reading_head);

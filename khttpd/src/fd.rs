@@ -4,6 +4,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, OwnedFd, RawFd},
+    time::Duration,
 };
 
 use tokio::{
@@ -13,15 +14,18 @@ use tokio::{
 
 /// Registers an owned fd (listener, BPF ring buffer) with tokio for readability.
 pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
-    // SAFETY: `inner` owns its fd, which stays open and the same for as long as the AsyncFd holds it.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+    register(inner, Interest::READABLE)
 }
 
-/// Registers an accepted connection with the current runtime. `listener::accept_loop` hands out
-/// blocking sockets (what the thread-per-connection mode wants); tokio needs them non-blocking.
+/// Registers an owned fd (a connection) with tokio for `interest`.
+pub fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd, which stays open and the same for as long as the AsyncFd holds it.
+    unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Registers an accepted connection (non-blocking, as `listener::accept_loop` hands them out)
+/// with the current runtime.
 pub fn into_tokio(stream: std::net::TcpStream) -> io::Result<TcpStream> {
-    stream.set_nonblocking(true)?;
     TcpStream::from_std(stream)
 }
 
@@ -52,12 +56,17 @@ pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }
 
-/// Whether the socket received nothing for `idle`. TCP_INFO counts every byte received, also
-/// those the kernel path answered without user space seeing them.
-pub fn silent_for(fd: RawFd, idle: std::time::Duration) -> bool {
-    tcp_info(fd).map_or(true, |info| {
-        u128::from(info.tcpi_last_data_recv) >= idle.as_millis()
+/// How long the socket has received nothing (forever if it cannot say). TCP_INFO counts every
+/// byte received, also those the kernel path answered without user space seeing them.
+pub fn silence(fd: RawFd) -> Duration {
+    tcp_info(fd).map_or(Duration::MAX, |info| {
+        Duration::from_millis(info.tcpi_last_data_recv.into())
     })
+}
+
+/// Whether the socket received nothing for `idle` (see [`silence`]).
+pub fn silent_for(fd: RawFd, idle: Duration) -> bool {
+    silence(fd) >= idle
 }
 
 /// Bytes waiting in the socket's receive queue, counted without copying or consuming them

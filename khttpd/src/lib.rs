@@ -7,7 +7,7 @@
 //!    `echo::kernel` echoes every byte in the kernel; `http::kernel` answers the requests user
 //!    space has taught it and hands the connection back at the first one it cannot answer.
 //! 3. Otherwise (and after a hand-off) the connection is one work item on the cmwq-style
-//!    `workqueue` (`echo::user`, `http::serve_async`), or a thread (`--dispatch thread`).
+//!    `workqueue` (`echo::user`, `http::executor`), or a thread (`--dispatch thread`).
 //! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
 //!
 //! Before the first accept, `privileges` drops root: the process keeps only the descriptors it

@@ -140,8 +140,9 @@ unsafe fn socket_addr(addr: *const libc::sockaddr) -> Option<SocketAddr> {
     }
 }
 
-/// Accepts connections until shutdown and hands each (blocking mode, not registered with tokio) to
+/// Accepts connections until shutdown and hands each (non-blocking, not registered with tokio) to
 /// `dispatch`. The accept queue is drained on every wake-up: one epoll event, many connections.
+/// `accept4` makes them non-blocking (and close-on-exec) in the same call.
 pub async fn accept_loop(
     listener: TcpListener,
     mut shutdown: Shutdown,
@@ -163,10 +164,12 @@ pub async fn accept_loop(
             () = shutdown.recv() => return,
         };
         loop {
-            match ready.get_inner().accept() {
+            let accepted = socket2::SockRef::from(ready.get_inner())
+                .accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+            match accepted {
                 Ok((stream, peer)) => {
-                    debug!("{service}: accepted {peer}");
-                    dispatch(stream);
+                    debug!("{service}: accepted {:?}", peer.as_socket());
+                    dispatch(TcpStream::from(stream));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();

@@ -360,7 +360,7 @@ impl KernelHttp {
         let mut dates = self.dates.lock().unwrap();
         let next = (dates.current + 1) & 1;
         let mut date = HttpDate { bytes: [0; 32] };
-        date.bytes[..DATE_LEN].copy_from_slice(response::http_date().as_bytes());
+        date.bytes[..DATE_LEN].copy_from_slice(&response::date());
         let written = dates
             .slots
             .set(next, date, 0)

@@ -23,8 +23,6 @@ pub const MAX_HEADER_SECTION: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest request body read (and discarded); larger ones get 413.
 pub const MAX_BODY: u64 = 1024 * 1024;
-/// Input buffer capacity a session keeps between requests.
-const KEPT_INPUT: usize = 512;
 /// Longest chunk-size line or trailer line of a chunked body, line ending included: one cut
 /// after this many bytes is refused, and so is one that arrives whole.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
@@ -181,8 +179,27 @@ impl Session {
 
     /// Takes bytes from the client and appends every response they complete to `out`.
     pub fn receive(&mut self, data: &[u8], out: &mut Vec<u8>) -> Next {
+        if self.input.is_empty() {
+            // The usual case, nothing left over from before: the requests are parsed where they
+            // were read, and only what is not answered yet is kept.
+            let (consumed, next) = self.answer_all(data, out);
+            self.input.extend_from_slice(&data[consumed..]);
+            return next;
+        }
         let mut input = std::mem::take(&mut self.input);
         input.extend_from_slice(data);
+        let (consumed, next) = self.answer_all(&input, out);
+        input.drain(..consumed);
+        // Between requests (most of a keep-alive connection's life) no buffer is held.
+        if input.is_empty() {
+            input = Vec::new();
+        }
+        self.input = input;
+        next
+    }
+
+    /// Answers the requests at the start of `input`; returns how many bytes they took.
+    fn answer_all(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Next) {
         let mut consumed = 0;
         let next = loop {
             match self.step(&input[consumed..], out) {
@@ -195,14 +212,7 @@ impl Session {
                 Step::Close => break Next::Close,
             }
         };
-        input.drain(..consumed);
-        // Between requests (most of a keep-alive connection's life) little is held; a small
-        // buffer is kept so that the next request is not an allocation.
-        if input.is_empty() {
-            input.shrink_to(KEPT_INPUT);
-        }
-        self.input = input;
-        next
+        (consumed, next)
     }
 
     fn step(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {

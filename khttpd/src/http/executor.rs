@@ -1,0 +1,332 @@
+//! The two executors of a [`Connection`]: they carry out its [`Action`]s on a socket and report
+//! back. Everything but waiting is shared ([`perform`]); they differ in how they wait:
+//! - [`answer_at_once`] + [`serve_async`] (`cmwq`): non-blocking calls; a new connection is
+//!   first served right at accept, and only one that has to wait is registered with tokio and
+//!   becomes a work item. A read that returned less than the buffer emptied the receive queue, so
+//!   the next read waits for readiness instead of trying (and failing) first. One timer per
+//!   connection, re-armed only when its deadline changes, and one shutdown listener.
+//! - [`serve_blocking`] (`thread`): blocking calls, the read deadline as `SO_RCVTIMEO`.
+
+use std::{
+    io::{self, Read as _, Write as _},
+    os::fd::{AsRawFd, RawFd},
+    time::{Duration, Instant},
+};
+
+use tokio::io::Interest;
+
+use super::{
+    connection::{Action, Connection, Deadline},
+    site::FileBody,
+};
+use crate::{
+    fd::{register, silence, unread_bytes},
+    shutdown::Shutdown,
+};
+
+/// Bytes read per system call.
+const READ_CHUNK: usize = 8 * 1024;
+
+thread_local! {
+    /// The work items' read buffer, one per runtime thread: a work item waits for readability
+    /// without a buffer and reads only when bytes are there, so an idle keep-alive connection
+    /// costs its socket and session, not 8 KiB more (measured: 10.7 KB per idle connection
+    /// before, with `cargo xtask bench memory`).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_CHUNK]);
+}
+
+/// How an action went.
+enum Step {
+    /// Done; ask for the next action.
+    Done,
+    /// The socket cannot take (or give) more now.
+    WouldBlock,
+    /// The connection is over: drop the socket.
+    End,
+}
+
+/// Carries out the actions both executors do the same way (whether they wait is the socket's
+/// blocking mode): everything but reading, the kernel's order and the hand-off.
+fn perform(stream: &std::net::TcpStream, connection: &mut Connection, action: Action) -> Step {
+    let result = match action {
+        Action::Write => (&*stream)
+            .write(connection.output())
+            .map(|n| connection.wrote(n)),
+        Action::SendFile => {
+            send_file_once(stream.as_raw_fd(), connection.file()).map(|n| connection.sent_file(n))
+        }
+        Action::CloseIfQuiet => {
+            // Closing with an empty receive queue sends a FIN; with bytes in it, a reset.
+            match unread_bytes(stream.as_raw_fd()) {
+                Ok(0) => return Step::End,
+                _ => connection.not_quiet(),
+            }
+            Ok(())
+        }
+        Action::Shutdown => {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            Ok(())
+        }
+        Action::Close => return Step::End,
+        Action::Read | Action::WaitForKernel | Action::Release => {
+            unreachable!("{action:?} is the executor's")
+        }
+    };
+    match result {
+        Ok(()) => Step::Done,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::WouldBlock,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Done,
+        Err(_) => Step::End,
+    }
+}
+
+/// One read into `buf`, handed to the machine. `Ok(true)`: the read took everything there was
+/// (it returned less than the buffer), so the next one would only find the queue empty.
+fn read_once(
+    stream: &std::net::TcpStream,
+    connection: &mut Connection,
+    buf: &mut [u8],
+) -> io::Result<bool> {
+    match (&*stream).read(buf)? {
+        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+        n => {
+            connection.received(&buf[..n]);
+            Ok(n < buf.len())
+        }
+    }
+}
+
+/// What stopped [`advance`].
+pub(super) enum Wait {
+    /// For the socket to become readable.
+    Readable,
+    /// For the socket to take more bytes.
+    Writable,
+    /// For something only the work item does: the kernel's order, or the hand-off.
+    WorkItem(Action),
+    /// The connection is over.
+    End,
+}
+
+/// Runs the machine with non-blocking calls until it has to wait. `readable`: whether the
+/// receive queue may hold bytes (cleared by a read that emptied it).
+fn advance(stream: &std::net::TcpStream, connection: &mut Connection, readable: &mut bool) -> Wait {
+    loop {
+        let action = connection.next_action();
+        let step = match action {
+            Action::Read if !*readable => return Wait::Readable,
+            Action::Read => {
+                match READ_BUFFER.with_borrow_mut(|buf| read_once(stream, connection, buf)) {
+                    Ok(emptied) => *readable = !emptied,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => *readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Wait::End,
+                }
+                continue;
+            }
+            Action::WaitForKernel | Action::Release => return Wait::WorkItem(action),
+            action => perform(stream, connection, action),
+        };
+        match step {
+            Step::Done => {}
+            Step::WouldBlock => return Wait::Writable,
+            Step::End => return Wait::End,
+        }
+    }
+}
+
+/// Serves a new connection as far as it goes without waiting, before anything is registered with
+/// epoll or queued: a new client usually has its request queued by the time it is accepted
+/// (htstress writes right after connect). Returns what it waits for; the socket must be
+/// non-blocking.
+pub(super) fn answer_at_once(stream: &std::net::TcpStream, connection: &mut Connection) -> Wait {
+    advance(stream, connection, &mut true)
+}
+
+/// The `cmwq` work item: serves the connection from where [`answer_at_once`] stopped (`wait`)
+/// until it ends, the kernel takes it, or the server shuts down.
+pub(super) async fn serve_async(
+    stream: std::net::TcpStream,
+    mut connection: Connection,
+    mut wait: Wait,
+    mut shutdown: Shutdown,
+) {
+    let interest = Interest::READABLE | Interest::WRITABLE;
+    let Ok(mut socket) = register(stream, interest) else {
+        return;
+    };
+    let stopped = shutdown.recv();
+    tokio::pin!(stopped);
+    // The read deadline's timer, and the deadline it is armed for.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed: Option<Deadline> = None;
+    let mut readable = false;
+    loop {
+        match wait {
+            Wait::Readable => {
+                let deadline = connection.deadline();
+                if armed != Some(deadline) {
+                    let at = match deadline {
+                        Deadline::Silence(quiet) => Instant::now() + quiet,
+                        Deadline::At(at) => at,
+                    };
+                    timer.as_mut().reset(at.into());
+                    armed = Some(deadline);
+                }
+                tokio::select! {
+                    biased;
+                    ready = socket.readable() => match ready {
+                        // The read that follows finds what made it readable, or clears
+                        // `readable` again.
+                        Ok(mut guard) => {
+                            guard.clear_ready();
+                            readable = true;
+                        }
+                        Err(_) => return,
+                    },
+                    () = timer.as_mut() => match deadline {
+                        Deadline::Silence(quiet) => {
+                            let silent = silence(socket.as_raw_fd());
+                            if silent >= quiet {
+                                connection.deadline_passed();
+                            } else {
+                                // Bytes came after the timer was armed: it fires again when
+                                // the connection has been quiet long enough.
+                                timer.as_mut().reset((Instant::now() + (quiet - silent)).into());
+                            }
+                        }
+                        Deadline::At(_) => connection.deadline_passed(),
+                    },
+                    () = stopped.as_mut() => return,
+                }
+            }
+            Wait::Writable => tokio::select! {
+                biased;
+                ready = socket.writable() => match ready {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => return,
+                },
+                () = stopped.as_mut() => return,
+            },
+            Wait::WorkItem(Action::WaitForKernel) => {
+                if !connection.wait_for_kernel(socket.as_raw_fd()).await {
+                    return;
+                }
+            }
+            Wait::WorkItem(Action::Release) => {
+                match connection.release(socket.into_inner()) {
+                    Some(stream) => match register(stream, interest) {
+                        Ok(resumed) => socket = resumed,
+                        Err(_) => return,
+                    },
+                    None => return,
+                }
+                // It came back because bytes arrived.
+                readable = true;
+            }
+            Wait::WorkItem(action) => unreachable!("{action:?} is not the work item's"),
+            Wait::End => return,
+        }
+        wait = advance(socket.get_ref(), &mut connection, &mut readable);
+    }
+}
+
+/// The `thread` connection: the same machine, blocking I/O.
+pub(super) fn serve_blocking(
+    mut stream: std::net::TcpStream,
+    mut connection: Connection,
+    runtime: &tokio::runtime::Handle,
+) {
+    // Accepted sockets are non-blocking, and so are those coming back from the kernel path.
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; READ_CHUNK];
+    // SO_RCVTIMEO as set: a silence deadline is set once; a fixed one before each read.
+    let mut read_timeout: Option<Duration> = None;
+    // After a timeout that found the connection not quiet enough: the time still to wait.
+    let mut quiet_left: Option<Duration> = None;
+    loop {
+        let step = match connection.next_action() {
+            Action::Read => {
+                let deadline = connection.deadline();
+                let wait = match deadline {
+                    Deadline::Silence(quiet) => quiet_left.take().unwrap_or(quiet),
+                    Deadline::At(at) => at.saturating_duration_since(Instant::now()),
+                };
+                // Zero would mean no timeout at all.
+                let wait = wait.max(Duration::from_millis(1));
+                if read_timeout != Some(wait) {
+                    if stream.set_read_timeout(Some(wait)).is_err() {
+                        return;
+                    }
+                    read_timeout = Some(wait);
+                }
+                match read_once(&stream, &mut connection, &mut buf) {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        match deadline {
+                            Deadline::Silence(quiet) => {
+                                let silent = silence(stream.as_raw_fd());
+                                if silent >= quiet {
+                                    connection.deadline_passed();
+                                } else {
+                                    quiet_left = Some(quiet - silent);
+                                }
+                            }
+                            Deadline::At(at) if Instant::now() < at => {}
+                            Deadline::At(_) => connection.deadline_passed(),
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+                Step::Done
+            }
+            Action::WaitForKernel => {
+                if !runtime.block_on(connection.wait_for_kernel(stream.as_raw_fd())) {
+                    return;
+                }
+                Step::Done
+            }
+            Action::Release => match connection.release(stream) {
+                Some(resumed) => {
+                    stream = resumed;
+                    Step::Done
+                }
+                None => return,
+            },
+            action => perform(&stream, &mut connection, action),
+        };
+        match step {
+            // A blocking socket does not say "would block" but after a timeout.
+            Step::Done | Step::WouldBlock => {}
+            Step::End => return,
+        }
+    }
+}
+
+/// One sendfile(2) call: file bytes go from the page cache to the socket without a copy through
+/// user space.
+fn send_file_once(fd: RawFd, file: &mut FileBody) -> io::Result<usize> {
+    let mut offset = file.offset as libc::off_t;
+    let count = file.len.min(1 << 30) as usize;
+    // SAFETY: both fds are open; the kernel updates `offset`.
+    let sent = unsafe { libc::sendfile(fd, file.file.as_raw_fd(), &mut offset, count) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if sent == 0 {
+        // The file shrank under us: the promised length can no longer be sent.
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    file.offset = offset as u64;
+    file.len -= sent as u64;
+    Ok(sent as usize)
+}
