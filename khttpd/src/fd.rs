@@ -97,14 +97,18 @@ pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: passes a valid `linger` of the size given.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
+}
+
+fn setsockopt<T: Copy>(fd: RawFd, level: i32, name: i32, value: T) -> io::Result<()> {
+    // SAFETY: passes a valid `T` of the size given.
     cvt(unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     })
     .map(drop)

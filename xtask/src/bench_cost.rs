@@ -94,6 +94,29 @@ pub struct Args {
     /// Only these servers (comma-separated) [default: all].
     #[arg(long, value_delimiter = ',', value_enum)]
     servers: Vec<Kind>,
+    /// Also measure this khttpd binary with `--fast-path off` (`khttpd off, baseline`), side by
+    /// side with the one measured: a before/after in one run, where drift between runs cannot
+    /// pass for a change.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Only these loads (comma-separated) [default: all].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    loads: Vec<LoadArg>,
+}
+
+/// The loads `--loads` names.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum LoadArg {
+    /// wrk, keep-alive, closed loop.
+    KeepAlive,
+    /// htstress, a connection per request, closed loop.
+    Close,
+    /// h2load, pipelined.
+    Pipelined,
+    /// Open loop, keep-alive, at `--rates`.
+    Rate,
+    /// Open loop, a connection per request, at `--close-rates`.
+    CloseRate,
 }
 
 /// Where the server listens, on its side of the veth (on loopback: free ports).
@@ -246,6 +269,8 @@ enum Kind {
     Auto,
     /// khttpd `--fast-path off`: user space only.
     Off,
+    /// The `--baseline` binary, `--fast-path off`.
+    Baseline,
     /// khttpd's user-space echo on the bound (per-CPU) work queue; echo only.
     Bound,
     Nginx,
@@ -258,6 +283,7 @@ impl Kind {
             Self::On => "khttpd on",
             Self::Auto => "khttpd auto",
             Self::Off => "khttpd off",
+            Self::Baseline => "khttpd off, baseline",
             Self::Bound => "khttpd off, bound",
             Self::Nginx => "nginx",
             Self::Floor => "floor",
@@ -345,6 +371,7 @@ struct Plan {
     rates: Vec<u32>,
     close_rates: Vec<u32>,
     subjects: Vec<Subject>,
+    loads: Vec<LoadArg>,
 }
 
 impl Plan {
@@ -359,7 +386,8 @@ impl Plan {
             seconds: args.seconds.unwrap_or(if args.quick { 1 } else { 5 }),
             rates: pick(&args.rates, &[20_000, 50_000, 80_000], &[30_000, 90_000]),
             close_rates: pick(&args.close_rates, &[4_000, 8_000, 12_000], &[10_000]),
-            subjects: subjects(&args.servers),
+            subjects: subjects(&args.servers, args.baseline.is_some()),
+            loads: args.loads.clone(),
         };
         ensure!(plan.rounds > 0, "--rounds must be at least 1");
         ensure!(plan.seconds > 0, "--seconds must be at least 1");
@@ -375,18 +403,41 @@ impl Plan {
         if content == Content::Echo {
             return vec![Load::PingPong];
         }
-        let mut loads = vec![Load::KeepAlive, Load::Close, Load::Pipelined];
-        loads.extend(self.rates.iter().map(|&rate| Load::RateKeepAlive(rate)));
-        loads.extend(self.close_rates.iter().map(|&rate| Load::RateClose(rate)));
+        let wanted = |load: LoadArg| self.loads.is_empty() || self.loads.contains(&load);
+        let mut loads = Vec::new();
+        for (arg, load) in [
+            (LoadArg::KeepAlive, Load::KeepAlive),
+            (LoadArg::Close, Load::Close),
+            (LoadArg::Pipelined, Load::Pipelined),
+        ] {
+            if wanted(arg) {
+                loads.push(load);
+            }
+        }
+        if wanted(LoadArg::Rate) {
+            loads.extend(self.rates.iter().map(|&rate| Load::RateKeepAlive(rate)));
+        }
+        if wanted(LoadArg::CloseRate) {
+            loads.extend(self.close_rates.iter().map(|&rate| Load::RateClose(rate)));
+        }
         loads
     }
 }
 
 /// Every server for every content it serves, in the order they are measured.
-fn subjects(only: &[Kind]) -> Vec<Subject> {
-    let http = [Kind::On, Kind::Auto, Kind::Off, Kind::Nginx, Kind::Floor];
+fn subjects(only: &[Kind], baseline: bool) -> Vec<Subject> {
+    let http = [
+        Kind::On,
+        Kind::Auto,
+        Kind::Off,
+        Kind::Baseline,
+        Kind::Nginx,
+        Kind::Floor,
+    ];
     let echo = [Kind::On, Kind::Off, Kind::Bound, Kind::Floor];
-    let wanted = |kind: &Kind| only.is_empty() || only.contains(kind);
+    let wanted = |kind: &Kind| {
+        (only.is_empty() || only.contains(kind)) && (*kind != Kind::Baseline || baseline)
+    };
     let mut subjects = Vec::new();
     for content in [Content::Greeting, Content::File] {
         subjects.extend(
@@ -464,6 +515,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
                 ports: place.ports()?,
                 tools: &tools,
                 khttpd,
+                baseline: args.baseline.as_deref(),
                 site: &site.0,
                 file: &file,
             })
@@ -568,6 +620,7 @@ struct Bench<'a> {
     ports: Ports,
     tools: &'a Tools,
     khttpd: &'a Path,
+    baseline: Option<&'a Path>,
     site: &'a Path,
     file: &'a [u8],
 }
@@ -704,7 +757,11 @@ impl Bench<'_> {
                 (command, "floor")
             }
             kind => {
-                let mut command = self.place.command(Side::Server, self.khttpd)?;
+                let binary = match (kind, self.baseline) {
+                    (Kind::Baseline, Some(baseline)) => baseline,
+                    _ => self.khttpd,
+                };
+                let mut command = self.place.command(Side::Server, binary)?;
                 let fast_path = match kind {
                     Kind::On => "on",
                     Kind::Auto => "auto",
@@ -1373,8 +1430,12 @@ status codes: 1152560 2xx, 0 3xx, 2 4xx, 0 5xx
 
     #[test]
     fn every_server_serves_every_content_it_can() {
-        let all = subjects(&[]);
+        let all = subjects(&[], false);
         assert_eq!(all.len(), 14);
+        assert!(!all.iter().any(|s| s.kind == Kind::Baseline));
+        // With --baseline: the baseline binary serves the greeting and the file.
+        assert_eq!(subjects(&[], true).len(), 16);
+        assert_eq!(subjects(&[Kind::Baseline], false).len(), 0);
         assert!(!all.contains(&Subject {
             content: Content::Greeting,
             kind: Kind::Bound
@@ -1386,6 +1447,6 @@ status codes: 1152560 2xx, 0 3xx, 2 4xx, 0 5xx
         assert!(!all
             .iter()
             .any(|s| s.content == Content::Echo && s.kind == Kind::Nginx));
-        assert_eq!(subjects(&[Kind::Floor]).len(), 3);
+        assert_eq!(subjects(&[Kind::Floor], false).len(), 3);
     }
 }

@@ -360,7 +360,12 @@ impl KernelHttp {
         let mut dates = self.dates.lock().unwrap();
         let next = (dates.current + 1) & 1;
         let mut date = HttpDate { bytes: [0; 32] };
-        date.bytes[..DATE_LEN].copy_from_slice(&response::date());
+        // The precise clock: this runs just after a second starts, when the coarse one that
+        // `response::date` reads may still be in the last.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        date.bytes[..DATE_LEN].copy_from_slice(&response::date_of(now));
         let written = dates
             .slots
             .set(next, date, 0)
