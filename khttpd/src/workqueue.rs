@@ -336,7 +336,9 @@ impl Pool {
             self.completed.fetch_add(1, Ordering::Relaxed);
             // The item is done: let flushes waiting for its colour go on.
             drop(color);
-            match self.next_job(id).await {
+            // Boxed: the worker's future is held for as long as its item runs (a keep-alive
+            // connection's whole life), so it should not carry the idle wait's timer.
+            match Box::pin(self.next_job(id)).await {
                 Some(next) => job = next,
                 None => return,
             }

@@ -113,8 +113,9 @@ pub struct Connection {
     written: u64,
     /// Its place under `--max-connections`.
     slot: Option<Slot>,
-    /// With the fast path: the kernel's books on this connection.
-    kernel: Option<KernelBooks>,
+    /// With the fast path: the kernel's books on this connection (boxed: a connection without
+    /// one should not carry its size).
+    kernel: Option<Box<KernelBooks>>,
 }
 
 impl Connection {
@@ -157,12 +158,14 @@ impl Connection {
         let mut connection = Connection::new(session, service.timeouts);
         connection.slot = Some(slot);
         connection.written = written;
-        connection.kernel = service.kernel.is_some().then(|| KernelBooks {
-            service: Arc::clone(service),
-            link,
-            generation: 0,
-            answerable_streak: 0,
-            sent_file: false,
+        connection.kernel = service.kernel.is_some().then(|| {
+            Box::new(KernelBooks {
+                service: Arc::clone(service),
+                link,
+                generation: 0,
+                answerable_streak: 0,
+                sent_file: false,
+            })
         });
         connection
     }

@@ -173,10 +173,9 @@ pub fn date() -> [u8; DATE_LEN] {
     thread_local! {
         static CACHE: Cell<(u64, [u8; DATE_LEN])> = const { Cell::new((u64::MAX, [0; DATE_LEN])) };
     }
-    let now = u64::try_from(
-        rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse).tv_sec,
-    )
-    .unwrap_or(0);
+    let now =
+        u64::try_from(rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse).tv_sec)
+            .unwrap_or(0);
     CACHE.with(|cache| {
         let (second, date) = cache.get();
         if second == now {

@@ -40,8 +40,9 @@ pub enum Next {
 pub struct Session {
     /// Received bytes not consumed yet.
     input: Vec<u8>,
-    /// The request whose body is being discarded, if any.
-    body: Option<Body>,
+    /// The request whose body is being discarded, if any (boxed: rare, and an idle connection
+    /// should not carry its size).
+    body: Option<Box<Body>>,
     /// Requests the kernel may answer from now on, when the fast path is on.
     learned: Option<Vec<Learned>>,
     /// The connection closes because a complete request without a body, and nothing after it,
@@ -261,14 +262,14 @@ impl Session {
                         }
                     }
                     Some(framing) => {
-                        self.body = Some(Body {
+                        self.body = Some(Box::new(Body {
                             framing,
                             total: 0,
                             head: Head {
                                 framing: None,
                                 ..head
                             },
-                        });
+                        }));
                         Step::Consumed(len)
                     }
                 }
