@@ -8,8 +8,10 @@
 //! - [`serve_blocking`] (`thread`): blocking calls, the read deadline as `SO_RCVTIMEO`.
 
 use std::{
+    future::Future as _,
     io::{self, Read as _, Write as _},
     os::fd::{AsRawFd, RawFd},
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -96,6 +98,16 @@ fn read_once(
     }
 }
 
+/// What a work item's wait ended with.
+enum Woke {
+    /// The socket is ready.
+    Ready,
+    /// The read deadline's timer fired.
+    Timer,
+    /// Shutdown, or the socket's registration failed.
+    Gone,
+}
+
 /// What stopped [`advance`].
 pub(super) enum Wait {
     /// For the socket to become readable.
@@ -177,18 +189,28 @@ pub(super) fn serve_async(
                         timer.as_mut().reset(at.into());
                         armed = Some(deadline);
                     }
-                    tokio::select! {
-                        biased;
-                        ready = socket.readable() => match ready {
+                    // Polled in place (`poll_read_ready` keeps the waker in the socket's own
+                    // slot): no readiness future in the work item, no waiter list per request.
+                    let woke = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
                             // The read that follows finds what made it readable, or clears
                             // `readable` again.
-                            Ok(mut guard) => {
-                                guard.clear_ready();
-                                readable = true;
-                            }
-                            Err(_) => return,
-                        },
-                        () = timer.as_mut() => match deadline {
+                            return Poll::Ready(
+                                ready
+                                    .map(|mut guard| guard.clear_ready())
+                                    .ok()
+                                    .map_or(Woke::Gone, |()| Woke::Ready),
+                            );
+                        }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Woke::Timer);
+                        }
+                        stopped.as_mut().poll(cx).map(|()| Woke::Gone)
+                    })
+                    .await;
+                    match woke {
+                        Woke::Ready => readable = true,
+                        Woke::Timer => match deadline {
                             Deadline::Silence(quiet) => {
                                 let silent = silence(socket.as_raw_fd());
                                 if silent >= quiet {
@@ -196,22 +218,33 @@ pub(super) fn serve_async(
                                 } else {
                                     // Bytes came after the timer was armed: it fires again when
                                     // the connection has been quiet long enough.
-                                    timer.as_mut().reset((Instant::now() + (quiet - silent)).into());
+                                    timer
+                                        .as_mut()
+                                        .reset((Instant::now() + (quiet - silent)).into());
                                 }
                             }
                             Deadline::At(_) => connection.deadline_passed(),
                         },
-                        () = stopped.as_mut() => return,
+                        Woke::Gone => return,
                     }
                 }
-                Wait::Writable => tokio::select! {
-                    biased;
-                    ready = socket.writable() => match ready {
-                        Ok(mut guard) => guard.clear_ready(),
-                        Err(_) => return,
-                    },
-                    () = stopped.as_mut() => return,
-                },
+                Wait::Writable => {
+                    let woke = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(ready) = socket.poll_write_ready(cx) {
+                            return Poll::Ready(
+                                ready
+                                    .map(|mut guard| guard.clear_ready())
+                                    .ok()
+                                    .map_or(Woke::Gone, |()| Woke::Ready),
+                            );
+                        }
+                        stopped.as_mut().poll(cx).map(|()| Woke::Gone)
+                    })
+                    .await;
+                    if let Woke::Gone = woke {
+                        return;
+                    }
+                }
                 Wait::WorkItem(Action::WaitForKernel) => {
                     // Boxed: rare, and the future's size is what every idle connection costs.
                     if !Box::pin(connection.wait_for_kernel(socket.as_raw_fd())).await {
@@ -343,8 +376,9 @@ mod tests {
 
     /// What an idle keep-alive connection costs the server is mostly its work item's future
     /// (`cargo xtask bench memory`): keep it within budget. It was 1,600 bytes before the
-    /// arguments stopped being stored twice and the rare parts (a body being read, the kernel's
-    /// books, the wait for the kernel's answers) were boxed.
+    /// arguments stopped being stored twice, the rare parts (a body being read, the kernel's
+    /// books, the wait for the kernel's answers) were boxed and readiness was polled in place
+    /// (688 then).
     #[test]
     fn an_idle_connection_is_small() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -361,6 +395,6 @@ mod tests {
         );
         let notify = crate::shutdown::notify();
         let work = serve_async(stream, connection, Wait::Readable, Shutdown::new(&notify));
-        assert!(size_of_val(&work) <= 960, "{}", size_of_val(&work));
+        assert!(size_of_val(&work) <= 768, "{}", size_of_val(&work));
     }
 }
