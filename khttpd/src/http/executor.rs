@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::Interest;
+use tokio::io::{unix::AsyncFdReadyGuard, Interest};
 
 use super::{
     connection::{Action, Connection, Deadline},
@@ -108,6 +108,18 @@ enum Woke {
     Gone,
 }
 
+/// A readiness the socket reported, cleared: the read or write that follows finds out what made
+/// it ready, or says "would block" and the wait starts over.
+fn cleared(ready: io::Result<AsyncFdReadyGuard<'_, std::net::TcpStream>>) -> Woke {
+    match ready {
+        Ok(mut guard) => {
+            guard.clear_ready();
+            Woke::Ready
+        }
+        Err(_) => Woke::Gone,
+    }
+}
+
 /// What stopped [`advance`].
 pub(super) enum Wait {
     /// For the socket to become readable.
@@ -193,14 +205,7 @@ pub(super) fn serve_async(
                     // slot): no readiness future in the work item, no waiter list per request.
                     let woke = std::future::poll_fn(|cx| {
                         if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
-                            // The read that follows finds what made it readable, or clears
-                            // `readable` again.
-                            return Poll::Ready(
-                                ready
-                                    .map(|mut guard| guard.clear_ready())
-                                    .ok()
-                                    .map_or(Woke::Gone, |()| Woke::Ready),
-                            );
+                            return Poll::Ready(cleared(ready));
                         }
                         if timer.as_mut().poll(cx).is_ready() {
                             return Poll::Ready(Woke::Timer);
@@ -231,12 +236,7 @@ pub(super) fn serve_async(
                 Wait::Writable => {
                     let woke = std::future::poll_fn(|cx| {
                         if let Poll::Ready(ready) = socket.poll_write_ready(cx) {
-                            return Poll::Ready(
-                                ready
-                                    .map(|mut guard| guard.clear_ready())
-                                    .ok()
-                                    .map_or(Woke::Gone, |()| Woke::Ready),
-                            );
+                            return Poll::Ready(cleared(ready));
                         }
                         stopped.as_mut().poll(cx).map(|()| Woke::Gone)
                     })
