@@ -8,7 +8,8 @@
 //!
 //! It is not a server, and deliberately so: it never parses a request (any head gets the same
 //! `200`, whatever its method, path or syntax), checks nothing, has no timers (an idle or
-//! half-sent connection stays open forever), formats no Date, logs no request, does not honour
+//! half-sent connection stays open forever), formats no Date (its answer carries a fixed one, to
+//! be as long as khttpd's), logs no request, does not honour
 //! `Connection: close` on HTTP/1.1 (it leaves when the client closes), reads a head only if it
 //! ends in `\r\n\r\n` and fits in [`INPUT`] bytes (a longer one ends the connection), and ignores
 //! request bodies (their bytes are scanned as if they were heads).
@@ -146,10 +147,17 @@ struct Answers {
     close: Vec<u8>,
 }
 
-/// The `200` with `body`, saying `Connection: <connection>`.
+/// The `200` with `body`, saying `Connection: <connection>`, with the header fields of khttpd's
+/// answer, so that both put the same bytes on the wire. With fewer bytes, ten pipelined answers
+/// fit in one 1,448-byte segment where khttpd's need two, and the client then sends its next
+/// requests in one segment instead of two: the floor's pipelined cost was half khttpd's for that
+/// alone (`nstat` in the server's namespace: 0.1 against 0.2 segments per request each way). The
+/// Date is a fixed value of the right shape (formatting one is work the floor leaves out; no load
+/// tool reads it).
 fn response(connection: &str, body: &[u8]) -> Vec<u8> {
     let mut answer = format!(
-        "HTTP/1.1 200 OK\r\nServer: floor\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+        "HTTP/1.1 200 OK\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\nServer: floor\r\n\
+         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
          Connection: {connection}\r\n\r\n",
         body.len()
     )
