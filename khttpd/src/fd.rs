@@ -7,10 +7,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    net::TcpStream,
-};
+use tokio::io::{unix::AsyncFd, Interest};
 
 /// Registers an owned fd (listener, BPF ring buffer) with tokio for readability.
 pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
@@ -21,12 +18,6 @@ pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
 pub fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     // SAFETY: `inner` owns its fd, which stays open and the same for as long as the AsyncFd holds it.
     unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
-}
-
-/// Registers an accepted connection (non-blocking, as `listener::accept_loop` hands them out)
-/// with the current runtime.
-pub fn into_tokio(stream: std::net::TcpStream) -> io::Result<TcpStream> {
-    TcpStream::from_std(stream)
 }
 
 pub fn cvt(ret: i32) -> io::Result<i32> {

@@ -12,11 +12,7 @@ use log::{debug, warn};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{kernel::Detached, UserCounters};
-use crate::{
-    fd::{into_tokio, reset_on_close},
-    shutdown::Shutdown,
-    sockmap::wait_until_queued,
-};
+use crate::{fd::reset_on_close, shutdown::Shutdown, sockmap::wait_until_queued};
 
 /// How long a detached connection waits for a verdict running during the detach to finish
 /// before it reads the kernel's count (see `Detached::lost_bytes`); also the pause between tries
@@ -37,8 +33,8 @@ pub async fn echo(
     counters: Arc<UserCounters>,
 ) {
     // Registering here, not in the acceptor, ties the socket to the runtime this work runs on
-    // (a bound queue's per-CPU runtime).
-    let mut stream = match into_tokio(stream) {
+    // (a bound queue's per-CPU runtime). `listener::accept_loop` hands out non-blocking sockets.
+    let mut stream = match tokio::net::TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(e) => {
             debug!("echo: cannot register connection: {e}");

@@ -338,7 +338,10 @@ impl Connection {
     /// [`Action::Release`]: hands the connection (idle, owing nothing) to the kernel; returns the
     /// socket if user space keeps serving it.
     pub fn release(&mut self, stream: std::net::TcpStream) -> Option<std::net::TcpStream> {
-        let (Some(kernel), Some(slot)) = (&mut self.kernel, self.slot.take()) else {
+        let Some(kernel) = &mut self.kernel else {
+            return Some(stream);
+        };
+        let Some(slot) = self.slot.take() else {
             return Some(stream);
         };
         match kernel.release(stream, slot, self.written) {

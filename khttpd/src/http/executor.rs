@@ -126,8 +126,10 @@ pub(super) enum Wait {
     Readable,
     /// For the socket to take more bytes.
     Writable,
-    /// For something only the work item does: the kernel's order, or the hand-off.
-    WorkItem(Action),
+    /// For the kernel's answers to leave ([`Action::WaitForKernel`]: only the work item waits so).
+    Kernel,
+    /// To offer the connection to the kernel ([`Action::Release`], the work item's to do).
+    Release,
     /// The connection is over.
     End,
 }
@@ -148,7 +150,8 @@ fn advance(stream: &std::net::TcpStream, connection: &mut Connection, readable: 
                 }
                 continue;
             }
-            Action::WaitForKernel | Action::Release => return Wait::WorkItem(action),
+            Action::WaitForKernel => return Wait::Kernel,
+            Action::Release => return Wait::Release,
             action => perform(stream, connection, action),
         };
         match step {
@@ -159,10 +162,10 @@ fn advance(stream: &std::net::TcpStream, connection: &mut Connection, readable: 
     }
 }
 
-/// Serves a new connection as far as it goes without waiting, before anything is registered with
+/// Serves a connection as far as it goes without waiting, before anything is registered with
 /// epoll or queued: a new client usually has its request queued by the time it is accepted
-/// (htstress writes right after connect). Returns what it waits for; the socket must be
-/// non-blocking.
+/// (htstress writes right after connect), and one the kernel hands over has the bytes it passed.
+/// Returns what it waits for; the socket must be non-blocking.
 pub(super) fn answer_at_once(stream: &std::net::TcpStream, connection: &mut Connection) -> Wait {
     advance(stream, connection, &mut true)
 }
@@ -245,13 +248,13 @@ pub(super) fn serve_async(
                         return;
                     }
                 }
-                Wait::WorkItem(Action::WaitForKernel) => {
+                Wait::Kernel => {
                     // Boxed: rare, and the future's size is what every idle connection costs.
                     if !Box::pin(connection.wait_for_kernel(socket.as_raw_fd())).await {
                         return;
                     }
                 }
-                Wait::WorkItem(Action::Release) => {
+                Wait::Release => {
                     match connection.release(socket.into_inner()) {
                         Some(stream) => match register(stream, interest) {
                             Ok(resumed) => socket = resumed,
@@ -262,7 +265,6 @@ pub(super) fn serve_async(
                     // It came back because bytes arrived.
                     readable = true;
                 }
-                Wait::WorkItem(action) => unreachable!("{action:?} is not the work item's"),
                 Wait::End => return,
             }
             wait = advance(socket.get_ref(), &mut connection, &mut readable);

@@ -160,20 +160,15 @@ impl HttpService {
         link: Option<Link>,
         written: u64,
     ) {
-        let from_kernel = link.is_some();
         let mut connection = Connection::of_service(self, slot, link, written);
         match self.dispatch {
             Dispatch::Cmwq => {
-                let wait = if from_kernel {
-                    // The kernel's answers may still be leaving: the work item sees to that.
-                    Wait::Readable
-                } else {
-                    let wait = executor::answer_at_once(&stream, &mut connection);
-                    if let Wait::End = wait {
-                        return;
-                    }
-                    wait
-                };
+                // A connection the kernel hands over reads what it passed here too; the machine
+                // waits for the kernel's answers to leave before it writes (a work item's wait).
+                let wait = executor::answer_at_once(&stream, &mut connection);
+                if let Wait::End = wait {
+                    return;
+                }
                 no_delay(&stream);
                 let shutdown = Shutdown::new(&self.notify_shutdown);
                 if self
