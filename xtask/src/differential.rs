@@ -2,8 +2,9 @@
 //! `--fast-path off` — sends both the same requests and compares the answers byte for byte with
 //! the `Date` values blanked: first a fixed corpus of valid, edge-case and hostile requests, then
 //! random ones from a grammar. Each request is sent whole (twice, so the kernel has learned it
-//! before the second copy), byte by byte, and in pipelined batches. Bounded by a request count and
-//! a time limit. The test suite runs it (khttpd/tests/http_fast_path.rs).
+//! before the second copy), byte by byte, and in pipelined batches; a request the kernel learned
+//! from the first copy must be answered by the kernel the second time. Bounded by a request count
+//! and a time limit. The test suite runs it (khttpd/tests/http_fast_path.rs).
 
 use std::{
     io::{Read, Write},
@@ -45,22 +46,40 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let before = kernel_responses(&kernel)?;
     let mut random = Random(seed | 1);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let (mut compared, mut sent) = (0usize, 0usize);
+    let (mut compared, mut sent, mut learned) = (0usize, 0usize, 0usize);
     let mut batch = Vec::new();
     let mut corpus = corpus().into_iter();
     let corpus_len = corpus.len();
     while sent < corpus_len + args.requests && Instant::now() < deadline {
         let request = corpus.next().unwrap_or_else(|| generate(&mut random));
         sent += 1;
-        let checks: [(&str, Send); 3] = [
-            ("whole", Send::Whole),
-            ("whole, again", Send::Whole),
-            ("byte by byte", Send::ByteByByte),
-        ];
-        for (how, send) in checks {
-            compare(&kernel, &user, &request, send, how, seed)?;
-            compared += 1;
+        // Whole: user space answers and, if the kernel can answer it exactly, teaches it.
+        let entries = cache_entries(&kernel)?;
+        compare(&kernel, &user, &request, Send::Whole, "whole", seed)?;
+        let taught = cache_entries(&kernel)? > entries && is_one_head(&request);
+        // Whole, again: a request just taught (and nothing after it: the kernel answers a segment
+        // only if it is exactly a learned request) must now be answered by the kernel — else the
+        // comparison would only show that user space agrees with itself.
+        let answers = kernel_responses(&kernel)?;
+        compare(&kernel, &user, &request, Send::Whole, "whole, again", seed)?;
+        if taught {
+            learned += 1;
+            if kernel_responses(&kernel)? == answers {
+                bail!(
+                    "the kernel learned {:?} but did not answer it the second time (seed {seed})",
+                    String::from_utf8_lossy(&request)
+                );
+            }
         }
+        compare(
+            &kernel,
+            &user,
+            &request,
+            Send::ByteByByte,
+            "byte by byte",
+            seed,
+        )?;
+        compared += 3;
         batch.push(request);
         if batch.len() == 1 + random.below(5) {
             compare(
@@ -78,6 +97,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let answered = kernel_responses(&kernel)? - before;
     println!(
         "diff: {sent} requests ({corpus_len} from the corpus), {compared} exchanges identical; \
+         {learned} requests learned, each answered by the kernel when sent again; \
          the kernel answered {answered}"
     );
     if sent < corpus_len + args.requests {
@@ -94,6 +114,22 @@ fn kernel_responses(server: &Server) -> anyhow::Result<u64> {
         .scrape()?
         .sum("khttpd_http_kernel_responses_total")
         .context("no khttpd_http_kernel_responses_total in /metrics")
+}
+
+/// Whether `request` is one request head and nothing more.
+fn is_one_head(request: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    matches!(
+        httparse::Request::new(&mut headers).parse(request),
+        Ok(httparse::Status::Complete(n)) if n == request.len()
+    )
+}
+
+fn cache_entries(server: &Server) -> anyhow::Result<u64> {
+    server
+        .scrape()?
+        .sum("khttpd_http_kernel_cache_entries")
+        .context("no khttpd_http_kernel_cache_entries in /metrics")
 }
 
 fn compare(
