@@ -73,6 +73,14 @@ struct Args {
     /// Serve the files under this directory (listings for directories without index.html).
     #[arg(long, value_name = "DIR")]
     root: Option<std::path::PathBuf>,
+    /// With --root: bytes of complete answers (small files, listings, 304s, 404s) kept in memory
+    /// for the next request that asks the same; 0 turns the answer cache off.
+    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20)]
+    file_cache_max: u64,
+    /// With --root: files too large for the answer cache kept open (with their answer's head)
+    /// for the next request that asks the same; 0 turns the open-file cache off.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    open_file_cache: u64,
     /// Close HTTP connections that send nothing for this many seconds between requests (also
     /// those the kernel serves: traffic it answers counts).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -149,9 +157,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http::response::set_body(read_body(path)?);
     }
     // Checked now, opened after the privilege drop (which may make it the filesystem's root).
+    let file_cache = http::file_cache::Limits {
+        answer_bytes: args.file_cache_max,
+        open_files: args.open_file_cache,
+    };
     let root = match &args.root {
         Some(root) => Some(
-            http::site::Site::new(root).with_context(|| format!("--root {}", root.display()))?,
+            http::site::Site::new(root, file_cache)
+                .with_context(|| format!("--root {}", root.display()))?,
         ),
         None => None,
     };
@@ -220,7 +233,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     args.user
                 )
             })?;
-            Some(http::site::Site::new(std::path::Path::new("/"))?)
+            Some(http::site::Site::new(
+                std::path::Path::new("/"),
+                file_cache,
+            )?)
         }
         root => root,
     }
@@ -245,8 +261,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         notify_shutdown.clone(),
     );
     let shutdown = || Shutdown::new(&notify_shutdown);
-    // What the kernel learned from files under --root is forgotten when any of them changes.
-    if let (Some(site), Some(_)) = (&http.site, &http.kernel) {
+    // What the caches and the kernel learned from files under --root is forgotten when any of
+    // them changes.
+    if let Some(site) = &http.site {
         let http = http.clone();
         site.watch(move || {
             if let Some(kernel) = &http.kernel {

@@ -124,9 +124,50 @@ pub fn render(services: &Services) -> String {
         "HTTP connections turned away with 503 because --max-connections were open.",
         &[("", http.rejected.load(Ordering::Relaxed))],
     );
+    render_file_caches(&mut out, http);
     render_http_kernel(&mut out, http);
     render_queues(&mut out, &[&services.echo.queue, &http.queue]);
     out
+}
+
+/// `--root`'s answer and open-file caches (`http::file_cache`).
+fn render_file_caches(out: &mut String, http: &HttpService) {
+    let Some(site) = &http.site else { return };
+    let [answers, open_files] = site.cache_stats();
+    let series = |pick: fn(&crate::http::file_cache::CacheStats) -> u64| {
+        [
+            ("cache=\"answers\"", pick(&answers)),
+            ("cache=\"open_files\"", pick(&open_files)),
+        ]
+    };
+    metric(
+        out,
+        "khttpd_http_file_cache_hits_total",
+        "counter",
+        "--root requests answered from a user-space cache, by cache.",
+        &series(|s| s.hits),
+    );
+    metric(
+        out,
+        "khttpd_http_file_cache_misses_total",
+        "counter",
+        "--root requests a user-space cache did not hold, by the cache their answer belongs to.",
+        &series(|s| s.misses),
+    );
+    metric(
+        out,
+        "khttpd_http_file_cache_entries",
+        "gauge",
+        "Answers held by each user-space cache (for open_files: open files).",
+        &series(|s| s.entries),
+    );
+    metric(
+        out,
+        "khttpd_http_file_cache_bytes",
+        "gauge",
+        "Bytes held by the answer cache (bounded by --file-cache-max; the open-file cache is bounded in entries).",
+        &[("cache=\"answers\"", answers.bytes)],
+    );
 }
 
 fn render_http_kernel(out: &mut String, http: &HttpService) {

@@ -233,6 +233,7 @@ fn nothing_outside_the_root_is_served() {
     let site = TestSite::new("confined");
     // Its own checks first: unconfined (`--user root`), where a path outside could be opened.
     let server = site.server_as(Mode::UserUnbound, "cmwq", "root");
+    // Twice: a refusal is decided (and logged) again each time, never served from a cache.
     for (attempt, status) in [
         ("/../etc/hostname", 403),
         ("/%2e%2e/etc/hostname", 403),
@@ -242,10 +243,14 @@ fn nothing_outside_the_root_is_served() {
         ("/page.html%00.txt", 404),
         ("//etc/hostname", 404),
         ("/no-such-file", 404),
-    ] {
+    ]
+    .iter()
+    .cycle()
+    .take(16)
+    {
         let answer = get(&server, attempt, &[]);
-        assert_eq!(answer.status, status, "{attempt}");
-        assert!(!answer.body.is_empty() || status == 404, "{attempt}");
+        assert_eq!(answer.status, *status, "{attempt}");
+        assert!(!answer.body.is_empty() || *status == 404, "{attempt}");
     }
     assert_eq!(get(&server, "/link-inside", &[]).body, b"inner\n");
     // Absolute-form and other targets that are not a path.
@@ -258,6 +263,14 @@ fn nothing_outside_the_root_is_served() {
     let log = server.stderr_with(&reasons);
     for reason in reasons {
         assert!(log.contains(reason), "{reason}: {log}");
+    }
+    // Each refused attempt once per round: 4 leave by `..`, 1 by a link, 1 has a NUL.
+    for (reason, times) in [(reasons[0], 8), (reasons[1], 2), (reasons[2], 2)] {
+        common::eventually(Duration::from_secs(10), || {
+            server.stderr().matches(reason).count() >= times
+        });
+        let seen = server.stderr().matches(reason).count();
+        assert_eq!(seen, times, "{reason}: {}", server.stderr());
     }
     // Confined to the root (the default, `--user nobody`), a link out leads nowhere.
     let server = site.server(Mode::UserUnbound, "cmwq");
@@ -352,19 +365,83 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
         assert_eq!(ask(&mut stream, "/large.bin", &[]).1.len(), 3_000_000);
     }
     assert_eq!(kernel_answers(), large);
-    // A change, a deletion and a new file show within a second.
+    follows_changes_within_a_second(&site, &mut stream);
+}
+
+/// After `/page.html`, `/style.css`, `/new.txt` and `/large.bin` were asked for on `stream`: a
+/// change, a deletion, a new file and a rewritten large file show within a second.
+fn follows_changes_within_a_second(site: &TestSite, stream: &mut TcpStream) {
     let changed_at = std::time::Instant::now();
     fs::write(site.root.join("page.html"), b"<h1>changed</h1>\n").unwrap();
     fs::remove_file(site.root.join("style.css")).unwrap();
     fs::write(site.root.join("new.txt"), b"new\n").unwrap();
+    fs::write(site.root.join("large.bin"), vec![7; 100_000]).unwrap();
     std::thread::sleep(Duration::from_millis(1000).saturating_sub(changed_at.elapsed()));
     for _ in 0..3 {
         assert_eq!(
-            ask(&mut stream, "/page.html", &[]),
+            ask(stream, "/page.html", &[]),
             (200, b"<h1>changed</h1>\n".to_vec())
         );
-        assert_eq!(ask(&mut stream, "/style.css", &[]).0, 404);
-        assert_eq!(ask(&mut stream, "/new.txt", &[]), (200, b"new\n".to_vec()));
+        assert_eq!(ask(stream, "/style.css", &[]).0, 404);
+        assert_eq!(ask(stream, "/new.txt", &[]), (200, b"new\n".to_vec()));
+        assert_eq!(ask(stream, "/large.bin", &[]), (200, vec![7; 100_000]));
+    }
+}
+
+#[test]
+fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second() {
+    let site = TestSite::new("user-cache");
+    let server = site.server(Mode::UserUnbound, "cmwq");
+    let hits = |cache: &str| {
+        server.metric(&format!(
+            "khttpd_http_file_cache_hits_total{{cache=\"{cache}\"}}"
+        ))
+    };
+    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let large = &site.files.iter().find(|(p, _)| p == "large.bin").unwrap().1;
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream, "/page.html", &[]),
+            (200, b"<h1>page</h1>\n".to_vec())
+        );
+        assert_eq!(ask(&mut stream, "/style.css", &[]).0, 200);
+        assert_eq!(ask(&mut stream, "/new.txt", &[]).0, 404);
+        assert!(ask(&mut stream, "/large.bin", &[]).1 == *large);
+    }
+    // Small answers (a 404 too) come from the answer cache, the large file from an open one.
+    assert!(hits("answers") >= 6, "{}", hits("answers"));
+    assert!(hits("open_files") >= 2, "{}", hits("open_files"));
+    // A cached answer carries the current Date.
+    let first = get(&server, "/page.html", &[]);
+    let date = first.header("Date").unwrap().to_owned();
+    let ticks = common::eventually(Duration::from_secs(3), || {
+        get(&server, "/page.html", &[]).header("Date") != Some(date.as_str())
+    });
+    assert!(ticks, "a cached answer kept the Date {date}");
+    follows_changes_within_a_second(&site, &mut stream);
+    // Turned off, nothing is kept.
+    let root = site.root.to_str().unwrap();
+    let off = Server::start(
+        Mode::UserUnbound,
+        &[
+            "--root",
+            root,
+            "--file-cache-max",
+            "0",
+            "--open-file-cache",
+            "0",
+        ],
+    );
+    for _ in 0..3 {
+        assert_eq!(get(&off, "/page.html", &[]).status, 200);
+        assert_eq!(get(&off, "/large.bin", &[]).body.len(), 100_000);
+    }
+    for cache in ["answers", "open_files"] {
+        let name = format!("khttpd_http_file_cache_hits_total{{cache=\"{cache}\"}}");
+        assert_eq!(off.metric(&name), 0, "{cache}");
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod connection;
 mod executor;
+pub mod file_cache;
 pub mod kernel;
 pub mod response;
 pub mod session;

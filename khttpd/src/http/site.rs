@@ -4,7 +4,9 @@
 //! followed) must still lie under the root.
 //!
 //! Small files go into the response buffer; larger ones are sent by the connection's driver with
-//! sendfile(2), so their bytes never pass through user space ([`FileBody`]).
+//! sendfile(2), so their bytes never pass through user space ([`FileBody`]). Answers are kept
+//! for the next request that asks the same ([`super::file_cache`]) until anything under the root
+//! changes.
 
 use std::{
     collections::HashMap,
@@ -12,26 +14,31 @@ use std::{
     io,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use log::{info, warn};
 use percent_encoding::{percent_decode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::response::{self, format_imf_fixdate, parse_imf_fixdate, Status};
+use super::{
+    file_cache::{Asking, Computed, FileCache, Limits},
+    response::{self, format_imf_fixdate, parse_imf_fixdate, Status},
+};
 
 /// Files up to this size are copied into the response; larger ones go out with sendfile.
 const INLINE_LIMIT: u64 = 64 * 1024;
 
 /// Bytes a file response still owes after its head: `len` bytes of `file` from `offset`.
 pub struct FileBody {
-    pub file: File,
+    /// Shared with the open-file cache.
+    pub file: Arc<File>,
     pub offset: u64,
     pub len: u64,
 }
 
 /// What a request asked for, as far as the site cares.
-#[derive(Default)]
+#[derive(Default, Clone, PartialEq, Eq, Hash)]
 pub struct Request {
     /// The request target, raw.
     pub target: Vec<u8>,
@@ -43,7 +50,37 @@ pub struct Request {
 pub struct Site {
     /// Canonical (symlinks resolved).
     root: PathBuf,
+    cache: Arc<FileCache>,
 }
+
+/// Why there is no file to serve: the status, and whether the same request may get the same
+/// refusal from the cache (not when it was worth a log line: each attempt is logged).
+struct Refusal {
+    status: Status,
+    cacheable: bool,
+}
+
+impl Refusal {
+    fn cached(status: Status) -> Refusal {
+        Refusal {
+            status,
+            cacheable: true,
+        }
+    }
+
+    fn each_time(status: Status) -> Refusal {
+        Refusal {
+            status,
+            cacheable: false,
+        }
+    }
+}
+
+/// An answer written whole to the output, that the same request may get again from the cache.
+const WRITTEN: Computed = Computed {
+    file: None,
+    cacheable: true,
+};
 
 /// Characters left as they are in listing links (the rest is percent-encoded).
 const LINK: &AsciiSet = &NON_ALPHANUMERIC
@@ -53,7 +90,7 @@ const LINK: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 impl Site {
-    pub fn new(root: &Path) -> io::Result<Site> {
+    pub fn new(root: &Path, limits: Limits) -> io::Result<Site> {
         let root = fs::canonicalize(root)?;
         if !root.is_dir() {
             return Err(io::Error::new(
@@ -61,7 +98,15 @@ impl Site {
                 format!("{} is not a directory", root.display()),
             ));
         }
-        Ok(Site { root })
+        Ok(Site {
+            root,
+            cache: Arc::new(FileCache::new(limits)),
+        })
+    }
+
+    /// The caches' counters: answers, then open files.
+    pub fn cache_stats(&self) -> [super::file_cache::CacheStats; 2] {
+        self.cache.stats()
     }
 
     /// The folder served, canonical.
@@ -69,9 +114,9 @@ impl Site {
         &self.root
     }
 
-    /// Calls `changed` (on a thread of its own) whenever something under the root is written,
-    /// created, removed, moved or has its attributes changed, for the rest of the process's
-    /// life. inotify directly, with a mask without IN_OPEN: a watcher woken by every file the
+    /// Forgets every cached answer and calls `changed` (on a thread of its own) whenever
+    /// something under the root is written, created, removed, moved or has its attributes
+    /// changed, for the rest of the process's life. inotify directly, with a mask without IN_OPEN: a watcher woken by every file the
     /// server opens cost a fifth of the user-space path's throughput (measured with the notify
     /// crate, whose mask always has it).
     pub fn watch(&self, changed: impl Fn() + Send + 'static) -> io::Result<()> {
@@ -88,6 +133,7 @@ impl Site {
         let mut inotify = Inotify::init()?;
         let mut dirs = HashMap::new();
         watch_tree(&mut inotify, &mut dirs, &self.root, mask);
+        let cache = self.cache.clone();
         std::thread::Builder::new()
             .name("site-watch".into())
             .spawn(move || {
@@ -112,6 +158,7 @@ impl Site {
                         watch_tree(&mut inotify, &mut dirs, &dir, mask);
                     }
                     // Anything at all (an overflow too): forgetting is always safe.
+                    cache.forget_everything();
                     changed();
                 }
             })?;
@@ -126,22 +173,42 @@ impl Site {
         head_only: bool,
         out: &mut Vec<u8>,
     ) -> Option<FileBody> {
-        let path = match self.resolve(&request.target) {
-            Ok(path) => path,
-            Err(status) => {
-                response::write(out, status, keep_alive, head_only);
-                return None;
+        let asking = Asking {
+            request,
+            keep_alive,
+            head_only,
+        };
+        self.cache.answer(asking, out, |out| {
+            self.compute(request, keep_alive, head_only, out)
+        })
+    }
+
+    /// The answer to `request` from the files, as [`Site::answer`] (without the cache).
+    fn compute(
+        &self,
+        request: &Request,
+        keep_alive: bool,
+        head_only: bool,
+        out: &mut Vec<u8>,
+    ) -> Computed {
+        let refuse = |out: &mut Vec<u8>, refusal: Refusal| {
+            response::write(out, refusal.status, keep_alive, head_only);
+            Computed {
+                file: None,
+                cacheable: refusal.cacheable,
             }
         };
+        let path = match self.resolve(&request.target) {
+            Ok(path) => path,
+            Err(refusal) => return refuse(out, refusal),
+        };
         let Ok(meta) = fs::metadata(&path) else {
-            response::write(out, Status::NotFound, keep_alive, head_only);
-            return None;
+            return refuse(out, Refusal::cached(Status::NotFound));
         };
         let target = path_part(&request.target);
         if !meta.is_dir() && target.ends_with(b"/") {
             // `/file.txt/` names a folder that does not exist (open(2) says ENOTDIR).
-            response::write(out, Status::NotFound, keep_alive, head_only);
-            return None;
+            return refuse(out, Refusal::cached(Status::NotFound));
         }
         if meta.is_dir() {
             if !target.ends_with(b"/") {
@@ -149,29 +216,28 @@ impl Site {
                 location.push('/');
                 let header = ("Location", location.as_str());
                 empty(out, Status::MovedPermanently, keep_alive, header);
-                return None;
+                return WRITTEN;
             }
             let index = path.join("index.html");
             if index.is_file() {
                 return self.file(&index, request, keep_alive, head_only, out);
             }
-            self.listing(&path, target, keep_alive, head_only, out);
-            return None;
+            return self.listing(&path, target, keep_alive, head_only, out);
         }
         self.file(&path, request, keep_alive, head_only, out)
     }
 
     /// The file a request target names, or why there is none.
-    fn resolve(&self, target: &[u8]) -> Result<PathBuf, Status> {
+    fn resolve(&self, target: &[u8]) -> Result<PathBuf, Refusal> {
         let raw = path_part(target);
         if raw.first() != Some(&b'/') {
-            return Err(Status::BadRequest);
+            return Err(Refusal::cached(Status::BadRequest));
         }
         let decoded: Vec<u8> = percent_decode(raw).collect();
         let shown = String::from_utf8_lossy(&decoded);
         if decoded.contains(&0) {
             warn!("http: refused {shown:?}: NUL byte in the path");
-            return Err(Status::NotFound);
+            return Err(Refusal::each_time(Status::NotFound));
         }
         let mut path = self.root.clone();
         for segment in decoded.split(|&b| b == b'/') {
@@ -179,7 +245,7 @@ impl Site {
                 b"" | b"." => {}
                 b".." => {
                     warn!("http: refused {shown:?}: `..` would leave the document root");
-                    return Err(Status::Forbidden);
+                    return Err(Refusal::each_time(Status::Forbidden));
                 }
                 name => path.push(std::ffi::OsStr::from_bytes(name)),
             }
@@ -191,10 +257,12 @@ impl Site {
                     "http: refused {shown:?}: resolves to {}, outside the document root",
                     real.display()
                 );
-                Err(Status::Forbidden)
+                Err(Refusal::each_time(Status::Forbidden))
             }
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Status::Forbidden),
-            Err(_) => Err(Status::NotFound),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                Err(Refusal::each_time(Status::Forbidden))
+            }
+            Err(_) => Err(Refusal::cached(Status::NotFound)),
         }
     }
 
@@ -205,23 +273,26 @@ impl Site {
         keep_alive: bool,
         head_only: bool,
         out: &mut Vec<u8>,
-    ) -> Option<FileBody> {
+    ) -> Computed {
         let file = match File::open(path) {
             Ok(file) => file,
             Err(e) => {
-                let status = if e.kind() == io::ErrorKind::PermissionDenied {
+                let refusal = if e.kind() == io::ErrorKind::PermissionDenied {
                     info!("http: cannot read {}: {e}", path.display());
-                    Status::Forbidden
+                    Refusal::each_time(Status::Forbidden)
                 } else {
-                    Status::NotFound
+                    Refusal::cached(Status::NotFound)
                 };
-                response::write(out, status, keep_alive, head_only);
-                return None;
+                response::write(out, refusal.status, keep_alive, head_only);
+                return Computed {
+                    file: None,
+                    cacheable: refusal.cacheable,
+                };
             }
         };
         let Ok(meta) = file.metadata() else {
             response::write(out, Status::NotFound, keep_alive, head_only);
-            return None;
+            return WRITTEN;
         };
         let size = meta.len();
         let modified = meta
@@ -242,7 +313,7 @@ impl Site {
         ];
         if not_modified(request, &etag, modified) {
             response::write_head(out, Status::NotModified, keep_alive, None, &validators);
-            return None;
+            return WRITTEN;
         }
         let (status, start, len, content_range) = match request.range.as_deref() {
             Some(range) if !head_only => match byte_range(range, size) {
@@ -256,7 +327,7 @@ impl Site {
                     let unsatisfiable = format!("bytes */{size}");
                     let header = ("Content-Range", unsatisfiable.as_str());
                     empty(out, Status::RangeNotSatisfiable, keep_alive, header);
-                    return None;
+                    return WRITTEN;
                 }
                 None => (Status::Ok, 0, size, None),
             },
@@ -274,20 +345,23 @@ impl Site {
             &headers,
         );
         if head_only || len == 0 {
-            return None;
+            return WRITTEN;
         }
         if len <= INLINE_LIMIT {
             let mut body = vec![0; len as usize];
             if std::os::unix::fs::FileExt::read_exact_at(&file, &mut body, start).is_ok() {
                 out.extend_from_slice(&body);
-                return None;
+                return WRITTEN;
             }
         }
-        Some(FileBody {
-            file,
-            offset: start,
-            len,
-        })
+        Computed {
+            file: Some(FileBody {
+                file: Arc::new(file),
+                offset: start,
+                len,
+            }),
+            cacheable: true,
+        }
     }
 
     fn listing(
@@ -297,10 +371,13 @@ impl Site {
         keep_alive: bool,
         head_only: bool,
         out: &mut Vec<u8>,
-    ) {
+    ) -> Computed {
         let Ok(entries) = fs::read_dir(dir) else {
             response::write(out, Status::Forbidden, keep_alive, head_only);
-            return;
+            return Computed {
+                file: None,
+                cacheable: false,
+            };
         };
         let mut rows: Vec<(Vec<u8>, bool, u64, u64)> = entries
             .filter_map(Result::ok)
@@ -357,6 +434,7 @@ impl Site {
         if !head_only {
             out.extend_from_slice(html.as_bytes());
         }
+        WRITTEN
     }
 }
 
