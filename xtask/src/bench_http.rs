@@ -400,17 +400,18 @@ pub(crate) const HELLO_LOCATION: &str = r#"default_type text/plain;
             return 200 "Hello, World!\n";"#;
 
 impl Nginx {
-    /// Starts nginx on a free loopback port with `location` (directives) as its only `location /`
-    /// block, `worker_processes auto`.
-    pub(crate) fn start(binary: &Path, location: &str) -> anyhow::Result<Self> {
-        let [http] = free_ports()?;
+    /// Starts nginx on a free loopback port with `http` (directives) in its `http` block and
+    /// `location` as its only `location /` block, `worker_processes auto`, listening with
+    /// `reuseport` (a listener per worker: its best for these loads).
+    pub(crate) fn start(binary: &Path, http: &str, location: &str) -> anyhow::Result<Self> {
+        let [port] = free_ports()?;
         let conf = NginxConf {
             workers: "auto".to_owned(),
-            listen_options: "",
-            http: "",
+            listen_options: "reuseport",
+            http,
             location,
         };
-        Self::launch(Command::new(binary), http, &conf, accepts)
+        Self::launch(Command::new(binary), port, &conf, accepts)
     }
 
     /// Starts nginx (`command` runs the binary: where and how is the caller's) listening on
@@ -646,7 +647,7 @@ fn bench_mode(
     progress("starting the server");
     let target = match (mode.khttpd_args(), nginx) {
         (Some(server_args), _) => Target::Khttpd(Server::start(khttpd, server_args)?),
-        (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx, HELLO_LOCATION)?),
+        (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx, "", HELLO_LOCATION)?),
         (None, None) => unreachable!("nginx mode without nginx"),
     };
     target.check_hello()?;

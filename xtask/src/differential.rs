@@ -3,10 +3,14 @@
 //! the `Date` values blanked: first a fixed corpus of valid, edge-case and hostile requests, then
 //! random ones from a grammar. Each request is sent whole (twice, so the kernel has learned it
 //! before the second copy), byte by byte, and in pipelined batches; a request the kernel learned
-//! from the first copy must be answered by the kernel the second time. Bounded by a request count
-//! and a time limit. The test suite runs it (khttpd/tests/http_fast_path.rs).
+//! from the first copy must be answered by the kernel the second time. Then the same for a site
+//! (`--root`): `--fast-path on` with the user-space file caches against `--fast-path off` without
+//! them, on requests for its files with every conditional and Range, the corpus and random
+//! requests. Bounded by a request count and a time limit. The test suite runs it
+//! (khttpd/tests/http_fast_path.rs).
 
 use std::{
+    fs,
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     path::Path,
@@ -16,7 +20,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::bench::{Server, IO_TIMEOUT};
+use crate::{
+    bench::{Server, IO_TIMEOUT},
+    bench_http::TempDir,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -41,72 +48,226 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         "diff: corpus + {} random requests, seed {seed}",
         args.requests
     );
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut random = Random(seed | 1);
+    // The greeting: the kernel's answers against user space's.
     let kernel = Server::start(khttpd, &["--fast-path", "on"])?;
     let user = Server::start(khttpd, &["--fast-path", "off"])?;
-    let before = kernel_responses(&kernel)?;
-    let mut random = Random(seed | 1);
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let (mut compared, mut sent, mut learned) = (0usize, 0usize, 0usize);
-    let mut batch = Vec::new();
-    let mut corpus = corpus().into_iter();
-    let corpus_len = corpus.len();
-    while sent < corpus_len + args.requests && Instant::now() < deadline {
-        let request = corpus.next().unwrap_or_else(|| generate(&mut random));
-        sent += 1;
-        // Whole: user space answers and, if the kernel can answer it exactly, teaches it.
-        let entries = cache_entries(&kernel)?;
-        compare(&kernel, &user, &request, Send::Whole, "whole", seed)?;
-        let taught = cache_entries(&kernel)? > entries && is_one_head(&request);
-        // Whole, again: a request just taught (and nothing after it: the kernel answers a segment
-        // only if it is exactly a learned request) must now be answered by the kernel — else the
-        // comparison would only show that user space agrees with itself.
-        let answers = kernel_responses(&kernel)?;
-        compare(&kernel, &user, &request, Send::Whole, "whole, again", seed)?;
-        if taught {
-            learned += 1;
-            if kernel_responses(&kernel)? == answers {
-                bail!(
-                    "the kernel learned {:?} but did not answer it the second time (seed {seed})",
-                    String::from_utf8_lossy(&request)
+    let mut requests = corpus();
+    requests.extend((0..args.requests).map(|_| generate(&mut random)));
+    let phase = Phase {
+        kernel: &kernel,
+        user: &user,
+        seed,
+        deadline,
+    };
+    phase.compare_all("greeting", requests, &mut random)?;
+    drop((kernel, user));
+    // A site: the kernel's and both user-space caches' answers against user space without any.
+    let site = Site::create()?;
+    let root = site.dir.0.to_str().context("temporary folder name")?;
+    let kernel = Server::start(khttpd, &["--fast-path", "on", "--root", root])?;
+    let user = Server::start(
+        khttpd,
+        &[
+            "--fast-path",
+            "off",
+            "--root",
+            root,
+            "--file-cache-max",
+            "0",
+            "--open-file-cache",
+            "0",
+        ],
+    )?;
+    let mut requests = site_corpus();
+    requests.extend(corpus());
+    requests.extend((0..args.requests / 2).map(|_| generate(&mut random)));
+    let phase = Phase {
+        kernel: &kernel,
+        user: &user,
+        seed,
+        deadline,
+    };
+    phase.compare_all("site", requests, &mut random)?;
+    let hits = kernel
+        .scrape()?
+        .sum("khttpd_http_file_cache_hits_total")
+        .context("no khttpd_http_file_cache_hits_total in /metrics")?;
+    println!("diff (site): the file caches answered {hits}");
+    if hits == 0 {
+        bail!("the file caches answered nothing: the comparison proved nothing about them");
+    }
+    Ok(())
+}
+
+/// One server with everything on and one without, compared on the same requests.
+struct Phase<'a> {
+    kernel: &'a Server,
+    user: &'a Server,
+    seed: u64,
+    deadline: Instant,
+}
+
+impl Phase<'_> {
+    /// Sends each request whole (twice), byte by byte and in pipelined batches to both servers.
+    fn compare_all(
+        &self,
+        name: &str,
+        requests: Vec<Vec<u8>>,
+        random: &mut Random,
+    ) -> anyhow::Result<()> {
+        let (kernel, seed) = (self.kernel, self.seed);
+        let before = kernel_responses(kernel)?;
+        let total = requests.len();
+        let (mut compared, mut sent, mut learned) = (0usize, 0usize, 0usize);
+        let mut batch = Vec::new();
+        for request in requests {
+            if Instant::now() >= self.deadline {
+                bail!("{name}: time limit reached after {sent} of {total} requests");
+            }
+            sent += 1;
+            // Whole: user space answers and, if the kernel can answer it exactly, teaches it.
+            let entries = cache_entries(kernel)?;
+            self.compare(&request, Send::Whole, "whole")?;
+            let taught = cache_entries(kernel)? > entries && is_one_head(&request);
+            // Whole, again: a request just taught (and nothing after it: the kernel answers a
+            // segment only if it is exactly a learned request) must now be answered by the
+            // kernel — else the comparison would only show that user space agrees with itself.
+            let answers = kernel_responses(kernel)?;
+            self.compare(&request, Send::Whole, "whole, again")?;
+            if taught {
+                learned += 1;
+                if kernel_responses(kernel)? == answers {
+                    bail!(
+                        "{name}: the kernel learned {:?} but did not answer it the second time \
+                         (seed {seed})",
+                        String::from_utf8_lossy(&request)
+                    );
+                }
+            }
+            self.compare(&request, Send::ByteByByte, "byte by byte")?;
+            compared += 3;
+            batch.push(request);
+            if batch.len() == 1 + random.below(5) {
+                self.compare(&batch.concat(), Send::Whole, "pipelined")?;
+                compared += 1;
+                batch.clear();
+            }
+        }
+        let answered = kernel_responses(kernel)? - before;
+        println!(
+            "diff ({name}): {sent} requests, {compared} exchanges identical; \
+             {learned} requests learned, each answered by the kernel when sent again; \
+             the kernel answered {answered}"
+        );
+        if answered == 0 {
+            bail!("{name}: the kernel answered nothing: the comparison proved nothing");
+        }
+        Ok(())
+    }
+
+    fn compare(&self, request: &[u8], send: Send, how: &str) -> anyhow::Result<()> {
+        let got = exchange(self.kernel.http, request, send)?;
+        let want = exchange(self.user.http, request, send)?;
+        if got != want {
+            bail!(
+                "answers differ ({how}, seed {}) for {:?}\nwith:    {:?}\nwithout: {:?}",
+                self.seed,
+                String::from_utf8_lossy(request),
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The folder the site phase serves: names the request grammar produces (`a`, `b/`, `~`),
+/// files on both sides of the inline limit, a folder with an index and one without.
+struct Site {
+    dir: TempDir,
+}
+
+impl Site {
+    fn create() -> anyhow::Result<Site> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::create("diff-site")?;
+        let files: [(&str, Vec<u8>); 7] = [
+            ("a", b"a file named a\n".to_vec()),
+            ("b/a", b"b/a\n".to_vec()),
+            (
+                "b/index.txt",
+                b"no index.html here: b/ is a listing\n".to_vec(),
+            ),
+            ("~", b"tilde\n".to_vec()),
+            (
+                "file.txt",
+                (0..2000u32).map(|i| b'a' + (i % 26) as u8).collect(),
+            ),
+            (
+                "big.bin",
+                (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect(),
+            ),
+            ("with-index/index.html", b"<p>index</p>\n".to_vec()),
+        ];
+        for (path, bytes) in files {
+            let path = dir.0.join(path);
+            fs::create_dir_all(path.parent().expect("a parent"))?;
+            fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        // khttpd serves it as nobody.
+        fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755))?;
+        Ok(Site { dir })
+    }
+}
+
+/// Requests for the site's files: each method, version and conditional or Range header.
+fn site_corpus() -> Vec<Vec<u8>> {
+    let targets = [
+        "/",
+        "/a",
+        "/b",
+        "/b/",
+        "/b/a",
+        "/~",
+        "/file.txt",
+        "/big.bin",
+        "/with-index/",
+        "/missing",
+        "/a/",
+        "/file.txt?x=1",
+        "/%61",
+    ];
+    let heads = [
+        ("GET", "HTTP/1.1", ""),
+        ("HEAD", "HTTP/1.1", ""),
+        ("GET", "HTTP/1.0", ""),
+        ("GET", "HTTP/1.1", "Connection: close\r\n"),
+    ];
+    let extras = [
+        "",
+        "If-None-Match: *\r\n",
+        "If-None-Match: \"nope\"\r\n",
+        "If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n",
+        "If-Modified-Since: Thu, 01 Jan 1970 00:00:00 GMT\r\n",
+        "Range: bytes=0-9\r\n",
+        "Range: bytes=-5\r\n",
+        "Range: bytes=100000-\r\n",
+        "Range: bytes=999999-\r\n",
+    ];
+    let mut corpus = Vec::new();
+    for target in targets {
+        for (method, version, connection) in heads {
+            for extra in extras {
+                corpus.push(
+                    format!("{method} {target} {version}\r\nHost: x\r\n{connection}{extra}\r\n")
+                        .into_bytes(),
                 );
             }
         }
-        compare(
-            &kernel,
-            &user,
-            &request,
-            Send::ByteByByte,
-            "byte by byte",
-            seed,
-        )?;
-        compared += 3;
-        batch.push(request);
-        if batch.len() == 1 + random.below(5) {
-            compare(
-                &kernel,
-                &user,
-                &batch.concat(),
-                Send::Whole,
-                "pipelined",
-                seed,
-            )?;
-            compared += 1;
-            batch.clear();
-        }
     }
-    let answered = kernel_responses(&kernel)? - before;
-    println!(
-        "diff: {sent} requests ({corpus_len} from the corpus), {compared} exchanges identical; \
-         {learned} requests learned, each answered by the kernel when sent again; \
-         the kernel answered {answered}"
-    );
-    if sent < corpus_len + args.requests {
-        bail!("time limit reached after {sent} requests");
-    }
-    if answered == 0 {
-        bail!("the kernel answered nothing: the comparison proved nothing");
-    }
-    Ok(())
+    corpus
 }
 
 fn kernel_responses(server: &Server) -> anyhow::Result<u64> {
@@ -130,27 +291,6 @@ fn cache_entries(server: &Server) -> anyhow::Result<u64> {
         .scrape()?
         .sum("khttpd_http_kernel_cache_entries")
         .context("no khttpd_http_kernel_cache_entries in /metrics")
-}
-
-fn compare(
-    kernel: &Server,
-    user: &Server,
-    request: &[u8],
-    send: Send,
-    how: &str,
-    seed: u64,
-) -> anyhow::Result<()> {
-    let got = exchange(kernel.http, request, send)?;
-    let want = exchange(user.http, request, send)?;
-    if got != want {
-        bail!(
-            "answers differ ({how}, seed {seed}) for {:?}\nfast path on:  {:?}\nfast path off: {:?}",
-            String::from_utf8_lossy(request),
-            String::from_utf8_lossy(&got),
-            String::from_utf8_lossy(&want)
-        );
-    }
-    Ok(())
 }
 
 #[derive(Clone, Copy)]
