@@ -75,11 +75,11 @@ struct Args {
     root: Option<std::path::PathBuf>,
     /// With --root: bytes of complete answers (small files, listings, 304s, 404s) kept in memory
     /// for the next request that asks the same; 0 turns the answer cache off.
-    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20)]
+    #[arg(long, value_name = "BYTES", default_value_t = http::file_cache::Limits::DEFAULT.answer_bytes)]
     file_cache_max: u64,
     /// With --root: files too large for the answer cache kept open (with their answer's head)
     /// for the next request that asks the same; 0 turns the open-file cache off.
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    #[arg(long, value_name = "N", default_value_t = http::file_cache::Limits::DEFAULT.open_files)]
     open_file_cache: u64,
     /// Close HTTP connections that send nothing for this many seconds between requests (also
     /// those the kernel serves: traffic it answers counts).

@@ -1097,9 +1097,12 @@ fn hostile_requests_get_the_right_answer_and_connection_state() {
 /// read returns).
 #[test]
 fn hostile_requests_get_the_same_answer_in_any_pieces() {
-    use khttpd::http::{session::Session, site::Site as Folder};
+    use khttpd::http::{file_cache::Limits, session::Session, site::Site as Folder};
     let site = Site::create("hostile-session");
-    let folder = std::sync::Arc::new(Folder::new(std::path::Path::new(&site.root())).unwrap());
+    let root = site.root();
+    // With the caches: the whole request first, so the pieces are answered from them.
+    let folder = Folder::new(std::path::Path::new(&root), Limits::DEFAULT).unwrap();
+    let folder = std::sync::Arc::new(folder);
     let answer = |request: &[u8], piece: usize| {
         let mut session = Session::new().with_site(folder.clone());
         let mut out = Vec::new();

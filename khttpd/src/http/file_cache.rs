@@ -164,6 +164,14 @@ pub struct Limits {
     pub open_files: u64,
 }
 
+impl Limits {
+    /// `--file-cache-max` and `--open-file-cache` unless told otherwise.
+    pub const DEFAULT: Limits = Limits {
+        answer_bytes: 32 << 20,
+        open_files: 1000,
+    };
+}
+
 pub struct FileCache {
     answers: Counted,
     open_files: Counted,
