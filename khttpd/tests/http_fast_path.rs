@@ -69,6 +69,7 @@ fn the_fast_path_is_invisible_for_a_corpus_and_random_requests() {
     // edge-case and hostile requests plus random ones, each whole, byte by byte and pipelined,
     // against `--fast-path on` and `off`; then the same and 468 requests for files against a
     // site served with the kernel and the user-space file caches and without either.
+    let _lifetime = common::Lifetime::new("cargo xtask diff");
     let output = Command::new(xtask_binary())
         .args(["diff", "-n", "400", "--seconds", "240", "--khttpd", KHTTPD])
         .stdin(Stdio::null())

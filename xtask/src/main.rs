@@ -15,6 +15,7 @@ mod differential;
 mod floor;
 mod fuzz;
 mod htstress;
+mod kernel_warnings;
 mod netns;
 mod soak;
 mod toolchain;
@@ -124,7 +125,11 @@ fn main() -> anyhow::Result<()> {
             if !is_root() {
                 eprintln!("warning: not root: tests that load BPF programs will be skipped (CI=true makes them fail)");
             }
-            cargo(
+            // Where the harness records its servers' lifetimes, for the kernel-warning report.
+            let lifetimes = workspace_root().join("target/test-lifetimes.txt");
+            let _ = std::fs::remove_file(&lifetimes);
+            let before = kernel_warnings::before();
+            let tested = cargo_with_env(
                 &[
                     "test",
                     "--release",
@@ -133,7 +138,12 @@ fn main() -> anyhow::Result<()> {
                     "khttpd-ebpf",
                 ],
                 &args,
-            )
+                &[("KHTTPD_LIFETIMES", lifetimes.as_os_str())],
+            );
+            let report = kernel_warnings::report(&before, &lifetimes);
+            eprint!("{report}");
+            let _ = std::fs::write(workspace_root().join("target/kernel-warnings.txt"), &report);
+            tested
         }
         Task::Bench(Bench::Echo(args)) => {
             let khttpd = release_khttpd(args.khttpd.clone())?;
@@ -219,9 +229,18 @@ fn exec_release_xtask() -> anyhow::Result<()> {
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+    cargo_with_env(args, extra, &[])
+}
+
+fn cargo_with_env(
+    args: &[&str],
+    extra: &[String],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> anyhow::Result<()> {
     let status = Command::new(env!("CARGO"))
         .args(args)
         .args(extra)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .context("cannot run cargo")?;

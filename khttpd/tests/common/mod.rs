@@ -72,6 +72,51 @@ pub struct Server {
     pub http_port: u16,
     pub metrics_addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// Dropped after the server stopped: records its lifetime.
+    _lifetime: Lifetime,
+}
+
+/// Records when something that may touch the kernel ran, for `cargo xtask test`'s kernel-warning
+/// report (issue 15: a WARNING in the psock code taints the kernel once per boot, and only its
+/// dmesg timestamp says when). With `KHTTPD_LIFETIMES` set, appends one line per lifetime:
+/// `<start> <end> <test> <what>`, both in seconds since boot (dmesg's clock).
+pub struct Lifetime {
+    start: f64,
+    what: String,
+}
+
+impl Lifetime {
+    pub fn new(what: impl Into<String>) -> Lifetime {
+        Lifetime {
+            start: uptime(),
+            what: what.into(),
+        }
+    }
+}
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        let Some(path) = std::env::var_os("KHTTPD_LIFETIMES") else {
+            return;
+        };
+        let test = thread::current().name().unwrap_or("?").to_owned();
+        let line = format!("{:.3} {:.3} {test} {}\n", self.start, uptime(), self.what);
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = file.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Seconds since boot, as dmesg stamps its lines (CLOCK_BOOTTIME).
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 impl Server {
@@ -152,12 +197,14 @@ impl Server {
                 sink.push('\n');
             }
         });
+        let what = format!("{:?}", command);
         let server = Server {
             child,
             echo_port,
             http_port,
             metrics_addr,
             stderr,
+            _lifetime: Lifetime::new(what),
         };
         server.wait_ready(fast_path);
         server
