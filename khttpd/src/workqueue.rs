@@ -118,6 +118,9 @@ pub struct WorkQueue {
     config: Config,
     /// One pool for unbound queues, one per CPU for bound ones.
     pools: Vec<Arc<Pool>>,
+    /// Bound queues: the CPU of each pool (the CPUs the process may run on, e.g. {2, 3} in a
+    /// cpuset), in `pools`' order.
+    cpus: Vec<usize>,
     /// The single-thread runtimes of a bound queue's pools, stopped by `destroy`.
     cpu_runtimes: Mutex<Vec<CpuRuntime>>,
     dying: AtomicBool,
@@ -129,26 +132,29 @@ pub struct WorkQueue {
 
 impl WorkQueue {
     /// `alloc_workqueue`. Unbound queues run on the current tokio runtime; bound queues start one
-    /// pinned single-thread runtime per online CPU.
+    /// pinned single-thread runtime per CPU the process may run on (its affinity).
     pub fn alloc(config: Config) -> std::io::Result<Arc<WorkQueue>> {
         let mut cpu_runtimes = Vec::new();
+        let cpus = match config.kind {
+            Kind::Unbound => Vec::new(),
+            Kind::Bound => allowed_cpus()?,
+        };
         let pools = match config.kind {
             Kind::Unbound => vec![Pool::new(&config, Handle::current())],
-            Kind::Bound => {
-                let cpus = thread::available_parallelism().map_or(1, usize::from);
-                (0..cpus)
-                    .map(|cpu| {
-                        let runtime = CpuRuntime::start(&config.name, cpu)?;
-                        let pool = Pool::new(&config, runtime.handle.clone());
-                        cpu_runtimes.push(runtime);
-                        Ok(pool)
-                    })
-                    .collect::<std::io::Result<_>>()?
-            }
+            Kind::Bound => cpus
+                .iter()
+                .map(|&cpu| {
+                    let runtime = CpuRuntime::start(&config.name, cpu)?;
+                    let pool = Pool::new(&config, runtime.handle.clone());
+                    cpu_runtimes.push(runtime);
+                    Ok(pool)
+                })
+                .collect::<std::io::Result<_>>()?,
         };
         Ok(Arc::new(WorkQueue {
             config,
             pools,
+            cpus,
             cpu_runtimes: Mutex::new(cpu_runtimes),
             dying: AtomicBool::new(false),
             color: Mutex::new(FlushColor::new()),
@@ -184,9 +190,10 @@ impl WorkQueue {
         match self.config.kind {
             Kind::Unbound => &self.pools[0],
             Kind::Bound => {
-                // SAFETY: sched_getcpu has no preconditions.
-                let cpu = unsafe { libc::sched_getcpu() };
-                &self.pools[usize::try_from(cpu).unwrap_or(0) % self.pools.len()]
+                let cpu = rustix::thread::sched_getcpu();
+                // A CPU outside the set (the set changed since): any pool will do.
+                let pool = self.cpus.iter().position(|&c| c == cpu);
+                &self.pools[pool.unwrap_or(cpu % self.pools.len())]
             }
         }
     }
@@ -452,17 +459,19 @@ impl CpuRuntime {
     }
 }
 
+/// The CPUs this thread may run on (its affinity: a cpuset or `taskset` narrows it).
+fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    let set = rustix::thread::sched_getaffinity(None)?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&cpu| set.is_set(cpu))
+        .collect())
+}
+
 fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays inside it for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-            log::warn!(
-                "cannot pin worker pool to CPU {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        log::warn!("cannot pin worker pool to CPU {cpu}: {e}");
     }
 }
 
@@ -635,34 +644,56 @@ mod tests {
         }
     }
 
+    /// Queues one item from a thread pinned to `cpu` and returns the CPU it ran on.
+    fn ran_on_when_queued_from(queue: &Arc<WorkQueue>, cpu: usize) -> usize {
+        let queue = queue.clone();
+        let (ran_on, seen) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            pin_to_cpu(cpu);
+            queue
+                .queue_work(async move {
+                    ran_on.send(rustix::thread::sched_getcpu()).unwrap();
+                })
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+        seen.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
     #[test]
     fn bound_work_runs_on_the_submitting_cpu() {
-        let cpus = thread::available_parallelism().map_or(1, usize::from);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let queue = runtime
             .block_on(async { WorkQueue::alloc(Config::new("bound", Kind::Bound, 4)).unwrap() });
-        for cpu in 0..cpus {
-            let queue = queue.clone();
-            let (ran_on, seen) = std::sync::mpsc::channel();
-            thread::spawn(move || {
-                pin_to_cpu(cpu);
-                queue
-                    .queue_work(async move {
-                        // SAFETY: no preconditions.
-                        ran_on.send(unsafe { libc::sched_getcpu() }).unwrap();
-                    })
-                    .unwrap();
-            })
-            .join()
-            .unwrap();
-            assert_eq!(
-                seen.recv_timeout(Duration::from_secs(10)).unwrap(),
-                cpu as i32
-            );
+        for cpu in allowed_cpus().unwrap() {
+            assert_eq!(ran_on_when_queued_from(&queue, cpu), cpu);
         }
         runtime.block_on(queue.destroy());
+    }
+
+    /// In a CPU set that does not start at 0 (a cpuset such as {2, 3}; here the last CPU alone),
+    /// the pools are the set's CPUs: work queued there runs there.
+    #[test]
+    fn bound_pools_follow_the_cpu_set() {
+        let last = *allowed_cpus().unwrap().last().unwrap();
+        thread::spawn(move || {
+            pin_to_cpu(last);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let queue = runtime.block_on(async {
+                WorkQueue::alloc(Config::new("cpuset", Kind::Bound, 4)).unwrap()
+            });
+            assert_eq!(queue.cpus, vec![last]);
+            assert_eq!(ran_on_when_queued_from(&queue, last), last);
+            runtime.block_on(queue.destroy());
+        })
+        .join()
+        .unwrap();
     }
 }
