@@ -212,6 +212,8 @@ async fn closed_connections_leave_the_echo_maps_and_the_fd_table() {
         .map(|(stream, _, _)| stream)
         .collect();
     let held = behind.len();
+    // A reset is rare (about 1 client in 10, issue 15): all three would leave nothing to check.
+    assert!(held > 0, "all three clients that fell behind were reset");
     let maps = || {
         [echo::SOCKETS_MAP, echo::DETACHED_MAP, echo::CONNECTIONS_MAP]
             .map(|name| server.echo_map_entries(name))
@@ -538,6 +540,8 @@ fn clients_falling_behind_at_once_get_their_bytes_or_a_reset() {
     let detached = server.metric("khttpd_echo_kernel_detached_total");
     assert_eq!(detached, CLIENTS as u64);
     eprintln!("{resets} of {CLIENTS} reset after a loss was found");
+    // Measured 0–5 per run (issue 15 is making it 0): many more means the hand-over broke.
+    assert!(resets <= 10, "{resets} of {CLIENTS} clients were reset");
     assert_eq!(server.terminate().code(), Some(0));
 }
 
