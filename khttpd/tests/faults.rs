@@ -86,7 +86,11 @@ fn sigterm_under_load_finishes_answers_in_flight_and_exits_zero() {
         let server = Server::start(mode, &["--dispatch", dispatch]);
         let stop = Arc::new(AtomicBool::new(false));
         let (clients, whole, cut) = load(&server, 16, &stop);
-        thread::sleep(Duration::from_millis(500));
+        // Under load: the clients have been answered for a while.
+        let loaded = eventually(Duration::from_secs(10), || {
+            whole.load(Ordering::Relaxed) >= 500
+        });
+        assert!(loaded, "{mode:?}/{dispatch}: no load");
         let before = whole.load(Ordering::Relaxed);
         let started = Instant::now();
         let status = server.terminate();
@@ -121,8 +125,10 @@ fn kill_9_leaves_no_program_attached_and_a_restart_serves_within_a_second() {
     let (echo_port, http_port, metrics) = (server.echo_port, server.http_port, server.metrics_addr);
     let stop = Arc::new(AtomicBool::new(false));
     let (clients, whole, _) = load(&server, 8, &stop);
-    thread::sleep(Duration::from_millis(300));
-    assert!(server.metric("khttpd_http_kernel_responses_total") > 0);
+    let answered = eventually(Duration::from_secs(10), || {
+        server.metric("khttpd_http_kernel_responses_total") > 0
+    });
+    assert!(answered, "the kernel answered nothing");
     let (programs, _) = server.bpf_ids();
     assert!(!programs.is_empty());
     server.kill();
