@@ -19,6 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 use crate::{
     bench::{Server, IO_TIMEOUT},
@@ -49,7 +50,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         args.requests
     );
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let mut random = Random(seed | 1);
+    let mut random = StdRng::seed_from_u64(seed);
     // The greeting: the kernel's answers against user space's.
     let kernel = Server::start(khttpd, &["--fast-path", "on"])?;
     let user = Server::start(khttpd, &["--fast-path", "off"])?;
@@ -115,7 +116,7 @@ impl Phase<'_> {
         &self,
         name: &str,
         requests: Vec<Vec<u8>>,
-        random: &mut Random,
+        random: &mut StdRng,
     ) -> anyhow::Result<()> {
         let (kernel, seed) = (self.kernel, self.seed);
         let before = kernel_responses(kernel)?;
@@ -149,7 +150,7 @@ impl Phase<'_> {
             self.compare(&request, Send::ByteByByte, "byte by byte")?;
             compared += 3;
             batch.push(request);
-            if batch.len() == 1 + random.below(5) {
+            if batch.len() == 1 + random.gen_range(0..5) {
                 self.compare(&batch.concat(), Send::Whole, "pipelined")?;
                 compared += 1;
                 batch.clear();
@@ -401,71 +402,64 @@ fn corpus() -> Vec<Vec<u8>> {
     corpus
 }
 
-/// xorshift64: small, seedable, no dependency.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T: ?Sized>(&mut self, items: &[&'a T]) -> &'a T {
-        items[self.below(items.len())]
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
+fn pick<'a>(random: &mut StdRng, items: &[&'a str]) -> &'a str {
+    items.choose(random).expect("a choice")
 }
 
 /// A request from a grammar that is mostly valid (so the kernel gets to answer) and sometimes
 /// hostile: odd methods, versions, targets, line endings, framing and header syntax.
-fn generate(random: &mut Random) -> Vec<u8> {
-    let method = random.pick(&[
-        "GET", "GET", "GET", "GET", "GET", "HEAD", "HEAD", "POST", "PUT", "get", "G3T", "",
-    ]);
-    let version = random.pick(&[
-        "HTTP/1.1",
-        "HTTP/1.1",
-        "HTTP/1.1",
-        "HTTP/1.1",
-        "HTTP/1.0",
-        "HTTP/1.2",
-        "HTTP/2.0",
-        "HTTP/1.1 ",
-        "http/1.1",
-    ]);
+fn generate(random: &mut StdRng) -> Vec<u8> {
+    let method = pick(
+        random,
+        &[
+            "GET", "GET", "GET", "GET", "GET", "HEAD", "HEAD", "POST", "PUT", "get", "G3T", "",
+        ],
+    );
+    let version = pick(
+        random,
+        &[
+            "HTTP/1.1",
+            "HTTP/1.1",
+            "HTTP/1.1",
+            "HTTP/1.1",
+            "HTTP/1.0",
+            "HTTP/1.2",
+            "HTTP/2.0",
+            "HTTP/1.1 ",
+            "http/1.1",
+        ],
+    );
     let mut target = String::from("/");
-    for _ in 0..random.below(12) {
-        let piece = random.pick(&[
-            "a", "b/", "%20", "%2e%2e/", "..", "?", "=", "&x", "~", "%", "\u{e9}",
-        ]);
+    for _ in 0..random.gen_range(0..12) {
+        let piece = pick(
+            random,
+            &[
+                "a", "b/", "%20", "%2e%2e/", "..", "?", "=", "&x", "~", "%", "\u{e9}",
+            ],
+        );
         target.push_str(piece);
     }
-    if random.chance(3) {
-        target = random.pick(&["*", "http://a/b", "", "/\t/"]).to_owned();
+    if random.gen_range(0..100) < 3 {
+        target = pick(random, &["*", "http://a/b", "", "/\t/"]).to_owned();
     }
-    let eol: &str = if random.chance(5) { "\n" } else { "\r\n" };
+    let eol: &str = if random.gen_range(0..100) < 5 {
+        "\n"
+    } else {
+        "\r\n"
+    };
     let mut request = format!("{method} {target} {version}{eol}").into_bytes();
     let mut body = Vec::new();
-    if random.chance(85) {
+    if random.gen_range(0..100) < 85 {
         request.extend_from_slice(format!("Host: localhost{eol}").as_bytes());
     }
-    for _ in 0..random.below(3) {
-        let header = match random.below(14) {
+    for _ in 0..random.gen_range(0..3) {
+        let header = match random.gen_range(0..14) {
             0 => "Connection: close".to_owned(),
             1 => "Connection: keep-alive".to_owned(),
             2 => "Connection: Keep-Alive, Upgrade".to_owned(),
             3 => "Host: other".to_owned(),
             4 => {
-                let len = random.below(8);
+                let len = random.gen_range(0..8);
                 body = vec![b'x'; len];
                 format!("Content-Length: {len}")
             }
@@ -477,7 +471,7 @@ fn generate(random: &mut Random) -> Vec<u8> {
             7 => "X-Folded: a\r\n b".to_owned(),
             8 => "Bad Header: x".to_owned(),
             9 => "X-Empty:".to_owned(),
-            10 | 11 => format!("User-Agent: test/{}", random.below(1000)),
+            10 | 11 => format!("User-Agent: test/{}", random.gen_range(0..1000)),
             _ => "Accept: */*".to_owned(),
         };
         request.extend_from_slice(header.as_bytes());
