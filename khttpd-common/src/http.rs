@@ -273,8 +273,8 @@ pub enum Counter {
 }
 
 impl Counter {
-    /// Number of slots in [`COUNTERS_MAP`].
-    pub const COUNT: u32 = 10;
+    /// Number of slots in [`COUNTERS_MAP`]: one past the last.
+    pub const COUNT: u32 = Counter::HandoffsLost as u32 + 1;
 }
 
 #[cfg(feature = "user")]
