@@ -424,17 +424,8 @@ fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second()
     follows_changes_within_a_second(&site, &mut stream);
     // Turned off, nothing is kept.
     let root = site.root.to_str().unwrap();
-    let off = Server::start(
-        Mode::UserUnbound,
-        &[
-            "--root",
-            root,
-            "--file-cache-max",
-            "0",
-            "--open-file-cache",
-            "0",
-        ],
-    );
+    let caches_off = ["--root", root, "--file-cache-max=0", "--open-file-cache=0"];
+    let off = Server::start(Mode::UserUnbound, &caches_off);
     for _ in 0..3 {
         assert_eq!(get(&off, "/page.html", &[]).status, 200);
         assert_eq!(get(&off, "/large.bin", &[]).body.len(), 100_000);

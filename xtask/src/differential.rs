@@ -52,45 +52,33 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut random = StdRng::seed_from_u64(seed);
     // The greeting: the kernel's answers against user space's.
-    let kernel = Server::start(khttpd, &["--fast-path", "on"])?;
-    let user = Server::start(khttpd, &["--fast-path", "off"])?;
-    let mut requests = corpus();
-    requests.extend((0..args.requests).map(|_| generate(&mut random)));
-    let phase = Phase {
-        kernel: &kernel,
-        user: &user,
+    let greeting = Phase::start(
+        khttpd,
+        &["--fast-path", "on"],
+        &["--fast-path", "off"],
         seed,
         deadline,
-    };
-    phase.compare_all("greeting", requests, &mut random)?;
-    drop((kernel, user));
+    )?;
+    let mut requests = corpus();
+    requests.extend((0..args.requests).map(|_| generate(&mut random)));
+    greeting.compare_all("greeting", requests, &mut random)?;
+    drop(greeting);
     // A site: the kernel's and both user-space caches' answers against user space without any.
     let site = Site::create()?;
     let root = site.dir.0.to_str().context("temporary folder name")?;
-    let kernel = Server::start(khttpd, &["--fast-path", "on", "--root", root])?;
-    let user = Server::start(
+    let caches_off = ["--file-cache-max=0", "--open-file-cache=0"];
+    let site_phase = Phase::start(
         khttpd,
-        &[
-            "--fast-path",
-            "off",
-            "--root",
-            root,
-            "--file-cache-max",
-            "0",
-            "--open-file-cache",
-            "0",
-        ],
+        &["--fast-path", "on", "--root", root],
+        &[&["--fast-path", "off", "--root", root][..], &caches_off].concat(),
+        seed,
+        deadline,
     )?;
     let mut requests = site_corpus();
     requests.extend(corpus());
     requests.extend((0..args.requests / 2).map(|_| generate(&mut random)));
-    let phase = Phase {
-        kernel: &kernel,
-        user: &user,
-        seed,
-        deadline,
-    };
-    phase.compare_all("site", requests, &mut random)?;
+    site_phase.compare_all("site", requests, &mut random)?;
+    let kernel = &site_phase.kernel;
     let hits = kernel
         .scrape()?
         .sum("khttpd_http_file_cache_hits_total")
@@ -103,14 +91,29 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
 }
 
 /// One server with everything on and one without, compared on the same requests.
-struct Phase<'a> {
-    kernel: &'a Server,
-    user: &'a Server,
+struct Phase {
+    kernel: Server,
+    user: Server,
     seed: u64,
     deadline: Instant,
 }
 
-impl Phase<'_> {
+impl Phase {
+    fn start(
+        khttpd: &Path,
+        kernel_args: &[&str],
+        user_args: &[&str],
+        seed: u64,
+        deadline: Instant,
+    ) -> anyhow::Result<Phase> {
+        Ok(Phase {
+            kernel: Server::start(khttpd, kernel_args)?,
+            user: Server::start(khttpd, user_args)?,
+            seed,
+            deadline,
+        })
+    }
+
     /// Sends each request whole (twice), byte by byte and in pipelined batches to both servers.
     fn compare_all(
         &self,
@@ -118,7 +121,7 @@ impl Phase<'_> {
         requests: Vec<Vec<u8>>,
         random: &mut StdRng,
     ) -> anyhow::Result<()> {
-        let (kernel, seed) = (self.kernel, self.seed);
+        let (kernel, seed) = (&self.kernel, self.seed);
         let before = kernel_responses(kernel)?;
         let total = requests.len();
         let (mut compared, mut sent, mut learned) = (0usize, 0usize, 0usize);
