@@ -7,10 +7,10 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use common::{wait_bounded, xtask_binary, Mode, Server};
+use common::{eventually, wait_bounded, xtask_binary, Mode, Server};
 
 const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
 
@@ -273,6 +273,41 @@ fn idle_keep_alive_connections_are_closed() {
             "{dispatch}: closed {after:?} after the last wait"
         );
     }
+}
+
+/// A client that stops reading is given up one idle timeout after it last took a byte, like one
+/// that stops sending; before, it held its connection (and the answers it owed) until shutdown.
+#[test]
+fn clients_that_stop_reading_are_closed_after_the_idle_timeout() {
+    let root = std::env::temp_dir().join(format!("khttpd-http-stalled-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("large.bin"), vec![7u8; 4 << 20]).unwrap();
+    for dispatch in DISPATCH_MODES {
+        let args = ["--dispatch", dispatch, "--idle-timeout", "1"];
+        let server = Server::start(
+            Mode::UserUnbound,
+            &[&args[..], &["--root", root.to_str().unwrap()]].concat(),
+        );
+        let open = || server.metric("khttpd_http_open_connections");
+        let mut stream = connect(&server);
+        // Eight answers of 4 MiB, far more than both sockets' buffers hold; never read.
+        let request = b"GET /large.bin HTTP/1.1\r\nHost: x\r\n\r\n".repeat(8);
+        let sent = Instant::now();
+        stream.write_all(&request).unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || open() == 1),
+            "{dispatch}"
+        );
+        let closed = eventually(Duration::from_secs(10), || open() == 0);
+        assert!(closed, "{dispatch}: still open {:?} after", sent.elapsed());
+        assert!(
+            sent.elapsed() >= Duration::from_millis(900),
+            "{dispatch}: closed {:?} after the requests, before a timeout",
+            sent.elapsed()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

@@ -251,6 +251,19 @@ impl Connection {
         }
     }
 
+    /// How long a write may wait for the client to take a byte: the idle timeout, so a client
+    /// that stops reading is given up like one that stops sending (else it would hold its
+    /// connection, and the answer it owes, until shutdown).
+    pub fn send_timeout(&self) -> Duration {
+        self.timeouts.idle
+    }
+
+    /// A write waited [`Connection::send_timeout`] and the client took nothing: the connection
+    /// ends (closing sends what the kernel still holds, then a FIN).
+    pub fn send_timed_out(&mut self) {
+        self.phase = Phase::Done;
+    }
+
     /// The [`Connection::deadline`] passed without a read returning.
     pub fn deadline_passed(&mut self) {
         match self.phase {

@@ -261,15 +261,26 @@ pub(super) fn serve_async(
                     }
                 }
                 Wait::Writable => {
+                    // The client has this long to take a byte (only a backed-up connection
+                    // waits here, so a timer reset per wait costs the others nothing).
+                    timer
+                        .as_mut()
+                        .reset((Instant::now() + connection.send_timeout()).into());
+                    armed = None;
                     let woke = std::future::poll_fn(|cx| {
                         if let Poll::Ready(ready) = socket.poll_write_ready(cx) {
                             return Poll::Ready(cleared(ready));
                         }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Woke::Timer);
+                        }
                         stopped.as_mut().poll(cx).map(|()| Woke::Gone)
                     })
                     .await;
-                    if let Woke::Gone = woke {
-                        return;
+                    match woke {
+                        Woke::Ready => {}
+                        Woke::Timer => connection.send_timed_out(),
+                        Woke::Gone => return,
                     }
                 }
                 Wait::Kernel => {
@@ -305,6 +316,13 @@ pub(super) fn serve_blocking(
 ) {
     // Accepted sockets are non-blocking, and so are those coming back from the kernel path.
     if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    // A write that blocks this long without the client taking a byte fails with EAGAIN.
+    if stream
+        .set_write_timeout(Some(connection.send_timeout()))
+        .is_err()
+    {
         return;
     }
     let mut buf = vec![0u8; READ_CHUNK];
@@ -370,8 +388,9 @@ pub(super) fn serve_blocking(
             action => perform(&stream, &mut connection, action),
         };
         match step {
-            // A blocking socket does not say "would block" but after a timeout.
-            Step::Done | Step::WouldBlock => {}
+            Step::Done => {}
+            // A blocking socket says "would block" only when its send timeout passed.
+            Step::WouldBlock => connection.send_timed_out(),
             Step::End => return,
         }
     }
