@@ -29,6 +29,18 @@ pub enum Mode {
 pub const ALL_MODES: [Mode; 3] = [Mode::Kernel, Mode::UserUnbound, Mode::UserBound];
 
 impl Mode {
+    /// khttpd with this mode's flags.
+    fn command(self) -> Command {
+        let mut command = Command::new(KHTTPD);
+        command.args(self.args());
+        command
+    }
+
+    /// Whether the server should say the fast path is on.
+    fn fast_path(self) -> bool {
+        matches!(self, Mode::Kernel | Mode::Auto)
+    }
+
     pub fn args(self) -> &'static [&'static str] {
         match self {
             Mode::Kernel => &["--fast-path", "on"],
@@ -124,19 +136,13 @@ impl Server {
         // A port found free can be taken by another test's client before khttpd binds it (the
         // soak opens tens of thousands): then start again on other ports.
         for _ in 0..4 {
-            let start = std::panic::AssertUnwindSafe(|| {
-                let metrics_addr: SocketAddr =
-                    format!("127.0.0.1:{}", free_port()).parse().unwrap();
-                Server::start_on(mode, extra, free_port(), free_port(), metrics_addr)
-            });
-            match std::panic::catch_unwind(start) {
+            let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let ports = [free_port(), free_port()];
+            match Server::try_spawn(mode.command(), extra, ports, metrics_addr, mode.fast_path()) {
                 Ok(server) => return server,
-                Err(panic) => {
-                    let message = panic.downcast_ref::<String>().map_or("", String::as_str);
-                    if !message.contains("Address already in use") {
-                        std::panic::resume_unwind(panic);
-                    }
-                }
+                // khttpd's one-line error for a port it could not bind.
+                Err(said) if said.contains("Address already in use") => {}
+                Err(said) => panic!("khttpd exited before serving:\n{said}"),
             }
         }
         panic!("no free ports for khttpd after 4 attempts");
@@ -150,16 +156,8 @@ impl Server {
         http_port: u16,
         metrics_addr: SocketAddr,
     ) -> Server {
-        let fast_path = matches!(mode, Mode::Kernel | Mode::Auto);
-        let mut command = Command::new(KHTTPD);
-        command.args(mode.args());
-        Server::spawn(
-            command,
-            extra,
-            [echo_port, http_port],
-            metrics_addr,
-            fast_path,
-        )
+        let ports = [echo_port, http_port];
+        Server::spawn(mode.command(), extra, ports, metrics_addr, mode.fast_path())
     }
 
     /// Starts with `command` (khttpd with its mode and whatever the test set up, e.g. a seccomp
@@ -171,12 +169,24 @@ impl Server {
     }
 
     fn spawn(
+        command: Command,
+        extra: &[&str],
+        ports: [u16; 2],
+        metrics_addr: SocketAddr,
+        fast_path: bool,
+    ) -> Server {
+        Server::try_spawn(command, extra, ports, metrics_addr, fast_path)
+            .unwrap_or_else(|said| panic!("khttpd exited before serving:\n{said}"))
+    }
+
+    /// Starts khttpd and waits until it serves; `Err` with what it said if it exits first.
+    fn try_spawn(
         mut command: Command,
         extra: &[&str],
         [echo_port, http_port]: [u16; 2],
         metrics_addr: SocketAddr,
         fast_path: bool,
-    ) -> Server {
+    ) -> Result<Server, String> {
         let mut child = command
             .args(["--echo-port", &echo_port.to_string()])
             .args(["--port", &http_port.to_string()])
@@ -190,7 +200,7 @@ impl Server {
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().unwrap();
         let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let mut sink = sink.lock().unwrap();
                 sink.push_str(&line);
@@ -198,7 +208,7 @@ impl Server {
             }
         });
         let what = format!("{:?}", command);
-        let server = Server {
+        let mut server = Server {
             child,
             echo_port,
             http_port,
@@ -206,13 +216,21 @@ impl Server {
             stderr,
             _lifetime: Lifetime::new(what),
         };
-        server.wait_ready(fast_path);
-        server
+        if server.wait_ready(fast_path) {
+            return Ok(server);
+        }
+        // It exited: everything it said is in once the pipe's reader has seen the end.
+        let _ = reader.join();
+        Err(server.stderr())
     }
 
-    fn wait_ready(&self, fast_path: bool) {
+    /// True once it serves (with the fast path as expected); false if it exited first.
+    fn wait_ready(&mut self, fast_path: bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
             if let Ok(text) = self.try_metrics_text() {
                 let enabled = format!("khttpd_fast_path_enabled {}", u8::from(fast_path));
                 assert!(
@@ -220,7 +238,7 @@ impl Server {
                     "expected {enabled}:\n{}",
                     self.stderr()
                 );
-                return;
+                return true;
             }
             assert!(
                 Instant::now() < deadline,
