@@ -135,21 +135,21 @@ impl WorkQueue {
     /// pinned single-thread runtime per CPU the process may run on (its affinity).
     pub fn alloc(config: Config) -> std::io::Result<Arc<WorkQueue>> {
         let mut cpu_runtimes = Vec::new();
-        let cpus = match config.kind {
-            Kind::Unbound => Vec::new(),
-            Kind::Bound => allowed_cpus()?,
-        };
-        let pools = match config.kind {
-            Kind::Unbound => vec![Pool::new(&config, Handle::current())],
-            Kind::Bound => cpus
-                .iter()
-                .map(|&cpu| {
-                    let runtime = CpuRuntime::start(&config.name, cpu)?;
-                    let pool = Pool::new(&config, runtime.handle.clone());
-                    cpu_runtimes.push(runtime);
-                    Ok(pool)
-                })
-                .collect::<std::io::Result<_>>()?,
+        let (cpus, pools) = match config.kind {
+            Kind::Unbound => (Vec::new(), vec![Pool::new(&config, Handle::current())]),
+            Kind::Bound => {
+                let cpus = allowed_cpus()?;
+                let pools = cpus
+                    .iter()
+                    .map(|&cpu| {
+                        let runtime = CpuRuntime::start(&config.name, cpu)?;
+                        let pool = Pool::new(&config, runtime.handle.clone());
+                        cpu_runtimes.push(runtime);
+                        Ok(pool)
+                    })
+                    .collect::<std::io::Result<_>>()?;
+                (cpus, pools)
+            }
         };
         Ok(Arc::new(WorkQueue {
             config,

@@ -64,8 +64,8 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     greeting.compare_all("greeting", requests, &mut random)?;
     drop(greeting);
     // A site: the kernel's and both user-space caches' answers against user space without any.
-    let site = Site::create()?;
-    let root = site.dir.0.to_str().context("temporary folder name")?;
+    let site = site_folder()?;
+    let root = site.0.to_str().context("temporary folder name")?;
     let caches_off = ["--file-cache-max=0", "--open-file-cache=0"];
     let site_phase = Phase::start(
         khttpd,
@@ -122,7 +122,7 @@ impl Phase {
         random: &mut StdRng,
     ) -> anyhow::Result<()> {
         let (kernel, seed) = (&self.kernel, self.seed);
-        let before = kernel_responses(kernel)?;
+        let (_, before) = kernel_counts(kernel)?;
         let total = requests.len();
         let (mut compared, mut sent, mut learned) = (0usize, 0usize, 0usize);
         let mut batch = Vec::new();
@@ -132,17 +132,17 @@ impl Phase {
             }
             sent += 1;
             // Whole: user space answers and, if the kernel can answer it exactly, teaches it.
-            let entries = cache_entries(kernel)?;
+            let (entries, _) = kernel_counts(kernel)?;
             self.compare(&request, Send::Whole, "whole")?;
-            let taught = cache_entries(kernel)? > entries && is_one_head(&request);
+            let (entries_after, answers) = kernel_counts(kernel)?;
+            let taught = entries_after > entries && is_one_head(&request);
             // Whole, again: a request just taught (and nothing after it: the kernel answers a
             // segment only if it is exactly a learned request) must now be answered by the
             // kernel — else the comparison would only show that user space agrees with itself.
-            let answers = kernel_responses(kernel)?;
             self.compare(&request, Send::Whole, "whole, again")?;
             if taught {
                 learned += 1;
-                if kernel_responses(kernel)? == answers {
+                if kernel_counts(kernel)?.1 == answers {
                     bail!(
                         "{name}: the kernel learned {:?} but did not answer it the second time \
                          (seed {seed})",
@@ -159,7 +159,7 @@ impl Phase {
                 batch.clear();
             }
         }
-        let answered = kernel_responses(kernel)? - before;
+        let answered = kernel_counts(kernel)?.1 - before;
         println!(
             "diff ({name}): {sent} requests, {compared} exchanges identical; \
              {learned} requests learned, each answered by the kernel when sent again; \
@@ -189,41 +189,35 @@ impl Phase {
 
 /// The folder the site phase serves: names the request grammar produces (`a`, `b/`, `~`),
 /// files on both sides of the inline limit, a folder with an index and one without.
-struct Site {
-    dir: TempDir,
-}
-
-impl Site {
-    fn create() -> anyhow::Result<Site> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = TempDir::create("diff-site")?;
-        let files: [(&str, Vec<u8>); 7] = [
-            ("a", b"a file named a\n".to_vec()),
-            ("b/a", b"b/a\n".to_vec()),
-            (
-                "b/index.txt",
-                b"no index.html here: b/ is a listing\n".to_vec(),
-            ),
-            ("~", b"tilde\n".to_vec()),
-            (
-                "file.txt",
-                (0..2000u32).map(|i| b'a' + (i % 26) as u8).collect(),
-            ),
-            (
-                "big.bin",
-                (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect(),
-            ),
-            ("with-index/index.html", b"<p>index</p>\n".to_vec()),
-        ];
-        for (path, bytes) in files {
-            let path = dir.0.join(path);
-            fs::create_dir_all(path.parent().expect("a parent"))?;
-            fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
-        }
-        // khttpd serves it as nobody.
-        fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755))?;
-        Ok(Site { dir })
+fn site_folder() -> anyhow::Result<TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::create("diff-site")?;
+    let files: [(&str, Vec<u8>); 7] = [
+        ("a", b"a file named a\n".to_vec()),
+        ("b/a", b"b/a\n".to_vec()),
+        (
+            "b/index.txt",
+            b"no index.html here: b/ is a listing\n".to_vec(),
+        ),
+        ("~", b"tilde\n".to_vec()),
+        (
+            "file.txt",
+            (0..2000u32).map(|i| b'a' + (i % 26) as u8).collect(),
+        ),
+        (
+            "big.bin",
+            (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect(),
+        ),
+        ("with-index/index.html", b"<p>index</p>\n".to_vec()),
+    ];
+    for (path, bytes) in files {
+        let path = dir.0.join(path);
+        fs::create_dir_all(path.parent().expect("a parent"))?;
+        fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    // khttpd serves it as nobody.
+    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
 }
 
 /// Requests for the site's files: each method, version and conditional or Range header.
@@ -274,13 +268,6 @@ fn site_corpus() -> Vec<Vec<u8>> {
     corpus
 }
 
-fn kernel_responses(server: &Server) -> anyhow::Result<u64> {
-    server
-        .scrape()?
-        .sum("khttpd_http_kernel_responses_total")
-        .context("no khttpd_http_kernel_responses_total in /metrics")
-}
-
 /// Whether `request` is one request head and nothing more.
 fn is_one_head(request: &[u8]) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -290,11 +277,18 @@ fn is_one_head(request: &[u8]) -> bool {
     )
 }
 
-fn cache_entries(server: &Server) -> anyhow::Result<u64> {
-    server
-        .scrape()?
-        .sum("khttpd_http_kernel_cache_entries")
-        .context("no khttpd_http_kernel_cache_entries in /metrics")
+/// The kernel's learned requests and its answers so far, from one scrape.
+fn kernel_counts(server: &Server) -> anyhow::Result<(u64, u64)> {
+    let metrics = server.scrape()?;
+    let sum = |name: &str| {
+        metrics
+            .sum(name)
+            .with_context(|| format!("no {name} in /metrics"))
+    };
+    Ok((
+        sum("khttpd_http_kernel_cache_entries")?,
+        sum("khttpd_http_kernel_responses_total")?,
+    ))
 }
 
 #[derive(Clone, Copy)]

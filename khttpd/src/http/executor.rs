@@ -49,12 +49,18 @@ enum Step {
 
 /// Carries out the actions both executors do the same way (whether they wait is the socket's
 /// blocking mode): everything but reading, the kernel's order and the hand-off.
-fn perform(stream: &std::net::TcpStream, connection: &mut Connection, action: Action) -> Step {
+/// `file_share`: the most file bytes one sendfile sends.
+fn perform(
+    stream: &std::net::TcpStream,
+    connection: &mut Connection,
+    action: Action,
+    file_share: usize,
+) -> Step {
     let result = match action {
         Action::Write => (&*stream)
             .write(connection.output())
             .map(|n| connection.wrote(n)),
-        Action::SendFile => send_file_once(stream.as_raw_fd(), connection.file(), 1 << 30)
+        Action::SendFile => send_file_once(stream.as_raw_fd(), connection.file(), file_share)
             .map(|n| connection.sent_file(n)),
         Action::CloseIfQuiet => {
             // Closing with an empty receive queue sends a FIN; with bytes in it, a reset.
@@ -73,10 +79,6 @@ fn perform(stream: &std::net::TcpStream, connection: &mut Connection, action: Ac
             unreachable!("{action:?} is the executor's")
         }
     };
-    step_of(result)
-}
-
-fn step_of(result: io::Result<()>) -> Step {
     match result {
         Ok(()) => Step::Done,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::WouldBlock,
@@ -171,12 +173,10 @@ fn advance(stream: &std::net::TcpStream, connection: &mut Connection, readable: 
             Action::WaitForKernel => return Wait::Kernel,
             Action::Release => return Wait::Release,
             Action::SendFile if sent_file => return Wait::Turn,
-            Action::SendFile => {
-                sent_file = true;
-                let result = send_file_once(stream.as_raw_fd(), connection.file(), FILE_TURN);
-                step_of(result.map(|n| connection.sent_file(n)))
+            action => {
+                sent_file |= matches!(action, Action::SendFile);
+                perform(stream, connection, action, FILE_TURN)
             }
-            action => perform(stream, connection, action),
         };
         match step {
             Step::Done => {}
@@ -385,7 +385,8 @@ pub(super) fn serve_blocking(
                 }
                 None => return,
             },
-            action => perform(&stream, &mut connection, action),
+            // No one else shares the thread: the whole file at once.
+            action => perform(&stream, &mut connection, action, 1 << 30),
         };
         match step {
             Step::Done => {}

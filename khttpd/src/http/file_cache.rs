@@ -15,7 +15,6 @@
 //! is never served.
 
 use std::{
-    fs::File,
     hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -84,14 +83,9 @@ struct Answer {
     bytes: Box<[u8]>,
     /// Where the Date value is in `bytes`.
     date_at: Option<usize>,
-    file: Option<OpenFile>,
+    /// The body still to send, as it was when the answer was computed (its file shared).
+    file: Option<FileBody>,
     generation: u64,
-}
-
-struct OpenFile {
-    file: Arc<File>,
-    offset: u64,
-    len: u64,
 }
 
 /// What a cache bounds.
@@ -231,19 +225,12 @@ impl FileCache {
         let start = out.len();
         let computed = compute(out);
         let written = &out[start..];
-        let (counted, file) = match &computed.file {
-            None => (&self.answers, None),
-            Some(body) => (
-                &self.open_files,
-                Some(OpenFile {
-                    file: body.file.clone(),
-                    offset: body.offset,
-                    len: body.len,
-                }),
-            ),
+        let counted = match computed.file {
+            None => &self.answers,
+            Some(_) => &self.open_files,
         };
         counted.misses.fetch_add(1, Ordering::Relaxed);
-        let fits = file.is_some() || written.len() <= self.largest;
+        let fits = computed.file.is_some() || written.len() <= self.largest;
         if let (Some(cache), true, true) = (&counted.cache, computed.cacheable, fits) {
             let key = Asked {
                 request: asking.request.clone(),
@@ -252,8 +239,8 @@ impl FileCache {
             };
             let answer = Answer {
                 bytes: written.into(),
-                date_at: date_at(written),
-                file,
+                date_at: response::date_offset(written),
+                file: computed.file.clone(),
                 generation,
             };
             cache.insert(key, Arc::new(answer));
@@ -284,20 +271,5 @@ fn send(answer: &Answer, out: &mut Vec<u8>) -> Option<FileBody> {
     if let Some(at) = answer.date_at {
         out[start + at..start + at + DATE_LEN].copy_from_slice(&response::date());
     }
-    answer.file.as_ref().map(|open| FileBody {
-        file: open.file.clone(),
-        offset: open.offset,
-        len: open.len,
-    })
-}
-
-/// Where the Date value is in an answer's head.
-fn date_at(answer: &[u8]) -> Option<usize> {
-    const PREFIX: &[u8] = b"\r\nDate: ";
-    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
-    answer[..head_end]
-        .windows(PREFIX.len())
-        .position(|w| w == PREFIX)
-        .map(|at| at + PREFIX.len())
-        .filter(|at| at + DATE_LEN <= head_end)
+    answer.file.clone()
 }

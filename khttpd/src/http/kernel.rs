@@ -200,8 +200,8 @@ impl Table {
         if response.len() > MAX_RESPONSE as usize {
             return Ok(None);
         }
-        let date_offset = match response.windows(8).position(|w| w == b"\r\nDate: ") {
-            Some(at) if at + 8 + DATE_LEN <= BLOCK => at + 8,
+        let date_offset = match response::date_offset(response) {
+            Some(at) if at + DATE_LEN <= BLOCK => at,
             _ => return Ok(None),
         };
         let mut key = response.to_vec();

@@ -166,6 +166,14 @@ pub fn write_head(
     });
 }
 
+/// Where the Date value is in an answer [`write_head`] wrote (its second line, so the first match
+/// is the header, never body bytes): the kernel's response table and the file cache patch it.
+pub fn date_offset(answer: &[u8]) -> Option<usize> {
+    const PREFIX: &[u8] = b"\r\nDate: ";
+    let at = answer.windows(PREFIX.len()).position(|w| w == PREFIX)? + PREFIX.len();
+    (at + DATE_LEN <= answer.len()).then_some(at)
+}
+
 /// The current time as an IMF-fixdate, formatted once per second on each thread. The clock read
 /// is the coarse one (the kernel's last tick, a few ms behind; a precise read showed in the
 /// profile of pipelined answers): a Date turns over at most a tick late.

@@ -30,6 +30,7 @@ use super::{
 const INLINE_LIMIT: u64 = 64 * 1024;
 
 /// Bytes a file response still owes after its head: `len` bytes of `file` from `offset`.
+#[derive(Clone)]
 pub struct FileBody {
     /// Shared with the open-file cache.
     pub file: Arc<File>,
@@ -72,6 +73,15 @@ impl Refusal {
         Refusal {
             status,
             cacheable: false,
+        }
+    }
+
+    /// Writes the refusal's answer.
+    fn answer(self, keep_alive: bool, head_only: bool, out: &mut Vec<u8>) -> Computed {
+        response::write(out, self.status, keep_alive, head_only);
+        Computed {
+            file: None,
+            cacheable: self.cacheable,
         }
     }
 }
@@ -191,24 +201,19 @@ impl Site {
         head_only: bool,
         out: &mut Vec<u8>,
     ) -> Computed {
-        let refuse = |out: &mut Vec<u8>, refusal: Refusal| {
-            response::write(out, refusal.status, keep_alive, head_only);
-            Computed {
-                file: None,
-                cacheable: refusal.cacheable,
-            }
-        };
+        let refuse =
+            |refusal: Refusal, out: &mut Vec<u8>| refusal.answer(keep_alive, head_only, out);
         let path = match self.resolve(&request.target) {
             Ok(path) => path,
-            Err(refusal) => return refuse(out, refusal),
+            Err(refusal) => return refuse(refusal, out),
         };
         let Ok(meta) = fs::metadata(&path) else {
-            return refuse(out, Refusal::cached(Status::NotFound));
+            return refuse(Refusal::cached(Status::NotFound), out);
         };
         let target = path_part(&request.target);
         if !meta.is_dir() && target.ends_with(b"/") {
             // `/file.txt/` names a folder that does not exist (open(2) says ENOTDIR).
-            return refuse(out, Refusal::cached(Status::NotFound));
+            return refuse(Refusal::cached(Status::NotFound), out);
         }
         if meta.is_dir() {
             if !target.ends_with(b"/") {
@@ -283,16 +288,11 @@ impl Site {
                 } else {
                     Refusal::cached(Status::NotFound)
                 };
-                response::write(out, refusal.status, keep_alive, head_only);
-                return Computed {
-                    file: None,
-                    cacheable: refusal.cacheable,
-                };
+                return refusal.answer(keep_alive, head_only, out);
             }
         };
         let Ok(meta) = file.metadata() else {
-            response::write(out, Status::NotFound, keep_alive, head_only);
-            return WRITTEN;
+            return Refusal::cached(Status::NotFound).answer(keep_alive, head_only, out);
         };
         let size = meta.len();
         let modified = meta
@@ -373,11 +373,7 @@ impl Site {
         out: &mut Vec<u8>,
     ) -> Computed {
         let Ok(entries) = fs::read_dir(dir) else {
-            response::write(out, Status::Forbidden, keep_alive, head_only);
-            return Computed {
-                file: None,
-                cacheable: false,
-            };
+            return Refusal::each_time(Status::Forbidden).answer(keep_alive, head_only, out);
         };
         let mut rows: Vec<(Vec<u8>, bool, u64, u64)> = entries
             .filter_map(Result::ok)
