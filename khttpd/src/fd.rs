@@ -39,6 +39,12 @@ pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
     getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
+/// SO_MEMINFO: the socket's memory counters, indexed by libc's `SK_MEMINFO_*` constants (the
+/// kernel fills as many as it has, nine on 6.x).
+pub fn meminfo(fd: RawFd) -> io::Result<[u32; 9]> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)
+}
+
 /// `tcpi_state` values (include/net/tcp_states.h): closed or reset, and the peer's FIN received.
 pub const TCP_CLOSE: u8 = 7;
 pub const TCP_CLOSE_WAIT: u8 = 8;

@@ -22,5 +22,6 @@ pub mod listener;
 pub mod metrics;
 pub mod privileges;
 pub mod shutdown;
+pub mod socket_memory;
 pub mod sockmap;
 pub mod workqueue;

@@ -124,6 +124,14 @@ pub fn render(services: &Services) -> String {
         "HTTP connections turned away with 503 because --max-connections were open.",
         &[("", http.rejected.load(Ordering::Relaxed))],
     );
+    metric(
+        &mut out,
+        "khttpd_sockets_closed_with_memory_charged_total",
+        "counter",
+        "Kernel-path sockets whose memory books were off when they closed (a psock accounting race: \
+         the kernel keeps that memory charged; see docs/kernel-facts.md).",
+        &[("", crate::socket_memory::closed_charged())],
+    );
     render_file_caches(&mut out, http);
     render_http_kernel(&mut out, http);
     render_queues(&mut out, &[&services.echo.queue, &http.queue]);

@@ -35,6 +35,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie, tcp_info, TCP_CLOSE},
     shutdown::Shutdown,
+    socket_memory,
 };
 
 /// How long a half-closed connection may take to get its last bytes acknowledged.
@@ -282,10 +283,9 @@ impl<S: Service> KernelConnections<S> {
             let _ = watcher.join();
         }
         let mut connections = self.inner.connections.lock().unwrap();
-        for cookie in connections.keys() {
-            self.inner.service.forget(*cookie);
+        for (cookie, parked) in connections.drain() {
+            self.inner.closing(cookie, &parked);
         }
-        connections.clear();
     }
 }
 
@@ -406,7 +406,7 @@ impl<S: Service> Inner<S> {
                     "{}: connection {cookie} idle for {idle:?}; closing it",
                     S::NAME
                 );
-                self.service.forget(cookie);
+                self.closing(cookie, parked);
             }
             !silent
         });
@@ -422,14 +422,21 @@ impl<S: Service> Inner<S> {
         if !self.service.drained(stream, cookie) {
             return false;
         }
-        connections.remove(&cookie);
-        self.service.forget(cookie);
+        if let Some(parked) = connections.remove(&cookie) {
+            self.closing(cookie, &parked);
+        }
         true
     }
 
     fn close(&self, cookie: u64) {
-        if self.connections.lock().unwrap().remove(&cookie).is_some() {
-            self.service.forget(cookie);
+        if let Some(parked) = self.connections.lock().unwrap().remove(&cookie) {
+            self.closing(cookie, &parked);
         }
+    }
+
+    /// What closing a connection the watcher holds involves before its socket is dropped.
+    fn closing(&self, cookie: u64, parked: &S::Parked) {
+        socket_memory::check(parked.as_raw_fd(), cookie, S::NAME);
+        self.service.forget(cookie);
     }
 }

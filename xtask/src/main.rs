@@ -1,6 +1,6 @@
 //! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask bench
 //! cost|echo|http|site|memory`, `cargo xtask htstress`, `cargo xtask floor`, `cargo xtask diff`,
-//! `cargo xtask soak`, `cargo xtask fuzz`.
+//! `cargo xtask soak`, `cargo xtask fuzz`, `cargo xtask leak-check`.
 //!
 //! `run` and `test` first make sure the eBPF toolchain is installed (see `toolchain`), so a fresh
 //! clone on a fresh machine needs nothing but these two commands.
@@ -16,6 +16,7 @@ mod floor;
 mod fuzz;
 mod htstress;
 mod kernel_warnings;
+mod leak_check;
 mod netns;
 mod soak;
 mod toolchain;
@@ -74,6 +75,9 @@ enum Task {
     /// htstress -n N (close per request, then keep-alive) per fast-path mode; every fd, sockhash
     /// entry and connection gauge must return to its baseline.
     Soak(soak::Args),
+    /// Run a command (default: the HTTP and echo tests) and count the kernel-path sockets its
+    /// servers closed with memory still charged; fails if there are any (issue 15).
+    LeakCheck(leak_check::Args),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +101,10 @@ fn main() -> anyhow::Result<()> {
         Task::Htstress(args) => htstress::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Floor(args) => floor::run(&args),
+        Task::LeakCheck(args) => {
+            toolchain::ensure()?;
+            leak_check::run(&args)
+        }
         Task::Diff { args, khttpd } => {
             let khttpd = match khttpd {
                 Some(path) => path,
@@ -128,6 +136,9 @@ fn main() -> anyhow::Result<()> {
             // Where the harness records its servers' lifetimes, for the kernel-warning report.
             let lifetimes = workspace_root().join("target/test-lifetimes.txt");
             let _ = std::fs::remove_file(&lifetimes);
+            // And where they record sockets closed with memory still charged (issue 15).
+            let leaks = leak_check::log_path();
+            let _ = std::fs::remove_file(&leaks);
             let before = kernel_warnings::before();
             let tested = cargo_with_env(
                 &[
@@ -138,9 +149,15 @@ fn main() -> anyhow::Result<()> {
                     "khttpd-ebpf",
                 ],
                 &args,
-                &[("KHTTPD_LIFETIMES", lifetimes.as_os_str())],
+                &[
+                    ("KHTTPD_LIFETIMES", lifetimes.as_os_str()),
+                    (leak_check::LOG_VARIABLE, leaks.as_os_str()),
+                ],
             );
-            let report = kernel_warnings::report(&before, &lifetimes);
+            let mut report = kernel_warnings::report(&before, &lifetimes);
+            // Reported, not failed on, until khttpd avoids the race in every case (issue 15):
+            // `cargo xtask leak-check` fails on it.
+            report.push_str(&leak_check::report(&leaks).1);
             eprint!("{report}");
             let _ = std::fs::write(workspace_root().join("target/kernel-warnings.txt"), &report);
             tested

@@ -12,7 +12,7 @@ use log::{debug, warn};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{kernel::Detached, UserCounters};
-use crate::{fd::reset_on_close, shutdown::Shutdown, sockmap::wait_until_queued};
+use crate::{fd::reset_on_close, shutdown::Shutdown, socket_memory, sockmap::wait_until_queued};
 
 /// How long a detached connection waits for a verdict running during the detach to finish
 /// before it reads the kernel's count (see `Detached::lost_bytes`); also the pause between tries
@@ -74,6 +74,9 @@ pub async fn echo(
     };
     if let Err(e) = result {
         debug!("echo: connection ended: {e}");
+    }
+    if let Some(detached) = &detached {
+        socket_memory::check(stream.as_raw_fd(), detached.cookie(), "echo");
     }
 }
 

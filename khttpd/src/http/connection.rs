@@ -329,6 +329,12 @@ impl Connection {
         }
     }
 
+    /// The connection's cookie while its socket is in the sockhash (user space serving it for
+    /// now), for the executor's check before it closes the socket (`crate::socket_memory`).
+    pub fn sockhash_cookie(&self) -> Option<u64> {
+        Some(self.kernel.as_ref()?.link.as_ref()?.cookie)
+    }
+
     /// After [`Action::CloseIfQuiet`]: bytes arrived after all; close with a linger.
     pub fn not_quiet(&mut self) {
         self.phase = Phase::Closing;

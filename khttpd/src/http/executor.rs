@@ -24,6 +24,7 @@ use super::{
 use crate::{
     fd::{register, silence, unread_bytes},
     shutdown::Shutdown,
+    socket_memory,
 };
 
 /// Bytes read per system call.
@@ -65,7 +66,10 @@ fn perform(
         Action::CloseIfQuiet => {
             // Closing with an empty receive queue sends a FIN; with bytes in it, a reset.
             match unread_bytes(stream.as_raw_fd()) {
-                Ok(0) => return Step::End,
+                Ok(0) => {
+                    closing(stream, connection);
+                    return Step::End;
+                }
                 _ => connection.not_quiet(),
             }
             Ok(())
@@ -74,7 +78,10 @@ fn perform(
             let _ = stream.shutdown(std::net::Shutdown::Write);
             Ok(())
         }
-        Action::Close => return Step::End,
+        Action::Close => {
+            closing(stream, connection);
+            return Step::End;
+        }
         Action::Read | Action::WaitForKernel | Action::Release => {
             unreachable!("{action:?} is the executor's")
         }
@@ -87,6 +94,14 @@ fn perform(
     }
 }
 
+/// Before the executor closes the socket: one still in the sockhash has its memory books checked
+/// (`crate::socket_memory`).
+fn closing(stream: &std::net::TcpStream, connection: &Connection) {
+    if let Some(cookie) = connection.sockhash_cookie() {
+        socket_memory::check(stream.as_raw_fd(), cookie, "http");
+    }
+}
+
 /// One read into `buf`, handed to the machine. `Ok(true)`: the read took everything there was
 /// (it returned less than the buffer), so the next one would only find the queue empty.
 fn read_once(
@@ -95,7 +110,10 @@ fn read_once(
     buf: &mut [u8],
 ) -> io::Result<bool> {
     match (&*stream).read(buf)? {
-        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+        0 => {
+            closing(stream, connection);
+            Err(io::ErrorKind::UnexpectedEof.into())
+        }
         n => {
             connection.received(&buf[..n]);
             Ok(n < buf.len())
