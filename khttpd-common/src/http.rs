@@ -69,6 +69,9 @@ pub const VERDICT_PROGRAM: &str = "http_verdict";
 pub const SYNTHESIZER_PROGRAM: &str = "http_synthesize";
 /// The global holding the per-load secret of [`Marker`]s.
 pub const SECRET_GLOBAL: &str = "HTTP_SECRET";
+/// The global holding the server's process id (thread group): the sk_msg program tells the psock's
+/// work item, which sends the kernel's answers and passed-through requests, from user space by it.
+pub const TGID_GLOBAL: &str = "HTTP_TGID";
 /// Bytes of request a [`RequestKey`] holds. htstress's, wrk's and curl's requests are 40–80 bytes.
 pub const REQUEST_KEY_BYTES: usize = 252;
 /// Shortest request the kernel answers: the marker must fit in it.

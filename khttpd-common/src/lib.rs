@@ -32,6 +32,9 @@ pub struct TcpOffsets {
     pub write_seq: u32,
     /// `u32 snd_una`: first unacknowledged sequence number.
     pub snd_una: u32,
+    /// `atomic64_t skc_cookie` of `struct sock_common`, which starts every socket: the socket's
+    /// cookie, for the sk_msg program (which has no cookie helper).
+    pub sk_cookie: u32,
 }
 
 #[cfg(feature = "user")]

@@ -48,8 +48,11 @@ fn try_echo_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     if len == 0 {
         // Without a stream parser the verdict also runs once, empty, when the peer's FIN arrives.
+        // TCP has recorded it already; dropped rather than passed, because a pass would wait behind
+        // the echoes still in the psock's queue and be delivered by its work item without the
+        // socket lock (docs/kernel-facts.md, "The psock WARNING"), and it holds no bytes.
         debug!(ctx, "echo: peer closed, cookie {}", cookie);
-        return Ok(SK_PASS);
+        return Ok(SK_DROP);
     }
     // The control plane creates the record before the socket enters the sockhash.
     let Some(connection) = ECHO_CONNECTIONS.get_ptr_mut(&cookie) else {

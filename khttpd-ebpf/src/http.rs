@@ -16,10 +16,13 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_INGRESS,
+    },
     helpers::{
-        bpf_get_socket_cookie, bpf_msg_pull_data, bpf_skb_load_bytes, bpf_skb_pull_data,
-        bpf_skb_store_bytes,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_msg_pull_data, bpf_skb_load_bytes,
+        bpf_skb_pull_data, bpf_skb_store_bytes,
     },
     macros::{map, sk_msg, stream_verdict},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -34,12 +37,16 @@ use khttpd_common::{
     Handoff,
 };
 
-use crate::tcp::tcp_counts;
+use crate::tcp::{socket_cookie, tcp_counts};
 
 /// Set by the control plane at load time (random); a message must start with it to be
 /// synthesized, so neither a client nor user space can forge a marker.
 #[unsafe(no_mangle)]
 static HTTP_SECRET: u64 = 0;
+
+/// Set by the control plane at load time: the server's process id (see `sent_by_work_item`).
+#[unsafe(no_mangle)]
+static HTTP_TGID: u32 = 0;
 
 #[map(name = "HTTP_SOCKETS")]
 static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKETS, 0);
@@ -85,8 +92,10 @@ pub fn http_verdict(ctx: SkBuffContext) -> u32 {
 fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
     let len = ctx.len();
     if len == 0 {
-        // The peer's FIN (no stream parser): nothing to answer.
-        return SK_PASS;
+        // The peer's FIN (no stream parser): nothing to answer, and TCP has recorded it already
+        // (user space reads the end of the stream either way). Dropped, not passed: a pass could
+        // be queued behind answers still on their way (see `pass`), and it holds no bytes.
+        return SK_DROP;
     }
     // SAFETY: the context pointer is the program's own `__sk_buff`.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
@@ -115,18 +124,36 @@ fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
     if answered.read_bytes != passed_before {
         // User space still owes answers on this connection and reads its socket.
         count(Counter::PassedUserOwned);
-        return SK_PASS;
+        return pass(ctx, connection, &mut cookie);
     }
     match answer(ctx, connection, answered.written_bytes, &mut cookie) {
         Ok(()) => {
             add_atomic(passed, u64::from(len).wrapping_neg());
             count(Counter::KernelResponses);
+            SK_PASS
         }
         Err(reason) => {
             // User space may be parked (not reading): tell it.
             count(reason.counter());
             hand_off(cookie);
+            pass(ctx, connection, &mut cookie)
         }
+    }
+}
+
+/// Leaves the skb to user space: directly (SK_PASS) on a connection the kernel has never answered.
+/// Once it has, a pass could find answers still in the psock's queue, wait behind them and be
+/// delivered by the psock's work item, whose charge for it (`sk_mem_charge` without the socket
+/// lock) races with the socket's other users and leaves the socket's memory books wrong for good
+/// (docs/kernel-facts.md, "The psock WARNING"). The verdict cannot see that queue, so from the
+/// first answer on every pass goes the way of an answer instead — to the socket's egress, in order
+/// behind the answers — and `http_synthesize`, which runs under the socket lock, turns it around
+/// to the socket's ingress.
+fn pass(ctx: &SkBuffContext, connection: &Connection, cookie: &mut u64) -> u32 {
+    if connection.kernel_bytes != 0
+        && HTTP_SOCKETS.redirect_skb(ctx, cookie, 0) != i64::from(SK_PASS)
+    {
+        count(Counter::RedirectFailures);
     }
     SK_PASS
 }
@@ -248,25 +275,15 @@ pub fn http_synthesize(ctx: SkMsgContext) -> u32 {
 }
 
 fn try_http_synthesize(ctx: &SkMsgContext) -> Result<u32, ()> {
-    let marker_len = size_of::<Marker>() as u32;
-    if ctx.size() < marker_len {
-        return Ok(SK_PASS);
-    }
-    // SAFETY: plain helper call on our message.
-    if unsafe { bpf_msg_pull_data(ctx.msg, 0, marker_len, 0) } != 0 {
-        return Ok(SK_PASS);
-    }
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if data + marker_len as usize > end {
-        return Ok(SK_PASS);
-    }
-    // SAFETY: bounds checked just above.
-    let marker = unsafe { core::ptr::read_unaligned(data as *const Marker) };
-    // SAFETY: see `answer`.
-    if marker.secret != unsafe { read_volatile(&HTTP_SECRET) } {
-        // User space's own writes, and anything else: untouched.
-        return Ok(SK_PASS);
-    }
+    let Some(marker) = marker(ctx) else {
+        // Not an answer. User space's own writes go out untouched; what the psock's work item
+        // sends unmarked is a passed skb on its way to user space (the verdict's `pass`).
+        return if sent_by_work_item() {
+            pass_through(ctx)
+        } else {
+            Ok(SK_PASS)
+        };
+    };
     if marker.request_len != ctx.size() {
         return Err(());
     }
@@ -300,6 +317,46 @@ fn try_http_synthesize(ctx: &SkMsgContext) -> Result<u32, ()> {
     ctx.pop_data(len, padded - len + marker.request_len, 0)
         .map_err(drop)?;
     Ok(SK_PASS)
+}
+
+/// The message's marker, if it starts with one (this load's secret).
+fn marker(ctx: &SkMsgContext) -> Option<Marker> {
+    let marker_len = size_of::<Marker>() as u32;
+    if ctx.size() < marker_len {
+        return None;
+    }
+    // SAFETY: plain helper call on our message.
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, marker_len, 0) } != 0 {
+        return None;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + marker_len as usize > end {
+        return None;
+    }
+    // SAFETY: bounds checked just above.
+    let marker = unsafe { core::ptr::read_unaligned(data as *const Marker) };
+    // SAFETY: see `answer`.
+    (marker.secret == unsafe { read_volatile(&HTTP_SECRET) }).then_some(marker)
+}
+
+/// Whether the message is sent by the psock's work item rather than by user space (the server's
+/// threads, which the loader names by their thread group).
+fn sent_by_work_item() -> bool {
+    // SAFETY: a global the loader fills in; volatile so it is not folded to its initial 0.
+    (bpf_get_current_pid_tgid() >> 32) as u32 != unsafe { read_volatile(&HTTP_TGID) }
+}
+
+/// Hands a passed skb that came through the psock's queue to the socket's ingress, where user
+/// space reads it; the kernel does that under the socket lock (`bpf_tcp_ingress`).
+fn pass_through(ctx: &SkMsgContext) -> Result<u32, ()> {
+    // SAFETY: the context's socket pointer, checked by the helpers `socket_cookie` calls.
+    let mut cookie = socket_cookie(unsafe { (*ctx.msg).__bindgen_anon_3.sk }).ok_or(())?;
+    // A request must never reach the client: dropped if it cannot be turned around.
+    if HTTP_SOCKETS.redirect_msg(ctx, &mut cookie, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        Ok(SK_PASS)
+    } else {
+        Err(())
+    }
 }
 
 /// Copies one block into message data known to have `BLOCK` bytes at `to`.

@@ -189,6 +189,7 @@ impl FastPath {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(http::SECRET_GLOBAL, &secret, true)
+            .override_global(http::TGID_GLOBAL, &std::process::id(), true)
             .override_global(khttpd_common::TCP_OFFSETS_GLOBAL, &tcp_offsets()?, true)
             .load(PROGRAMS)
             .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
@@ -298,6 +299,11 @@ fn tcp_offsets() -> Result<TcpOffsets, FastPathError> {
         bytes_acked: offset("bytes_acked")?,
         write_seq: offset("write_seq")?,
         snd_una: offset("snd_una")?,
+        sk_cookie: btf
+            .member_offset("sock_common", "skc_cookie")
+            .ok_or_else(|| {
+                FastPathError::Other("the kernel's BTF has no sock_common.skc_cookie".to_owned())
+            })?,
     })
 }
 

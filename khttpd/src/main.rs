@@ -17,7 +17,6 @@ use khttpd::{
     metrics::Services,
     privileges,
     shutdown::{self, Shutdown},
-    socket_memory,
     workqueue::{Config, Kind, WorkQueue},
 };
 
@@ -219,14 +218,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    // The file `cargo xtask leak-check` reads (issue 15), opened while it still may be.
-    if let Err(e) = socket_memory::open_log() {
-        warn!(
-            "cannot open the file {} names ({e}); sockets closed with memory still charged are \
-             only logged",
-            socket_memory::LOG_VARIABLE
-        );
-    }
     // Everything that needs root is done: programs loaded and attached, ports bound.
     if let Some(user) = &user {
         privileges::drop_to(user, root.as_ref().map(http::site::Site::root))?;

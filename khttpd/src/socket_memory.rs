@@ -16,39 +16,23 @@
 //! (SO_MEMINFO) just before user space closes a socket that has been in a sockhash; a remainder is
 //! what the kernel will still have charged once everything else is freed. Every such socket is
 //! counted ([`closed_charged`], exported as `khttpd_sockets_closed_with_memory_charged_total`) and
-//! logged, and with `KHTTPD_LEAK_LOG=PATH` in the environment also appended to that file, one line
-//! each (`cargo xtask leak-check` sets it and counts them).
+//! logged with [`LOG_PHRASE`] in the line (the test harness collects those lines for
+//! `cargo xtask leak-check`; no file is held open for it, the server may be confined to its
+//! document root).
 
 use std::{
-    fs::File,
-    io::{self, Write},
     os::fd::RawFd,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex, OnceLock,
-    },
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use log::warn;
 
 use crate::fd::{meminfo, socket_cookie};
 
-/// Where `KHTTPD_LEAK_LOG` asks each occurrence to be recorded.
-pub const LOG_VARIABLE: &str = "KHTTPD_LEAK_LOG";
+/// In every log line about such a socket.
+pub const LOG_PHRASE: &str = "bytes of socket memory still charged";
 
 static CLOSED_CHARGED: AtomicU64 = AtomicU64::new(0);
-static LOG: OnceLock<Mutex<File>> = OnceLock::new();
-
-/// Opens the file `KHTTPD_LEAK_LOG` names, if it is set (before privileges are dropped: the file
-/// stays open for the server's life).
-pub fn open_log() -> io::Result<()> {
-    let Some(path) = std::env::var_os(LOG_VARIABLE) else {
-        return Ok(());
-    };
-    let file = File::options().create(true).append(true).open(&path)?;
-    let _ = LOG.set(Mutex::new(file));
-    Ok(())
-}
 
 /// Sockets closed so far with memory still charged.
 pub fn closed_charged() -> u64 {
@@ -66,13 +50,9 @@ pub fn check(fd: RawFd, cookie: u64, what: &str) {
     };
     CLOSED_CHARGED.fetch_add(1, Ordering::Relaxed);
     warn!(
-        "{what}: connection {cookie} closes with {left} bytes of socket memory the kernel will \
-         never give back (a psock accounting race, see docs/kernel-facts.md)"
+        "{what}: connection {cookie} closes with {left} {LOG_PHRASE}: the kernel will never give \
+         them back (a psock accounting race, see docs/kernel-facts.md)"
     );
-    if let Some(log) = LOG.get() {
-        let mut log = log.lock().unwrap();
-        let _ = writeln!(log, "{} {what} {cookie} {left}", std::process::id());
-    }
 }
 
 /// The bytes the socket's books are off a page boundary, `None` when they balance (or cannot be

@@ -1,9 +1,9 @@
 //! `cargo xtask leak-check [-- COMMAND ARGS…]` (issue 15): runs a command with `KHTTPD_LEAK_LOG`
-//! set, so that every khttpd it starts (the test harness's servers are child processes and inherit
-//! the environment) records each kernel-path socket it closes with memory still charged
-//! (khttpd/src/socket_memory.rs says how it sees that), then counts them. The default command is
-//! the HTTP and echo test binaries. `cargo xtask test` runs its whole suite the same way and ends
-//! with the same line.
+//! set and counts the kernel-path sockets its servers closed with memory still charged. khttpd logs
+//! each (khttpd/src/socket_memory.rs says how it sees them); the test harness (khttpd/tests/common)
+//! copies those lines of every server it stopped into the file the variable names, so COMMAND is a
+//! test binary or a `cargo test` invocation. The default command is the HTTP and echo tests.
+//! `cargo xtask test` runs its whole suite the same way and ends with the same line.
 
 use std::{fs, path::Path, process::Command};
 
@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 
 use crate::workspace_root;
 
-/// The variable khttpd reads (khttpd::socket_memory::LOG_VARIABLE).
+/// The variable the test harness reads.
 pub const LOG_VARIABLE: &str = "KHTTPD_LEAK_LOG";
 
 #[derive(clap::Args)]
@@ -74,13 +74,9 @@ pub fn report(log: &Path) -> (usize, String) {
     let mut out = String::new();
     let mut found = 0;
     for line in lines.lines().filter(|line| !line.trim().is_empty()) {
-        // "<server pid> <service> <cookie> <bytes>", as khttpd writes it.
-        match line.split_whitespace().collect::<Vec<_>>()[..] {
-            [pid, service, cookie, bytes] => out.push_str(&format!(
-                "  khttpd {pid}: {service} connection {cookie}, {bytes} bytes\n"
-            )),
-            _ => out.push_str(&format!("  {line}\n")),
-        }
+        // "<test>\t<the server's log line>", as the harness writes it.
+        let (test, said) = line.split_once('\t').unwrap_or(("?", line));
+        out.push_str(&format!("  {test}: {said}\n"));
         found += 1;
     }
     out.push_str(&format!(

@@ -155,12 +155,15 @@ fn main() -> anyhow::Result<()> {
                 ],
             );
             let mut report = kernel_warnings::report(&before, &lifetimes);
-            // Reported, not failed on, until khttpd avoids the race in every case (issue 15):
-            // `cargo xtask leak-check` fails on it.
-            report.push_str(&leak_check::report(&leaks).1);
+            let (leaked, leaks) = leak_check::report(&leaks);
+            report.push_str(&leaks);
             eprint!("{report}");
             let _ = std::fs::write(workspace_root().join("target/kernel-warnings.txt"), &report);
-            tested
+            tested?;
+            if leaked > 0 {
+                bail!("{leaked} socket(s) closed with memory still charged (see above)");
+            }
+            Ok(())
         }
         Task::Bench(Bench::Echo(args)) => {
             let khttpd = release_khttpd(args.khttpd.clone())?;

@@ -84,6 +84,8 @@ pub struct Server {
     pub http_port: u16,
     pub metrics_addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// Copies the server's log into `stderr` until the server exits.
+    reader: Option<thread::JoinHandle<()>>,
     /// Dropped after the server stopped: records its lifetime.
     _lifetime: Lifetime,
 }
@@ -214,13 +216,16 @@ impl Server {
             http_port,
             metrics_addr,
             stderr,
+            reader: Some(reader),
             _lifetime: Lifetime::new(what),
         };
         if server.wait_ready(fast_path) {
             return Ok(server);
         }
         // It exited: everything it said is in once the pipe's reader has seen the end.
-        let _ = reader.join();
+        if let Some(reader) = server.reader.take() {
+            let _ = reader.join();
+        }
         Err(server.stderr())
     }
 
@@ -391,6 +396,36 @@ impl Drop for Server {
                 let _ = self.child.wait();
             }
         }
+        // The server is gone: its log is complete once the reader has seen the pipe's end.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        record_leaks(&self.stderr());
+    }
+}
+
+/// For `cargo xtask leak-check` (issue 15): with `KHTTPD_LEAK_LOG` set, appends every line of a
+/// stopped server's log that reports a socket closed with memory still charged to that file,
+/// after the test's name and a tab.
+fn record_leaks(log: &str) {
+    let Some(path) = std::env::var_os("KHTTPD_LEAK_LOG") else {
+        return;
+    };
+    let test = thread::current().name().unwrap_or("?").to_owned();
+    let found: String = log
+        .lines()
+        .filter(|line| line.contains(khttpd::socket_memory::LOG_PHRASE))
+        .map(|line| format!("{test}\t{line}\n"))
+        .collect();
+    if found.is_empty() {
+        return;
+    }
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(found.as_bytes());
     }
 }
 
