@@ -97,6 +97,21 @@ pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
 }
 
+/// SO_RCVLOWAT: how many unread bytes TCP waits for before it wakes the socket's reader (its
+/// `sk_data_ready`, which for a socket in a sockhash runs the stream verdict). TCP caps it at half
+/// the receive buffer once that is fixed ([`fix_receive_buffer`]), else at half of `tcp_rmem[2]`,
+/// growing the buffer to match.
+pub fn set_receive_low_water(fd: RawFd, bytes: i32) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// Fixes the receive buffer at the size TCP's autotuning has given it so far (SO_RCVBUF, which
+/// the kernel doubles, so half of what SO_RCVBUF reads).
+pub fn fix_receive_buffer(fd: RawFd) -> io::Result<()> {
+    let size: i32 = getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, size / 2)
+}
+
 fn setsockopt<T: Copy>(fd: RawFd, level: i32, name: i32, value: T) -> io::Result<()> {
     // SAFETY: passes a valid `T` of the size given.
     cvt(unsafe {

@@ -472,7 +472,9 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
             sent < MOST_HELD,
             "{write_size} B writes: {sent} bytes taken from a client that does not read"
         );
-        read_back(stream, sent, reset, &format!("{write_size} B writes"));
+        // The hand-over to user space loses nothing (issue 15: 4 resets in 30 runs before).
+        let label = format!("{write_size} B writes");
+        assert!(!read_back(stream, sent, reset, &label), "{label}: reset");
     }
     let metrics = server.metrics();
     assert_eq!(
@@ -484,9 +486,9 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
-/// Many clients falling behind at once: now and then one is detached while the kernel is handing
-/// it an skb, which the kernel then drops (4 of 100 lost 53 bytes each before the check). Each must
-/// get exactly what it sent, or a reset after an exact prefix — never a stream with a hole.
+/// Many clients falling behind at once: each must get exactly what it sent. Before the detach
+/// held TCP's wake-ups back (issue 15), now and then one was detached while the kernel was handing
+/// it an skb, which the kernel then dropped (0–5 of 100 per run, reset after an exact prefix).
 #[test]
 fn clients_falling_behind_at_once_get_their_bytes_or_a_reset() {
     if !bpf_allowed() {
@@ -539,9 +541,10 @@ fn clients_falling_behind_at_once_get_their_bytes_or_a_reset() {
         .count();
     let detached = server.metric("khttpd_echo_kernel_detached_total");
     assert_eq!(detached, CLIENTS as u64);
-    eprintln!("{resets} of {CLIENTS} reset after a loss was found");
-    // Measured 0–5 per run (issue 15 is making it 0): many more means the hand-over broke.
-    assert!(resets <= 10, "{resets} of {CLIENTS} clients were reset");
+    assert_eq!(
+        resets, 0,
+        "of {CLIENTS} clients, reset after a loss was found"
+    );
     assert_eq!(server.terminate().code(), Some(0));
 }
 

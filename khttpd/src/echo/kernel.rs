@@ -20,7 +20,7 @@ use khttpd_common::echo::{Connection, Counter};
 
 use crate::{
     fast_path::{Counters, EchoMaps},
-    fd::{tcp_info, unread_bytes, TCP_CLOSE_WAIT},
+    fd::{fix_receive_buffer, set_receive_low_water, tcp_info, unread_bytes, TCP_CLOSE_WAIT},
     sockmap::{KernelConnections, Service},
 };
 
@@ -127,19 +127,41 @@ impl KernelEcho {
     /// kernel redirected and that still wait for room in the send queue are sent, not freed. Then
     /// it leaves the echo sockhash, and from then on its bytes stay in TCP's receive queue, where
     /// the receive window holds the client back while user space cannot write.
+    ///
+    /// Leaving the sockhash clears the psock's verdict program before it gives TCP its own
+    /// `sk_data_ready` back (`sk_psock_stop_verdict`), so an skb a softirq is handing to the
+    /// verdict meanwhile finds no program and is dropped — after TCP acknowledged it
+    /// (docs/kernel-facts.md). TCP calls `sk_data_ready` only once the unread bytes reach the
+    /// receive low-water mark (or the window is nearly full), so for the move it is raised as far
+    /// as TCP lets it: the setsockopt takes the socket lock, which waits out a softirq already
+    /// running the verdict, and until it is lowered again new bytes just wait in the receive queue.
+    /// The receive buffer is fixed first, at its size so far: raising the mark would otherwise
+    /// grow it to megabytes, and a client that does not read would be let send that much.
     pub fn detach(&self, cookie: u64, stream: &TcpStream) -> io::Result<Detached> {
-        self.detached
-            .lock()
-            .unwrap()
-            .insert(cookie, stream.as_raw_fd(), 0)
-            .map_err(io::Error::other)?;
-        self.connections
-            .leave_sockhash(cookie)
-            .map_err(io::Error::other)?;
+        let fd = stream.as_raw_fd();
+        fix_receive_buffer(fd)?;
+        set_receive_low_water(fd, i32::MAX)?;
+        let moved = self.move_out_of_reach(cookie, fd);
+        // Back to TCP's default; this also wakes the reader if bytes wait.
+        let lowered = set_receive_low_water(fd, 1);
+        moved?;
+        lowered?;
         Ok(Detached {
             cookie,
             records: Arc::clone(&self.connections.service().records),
         })
+    }
+
+    /// Into `ECHO_DETACHED`, then out of the echo sockhash (see [`KernelEcho::detach`]).
+    fn move_out_of_reach(&self, cookie: u64, fd: RawFd) -> io::Result<()> {
+        self.detached
+            .lock()
+            .unwrap()
+            .insert(cookie, fd, 0)
+            .map_err(io::Error::other)?;
+        self.connections
+            .leave_sockhash(cookie)
+            .map_err(io::Error::other)
     }
 
     /// The kernel's per-CPU counter, summed.
