@@ -55,22 +55,33 @@ pub fn check(fd: RawFd, cookie: u64, what: &str) {
     );
 }
 
-/// The bytes the socket's books are off a page boundary, `None` when they balance (or cannot be
-/// read steadily: the counters are read one by one, so two reads must agree).
+/// The bytes the socket's books are off a page boundary, `None` when they balance. The counters are
+/// read one by one and a send in progress (the psock's work item synthesizing an answer, under the
+/// socket lock that SO_MEMINFO does not take) holds charged bytes that are in none of them, so a
+/// socket counts only if it is off by the same amount in readings a few milliseconds apart (a send
+/// takes microseconds; a lost update stays for good). Sleeps only for a socket that looks off.
 fn left_charged(fd: RawFd) -> Option<u64> {
     let page = rustix::param::page_size() as u64;
+    let off = || {
+        for _ in 0..3 {
+            let (first, second) = (meminfo(fd).ok()?, meminfo(fd).ok()?);
+            if first == second {
+                return Some(off_a_page(first, page));
+            }
+        }
+        None
+    };
+    let left = off()?;
     for _ in 0..3 {
-        let (Ok(first), Ok(second)) = (meminfo(fd), meminfo(fd)) else {
+        if left == 0 {
             return None;
-        };
-        if first == second {
-            return match off_a_page(first, page) {
-                0 => None,
-                left => Some(left),
-            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        if off()? != left {
+            return None;
         }
     }
-    None
+    Some(left)
 }
 
 /// `sk_rmem_alloc + sk_forward_alloc + sk_wmem_queued` modulo `page`, from SO_MEMINFO's counters.
