@@ -27,7 +27,7 @@ use std::{
 
 use log::warn;
 
-use crate::fd::{meminfo, socket_cookie};
+use crate::fd::meminfo;
 
 /// In every log line about such a socket.
 pub const LOG_PHRASE: &str = "bytes of socket memory still charged";
@@ -39,12 +39,9 @@ pub fn closed_charged() -> u64 {
     CLOSED_CHARGED.load(Ordering::Relaxed)
 }
 
-/// Checks the books of connection `cookie` (socket `fd`, about to be closed by user space; `what`
-/// names the service in the log line). Does nothing if `fd` is no longer that socket.
+/// Checks the books of the socket `fd`, which user space is about to close (`cookie` and `what`,
+/// the service, name it in the log line).
 pub fn check(fd: RawFd, cookie: u64, what: &str) {
-    if socket_cookie(fd).ok() != Some(cookie) {
-        return;
-    }
     let Some(left) = left_charged(fd) else {
         return;
     };
@@ -55,27 +52,19 @@ pub fn check(fd: RawFd, cookie: u64, what: &str) {
     );
 }
 
-/// The bytes the socket's books are off a page boundary, `None` when they balance. The counters are
-/// read one by one and a send in progress (the psock's work item synthesizing an answer, under the
-/// socket lock that SO_MEMINFO does not take) holds charged bytes that are in none of them, so a
-/// socket counts only if it is off by the same amount in readings a few milliseconds apart (a send
-/// takes microseconds; a lost update stays for good). Sleeps only for a socket that looks off.
+/// The bytes the socket's books are off a page boundary, `None` when they balance. SO_MEMINFO
+/// reads the counters one by one, and a send in progress (the psock's work item synthesizing an
+/// answer, under the socket lock SO_MEMINFO does not take) holds charged bytes that are in none of
+/// them; so a socket counts only if it is off by the same amount in readings 2, 4 and 6 ms later (a
+/// send takes microseconds; a lost update stays for good). Sleeps only for a socket that looks off.
 fn left_charged(fd: RawFd) -> Option<u64> {
     let page = rustix::param::page_size() as u64;
-    let off = || {
-        for _ in 0..3 {
-            let (first, second) = (meminfo(fd).ok()?, meminfo(fd).ok()?);
-            if first == second {
-                return Some(off_a_page(first, page));
-            }
-        }
-        None
-    };
+    let off = || meminfo(fd).ok().map(|info| off_a_page(info, page));
     let left = off()?;
+    if left == 0 {
+        return None;
+    }
     for _ in 0..3 {
-        if left == 0 {
-            return None;
-        }
         std::thread::sleep(std::time::Duration::from_millis(2));
         if off()? != left {
             return None;
