@@ -259,7 +259,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             site,
         },
         notify_shutdown.clone(),
-    );
+    )
+    .context("starting the HTTP service")?;
     let shutdown = || Shutdown::new(&notify_shutdown);
     // What the caches and the kernel learned from files under --root is forgotten when any of
     // them changes.
@@ -327,6 +328,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tasks.spawn(echo.clone().handoff_loop(shutdown()));
     tasks.spawn(http.clone().handoff_loop(shutdown()));
     tasks.spawn(http.clone().date_loop(shutdown()));
+    tasks.spawn(http.clone().idle_loop(shutdown()));
 
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM: shutting down"),

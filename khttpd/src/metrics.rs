@@ -119,6 +119,13 @@ pub fn render(services: &Services) -> String {
     );
     metric(
         &mut out,
+        "khttpd_http_idle_connections",
+        "gauge",
+        "User-space HTTP connections waiting between requests on the idle list (no work item).",
+        &[("", http.idle.len() as u64)],
+    );
+    metric(
+        &mut out,
         "khttpd_http_rejected_total",
         "counter",
         "HTTP connections turned away with 503 because --max-connections were open.",

@@ -275,6 +275,57 @@ fn idle_keep_alive_connections_are_closed() {
     }
 }
 
+/// Idle keep-alive connections wait on the idle list without a work item (`http/idle.rs`): new
+/// ones at once after their first answer, busier ones after 100 ms of silence. They are woken by
+/// their next request and answered exactly as before, and a shutdown closes them with a FIN.
+#[test]
+fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
+    const CONNECTIONS: usize = 20;
+    let server = Server::start(Mode::UserUnbound, &[]);
+    let request = b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n";
+    let parked = || server.metric("khttpd_http_idle_connections") as usize;
+    let working = || {
+        let metrics = server.metrics();
+        let active = metrics
+            .iter()
+            .find(|(name, _)| {
+                name.starts_with("khttpd_workqueue_active{") && name.contains("khttpd_http")
+            })
+            .map(|(_, &value)| value);
+        active.expect("the HTTP work queue's active items")
+    };
+    let mut streams: Vec<TcpStream> = (0..CONNECTIONS).map(|_| connect(&server)).collect();
+    for stream in &mut streams {
+        assert_eq!(common::ask(stream, request).0, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || parked() == CONNECTIONS && working() == 0),
+        "parked {}, work items {}",
+        parked(),
+        working()
+    );
+    // Woken by the next requests: a few quick ones each (a work item serves those), then silent
+    // again, they park once more.
+    for stream in &mut streams {
+        for _ in 0..3 {
+            let (status, body) = common::ask(stream, request);
+            assert_eq!((status, &body[..]), (200, &b"Hello, World!\n"[..]));
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || parked() == CONNECTIONS && working() == 0),
+        "parked {}, work items {}",
+        parked(),
+        working()
+    );
+    assert_eq!(server.metric("khttpd_http_open_connections"), CONNECTIONS as u64);
+    assert!(server.terminate().success());
+    for stream in &mut streams {
+        let (got, _) = read_until_closed(stream);
+        assert!(got.is_empty());
+    }
+}
+
 /// A client that stops reading is given up one idle timeout after it last took a byte, like one
 /// that stops sending; before, it held its connection (and the answers it owed) until shutdown.
 #[test]

@@ -4,7 +4,10 @@
 //!   first served right at accept, and only one that has to wait is registered with tokio and
 //!   becomes a work item. A read that returned less than the buffer emptied the receive queue, so
 //!   the next read waits for readiness instead of trying (and failing) first. One timer per
-//!   connection, re-armed only when its deadline changes, and one shutdown listener.
+//!   connection, re-armed only when its deadline changes, and one shutdown listener. Between
+//!   requests the timer first fires after [`PARK_AFTER`], then every [`PARK_RECHECK`] while the
+//!   connection is busy; once it finds it quiet the work item ends and gives the connection back
+//!   ([`WentIdle`]) for the idle list (`super::idle`).
 //! - [`serve_blocking`] (`thread`): blocking calls, the read deadline as `SO_RCVTIMEO`.
 
 use std::{
@@ -18,7 +21,7 @@ use std::{
 use tokio::io::{unix::AsyncFdReadyGuard, Interest};
 
 use super::{
-    connection::{Action, Connection, Deadline},
+    connection::{Action, Connection, Deadline, PARK_AFTER, PARK_RECHECK},
     site::FileBody,
 };
 use crate::{
@@ -212,20 +215,29 @@ pub(super) fn answer_at_once(stream: &std::net::TcpStream, connection: &mut Conn
     advance(stream, connection, &mut true)
 }
 
+/// A connection that has waited [`PARK_AFTER`] between requests, out of its work item: for the
+/// idle list (`super::idle`).
+pub(super) struct WentIdle {
+    pub stream: std::net::TcpStream,
+    pub connection: Connection,
+    /// How long it has received nothing.
+    pub silent: Duration,
+}
+
 /// The `cmwq` work item: serves the connection from where [`answer_at_once`] stopped (`wait`)
-/// until it ends, the kernel takes it, or the server shuts down. (An `async` block rather than
-/// an `async fn`: the latter keeps a second copy of its arguments in the future, and the future
-/// is what an idle connection costs.)
+/// until it ends, the kernel takes it, it goes idle ([`WentIdle`]) or the server shuts down. (An
+/// `async` block rather than an `async fn`: the latter keeps a second copy of its arguments in
+/// the future, and the future is what a waiting connection costs.)
 pub(super) fn serve_async(
     stream: std::net::TcpStream,
     mut connection: Connection,
     mut wait: Wait,
     mut shutdown: Shutdown,
-) -> impl std::future::Future<Output = ()> + Send {
+) -> impl std::future::Future<Output = Option<WentIdle>> + Send {
     async move {
         let interest = Interest::READABLE | Interest::WRITABLE;
         let Ok(mut socket) = register(stream, interest) else {
-            return;
+            return None;
         };
         let stopped = shutdown.recv();
         tokio::pin!(stopped);
@@ -238,9 +250,16 @@ pub(super) fn serve_async(
             match wait {
                 Wait::Readable => {
                     let deadline = connection.deadline();
+                    // Between requests the timer first fires to park the connection.
+                    let park_after = match deadline {
+                        Deadline::Silence(quiet) if connection.parkable() && PARK_AFTER < quiet => {
+                            Some(PARK_AFTER)
+                        }
+                        _ => None,
+                    };
                     if armed != Some(deadline) {
                         let at = match deadline {
-                            Deadline::Silence(quiet) => Instant::now() + quiet,
+                            Deadline::Silence(quiet) => Instant::now() + park_after.unwrap_or(quiet),
                             Deadline::At(at) => at,
                         };
                         timer.as_mut().reset(at.into());
@@ -265,17 +284,27 @@ pub(super) fn serve_async(
                                 let silent = silence(socket.as_raw_fd());
                                 if silent >= quiet {
                                     connection.deadline_passed();
+                                } else if park_after.is_some_and(|park| silent >= park) {
+                                    return Some(WentIdle {
+                                        stream: socket.into_inner(),
+                                        connection,
+                                        silent,
+                                    });
                                 } else {
                                     // Bytes came after the timer was armed: it fires again when
-                                    // the connection has been quiet long enough.
-                                    timer
-                                        .as_mut()
-                                        .reset((Instant::now() + (quiet - silent)).into());
+                                    // the connection has been quiet long enough, or (to park)
+                                    // a while later.
+                                    let left = quiet - silent;
+                                    let next = match park_after {
+                                        Some(_) => left.min(PARK_RECHECK),
+                                        None => left,
+                                    };
+                                    timer.as_mut().reset((Instant::now() + next).into());
                                 }
                             }
                             Deadline::At(_) => connection.deadline_passed(),
                         },
-                        Woke::Gone => return,
+                        Woke::Gone => return None,
                     }
                 }
                 Wait::Writable => {
@@ -298,28 +327,28 @@ pub(super) fn serve_async(
                     match woke {
                         Woke::Ready => {}
                         Woke::Timer => connection.send_timed_out(),
-                        Woke::Gone => return,
+                        Woke::Gone => return None,
                     }
                 }
                 Wait::Kernel => {
                     // Boxed: rare, and the future's size is what every idle connection costs.
                     if !Box::pin(connection.wait_for_kernel(socket.as_raw_fd())).await {
-                        return;
+                        return None;
                     }
                 }
                 Wait::Release => {
                     match connection.release(socket.into_inner()) {
                         Some(stream) => match register(stream, interest) {
                             Ok(resumed) => socket = resumed,
-                            Err(_) => return,
+                            Err(_) => return None,
                         },
-                        None => return,
+                        None => return None,
                     }
                     // It came back because bytes arrived.
                     readable = true;
                 }
                 Wait::Turn => tokio::task::yield_now().await,
-                Wait::End => return,
+                Wait::End => return None,
             }
             wait = advance(socket.get_ref(), &mut connection, &mut readable);
         }

@@ -6,7 +6,8 @@
 //! HTTP [`session::Session`] — run by one of two executors ([`executor`]), so both dispatch modes
 //! send the same bytes:
 //! - `cmwq` (default): served at accept as far as it goes without waiting, then one work item on
-//!   the unbound work queue (khttpd after its move to CMWQ);
+//!   the unbound work queue (khttpd after its move to CMWQ) while it is busy; between requests it
+//!   waits on the idle list ([`idle`]) without one;
 //! - `thread`: one OS thread per connection with blocking I/O (the original kthread khttpd).
 //!
 //! Closing is always a FIN after the last response is written, followed by reading until the
@@ -15,6 +16,7 @@
 pub mod connection;
 mod executor;
 pub mod file_cache;
+mod idle;
 pub mod kernel;
 pub mod response;
 pub mod session;
@@ -36,7 +38,8 @@ use crate::{
 };
 pub use connection::Timeouts;
 use connection::{Connection, Link};
-use executor::Wait;
+use executor::{Wait, WentIdle};
+use idle::IdleConnections;
 use kernel::{KernelHttp, Parked};
 use khttpd_common::http::Answered;
 use site::Site;
@@ -89,6 +92,8 @@ pub struct HttpService {
     pub connections: AtomicU64,
     /// Connections the kernel handed to user space.
     pub handoffs: AtomicU64,
+    /// User-space connections waiting between requests without a work item.
+    pub idle: IdleConnections,
     notify_shutdown: shutdown::Notify,
     /// For connection threads that wait on the kernel path.
     runtime: tokio::runtime::Handle,
@@ -100,8 +105,8 @@ impl HttpService {
         kernel: Option<KernelHttp>,
         config: Config,
         notify_shutdown: shutdown::Notify,
-    ) -> Arc<Self> {
-        Arc::new(HttpService {
+    ) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(HttpService {
             queue,
             dispatch: config.dispatch,
             kernel,
@@ -113,9 +118,10 @@ impl HttpService {
             rejected: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
+            idle: IdleConnections::new()?,
             notify_shutdown,
             runtime: tokio::runtime::Handle::current(),
-        })
+        }))
     }
 
     /// Serves one accepted connection, or turns it away when `max_connections` are open.
@@ -171,14 +177,7 @@ impl HttpService {
                     return;
                 }
                 no_delay(&stream);
-                let shutdown = Shutdown::new(&self.notify_shutdown);
-                if self
-                    .queue
-                    .queue_work(executor::serve_async(stream, connection, wait, shutdown))
-                    .is_err()
-                {
-                    debug!("http: shutting down, connection dropped");
-                }
+                self.wait(stream, connection, wait);
             }
             Dispatch::Thread => {
                 no_delay(&stream);
@@ -191,6 +190,56 @@ impl HttpService {
                 }
             }
         }
+    }
+
+    /// A connection served as far as it went without waiting waits for what `wait` says: on the
+    /// idle list if it is new and waits for a request ([`Connection::is_fresh`]), else in a work
+    /// item.
+    fn wait(self: &Arc<Self>, stream: std::net::TcpStream, connection: Connection, wait: Wait) {
+        let (stream, connection) = match wait {
+            Wait::Readable if connection.is_fresh() => {
+                match self.idle.park(stream, connection, Duration::ZERO) {
+                    Ok(()) => return,
+                    Err(back) => back,
+                }
+            }
+            _ => (stream, connection),
+        };
+        self.queue_work(stream, connection, wait);
+    }
+
+    /// The connection's work item, from where `wait` says; a connection that goes idle moves to
+    /// the idle list ([`idle`]).
+    fn queue_work(self: &Arc<Self>, stream: std::net::TcpStream, connection: Connection, wait: Wait) {
+        let shutdown = Shutdown::new(&self.notify_shutdown);
+        let service = Arc::clone(self);
+        let work = async move {
+            let went_idle = executor::serve_async(stream, connection, wait, shutdown).await;
+            if let Some(WentIdle {
+                stream,
+                connection,
+                silent,
+            }) = went_idle
+            {
+                if let Err((stream, connection)) = service.idle.park(stream, connection, silent) {
+                    service.queue_work(stream, connection, Wait::Readable);
+                }
+            }
+        };
+        if self.queue.queue_work(work).is_err() {
+            debug!("http: shutting down, connection dropped");
+        }
+    }
+
+    /// Until shutdown: serves the idle connections that wake (or time out) in new work items.
+    pub async fn idle_loop(self: Arc<Self>, shutdown: Shutdown) {
+        let resume = |stream: std::net::TcpStream, mut connection: Connection| {
+            match executor::answer_at_once(&stream, &mut connection) {
+                Wait::End => {}
+                wait => self.wait(stream, connection, wait),
+            }
+        };
+        self.idle.run(resume, shutdown).await;
     }
 
     /// Serves in user space the connections the kernel hands over, until shutdown.
@@ -253,7 +302,8 @@ impl Drop for Slot {
 async fn reject(stream: std::net::TcpStream, timeouts: Timeouts, shutdown: Shutdown) {
     let mut connection = Connection::rejecting(timeouts);
     let wait = executor::answer_at_once(&stream, &mut connection);
-    executor::serve_async(stream, connection, wait, shutdown).await;
+    // Never idle: it closes after the 503.
+    let _ = executor::serve_async(stream, connection, wait, shutdown).await;
 }
 
 /// For a connection that stays open: answers go out as soon as they are written (like nginx's
