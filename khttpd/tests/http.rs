@@ -299,7 +299,8 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
         assert_eq!(common::ask(stream, request).0, 200);
     }
     assert!(
-        eventually(Duration::from_secs(5), || parked() == CONNECTIONS && working() == 0),
+        eventually(Duration::from_secs(5), || parked() == CONNECTIONS
+            && working() == 0),
         "parked {}, work items {}",
         parked(),
         working()
@@ -313,12 +314,16 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
         }
     }
     assert!(
-        eventually(Duration::from_secs(5), || parked() == CONNECTIONS && working() == 0),
+        eventually(Duration::from_secs(5), || parked() == CONNECTIONS
+            && working() == 0),
         "parked {}, work items {}",
         parked(),
         working()
     );
-    assert_eq!(server.metric("khttpd_http_open_connections"), CONNECTIONS as u64);
+    assert_eq!(
+        server.metric("khttpd_http_open_connections"),
+        CONNECTIONS as u64
+    );
     assert!(server.terminate().success());
     for stream in &mut streams {
         let (got, _) = read_until_closed(stream);

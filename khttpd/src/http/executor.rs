@@ -225,7 +225,8 @@ pub(super) struct WentIdle {
 }
 
 /// The `cmwq` work item: serves the connection from where [`answer_at_once`] stopped (`wait`)
-/// until it ends, the kernel takes it, it goes idle ([`WentIdle`]) or the server shuts down. (An
+/// until it ends, the kernel takes it, it goes idle ([`WentIdle`], only if it `may_park`) or the
+/// server shuts down. (An
 /// `async` block rather than an `async fn`: the latter keeps a second copy of its arguments in
 /// the future, and the future is what a waiting connection costs.)
 pub(super) fn serve_async(
@@ -233,6 +234,7 @@ pub(super) fn serve_async(
     mut connection: Connection,
     mut wait: Wait,
     mut shutdown: Shutdown,
+    may_park: bool,
 ) -> impl std::future::Future<Output = Option<WentIdle>> + Send {
     async move {
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -252,14 +254,18 @@ pub(super) fn serve_async(
                     let deadline = connection.deadline();
                     // Between requests the timer first fires to park the connection.
                     let park_after = match deadline {
-                        Deadline::Silence(quiet) if connection.parkable() && PARK_AFTER < quiet => {
+                        Deadline::Silence(quiet)
+                            if may_park && connection.parkable() && PARK_AFTER < quiet =>
+                        {
                             Some(PARK_AFTER)
                         }
                         _ => None,
                     };
                     if armed != Some(deadline) {
                         let at = match deadline {
-                            Deadline::Silence(quiet) => Instant::now() + park_after.unwrap_or(quiet),
+                            Deadline::Silence(quiet) => {
+                                Instant::now() + park_after.unwrap_or(quiet)
+                            }
                             Deadline::At(at) => at,
                         };
                         timer.as_mut().reset(at.into());
@@ -488,7 +494,13 @@ mod tests {
             size_of_val(&connection)
         );
         let notify = crate::shutdown::notify();
-        let work = serve_async(stream, connection, Wait::Readable, Shutdown::new(&notify));
+        let work = serve_async(
+            stream,
+            connection,
+            Wait::Readable,
+            Shutdown::new(&notify),
+            true,
+        );
         assert!(size_of_val(&work) <= 768, "{}", size_of_val(&work));
     }
 }

@@ -61,8 +61,17 @@ struct State {
     /// Boxed: the map's spare capacity then costs a pointer per slot, not a connection.
     parked: HashMap<u64, Box<Idle>>,
     next_token: u64,
-    /// Shutdown came: nothing parks any more.
-    closed: bool,
+    /// Nothing parks any more: the loop has ended.
+    closed: Option<Closed>,
+}
+
+/// Why the loop ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// Shutdown: a connection that would park closes instead.
+    Shutdown,
+    /// The epoll set failed: connections keep their work items.
+    Failed,
 }
 
 /// A parked connection.
@@ -82,6 +91,11 @@ impl IdleConnections {
             state: Mutex::default(),
             first_parked: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether connections may park (the loop runs).
+    pub fn is_open(&self) -> bool {
+        self.state.lock().unwrap().closed.is_none()
     }
 
     /// Connections parked now.
@@ -106,9 +120,16 @@ impl IdleConnections {
         };
         let due = Instant::now() + quiet.saturating_sub(silent);
         let mut state = self.state.lock().unwrap();
-        if state.closed {
-            drop(state);
-            return Ok(());
+        match state.closed {
+            None => {}
+            Some(Closed::Shutdown) => {
+                drop(state);
+                return Ok(());
+            }
+            Some(Closed::Failed) => {
+                drop(state);
+                return Err((stream, connection));
+            }
         }
         let token = state.next_token;
         // Watched before it is in the map, under the lock: the loop takes the lock before it
@@ -142,7 +163,7 @@ impl IdleConnections {
     /// in a work item.
     pub async fn run(&self, resume: impl Fn(TcpStream, Connection), mut shutdown: Shutdown) {
         let mut check_at = Instant::now() + CHECK_EVERY;
-        loop {
+        let closed = loop {
             let woken = tokio::select! {
                 ready = self.epoll.readable() => match ready {
                     Ok(mut guard) => match self.take_ready() {
@@ -153,13 +174,13 @@ impl IdleConnections {
                             woken
                         }
                         Err(e) => {
-                            warn!("http: epoll_wait on idle connections failed ({e}); they are closed");
-                            break;
+                            warn!("http: epoll_wait on idle connections failed ({e}); idle connections keep their work items from now on");
+                            break Closed::Failed;
                         }
                     },
                     Err(e) => {
-                        warn!("http: idle connections cannot be watched ({e}); they are closed");
-                        break;
+                        warn!("http: idle connections cannot be watched ({e}); they keep their work items from now on");
+                        break Closed::Failed;
                     }
                 },
                 () = tokio::time::sleep_until(check_at.into()) => {
@@ -171,7 +192,7 @@ impl IdleConnections {
                     check_at = check_at.min(self.first_due());
                     Vec::new()
                 }
-                () = shutdown.recv() => break,
+                () = shutdown.recv() => break Closed::Shutdown,
             };
             for idle in woken {
                 let Idle {
@@ -181,19 +202,21 @@ impl IdleConnections {
                 let _ = epoll::delete(self.epoll.get_ref(), &stream);
                 resume(stream, connection);
             }
-        }
+        };
         let parked = {
             let mut state = self.state.lock().unwrap();
-            state.closed = true;
+            state.closed = Some(closed);
             std::mem::take(&mut state.parked)
         };
-        // As a work item would: a request that has arrived is answered before the connection
-        // closes (closing with unread bytes would send a reset); the others close now.
+        // At shutdown as a work item would: a request that has arrived is answered before the
+        // connection closes (closing with unread bytes would send a reset); the others close
+        // now. After a failure every one is served on (`resume` gives it a work item).
         for (_, idle) in parked {
             let Idle {
                 stream, connection, ..
             } = *idle;
-            if unread_bytes(stream.as_raw_fd()).is_ok_and(|n| n > 0) {
+            let _ = epoll::delete(self.epoll.get_ref(), &stream);
+            if closed == Closed::Failed || unread_bytes(stream.as_raw_fd()).is_ok_and(|n| n > 0) {
                 resume(stream, connection);
             }
         }

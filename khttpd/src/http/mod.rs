@@ -210,11 +210,18 @@ impl HttpService {
 
     /// The connection's work item, from where `wait` says; a connection that goes idle moves to
     /// the idle list ([`idle`]).
-    fn queue_work(self: &Arc<Self>, stream: std::net::TcpStream, connection: Connection, wait: Wait) {
+    fn queue_work(
+        self: &Arc<Self>,
+        stream: std::net::TcpStream,
+        connection: Connection,
+        wait: Wait,
+    ) {
         let shutdown = Shutdown::new(&self.notify_shutdown);
         let service = Arc::clone(self);
+        let may_park = self.idle.is_open();
         let work = async move {
-            let went_idle = executor::serve_async(stream, connection, wait, shutdown).await;
+            let went_idle =
+                executor::serve_async(stream, connection, wait, shutdown, may_park).await;
             if let Some(WentIdle {
                 stream,
                 connection,
@@ -303,7 +310,7 @@ async fn reject(stream: std::net::TcpStream, timeouts: Timeouts, shutdown: Shutd
     let mut connection = Connection::rejecting(timeouts);
     let wait = executor::answer_at_once(&stream, &mut connection);
     // Never idle: it closes after the 503.
-    let _ = executor::serve_async(stream, connection, wait, shutdown).await;
+    let _ = executor::serve_async(stream, connection, wait, shutdown, false).await;
 }
 
 /// For a connection that stays open: answers go out as soon as they are written (like nginx's
