@@ -205,6 +205,18 @@ fn files_listings_validators_and_ranges() {
             &[&format!("If-Modified-Since: {modified}")],
         );
         assert_eq!(since.status, 304);
+        // The same date in asctime's obsolete format, which RFC 9110 says a recipient must accept.
+        let fields: Vec<&str> = modified.split(' ').collect();
+        let (weekday, day, month, year, time) =
+            (fields[0], fields[1], fields[2], fields[3], fields[4]);
+        let day: u32 = day.parse().unwrap();
+        let asctime = format!("{} {month} {day:>2} {time} {year}", &weekday[..3]);
+        let since = get(
+            &server,
+            "/page.html",
+            &[&format!("If-Modified-Since: {asctime}")],
+        );
+        assert_eq!(since.status, 304, "{asctime}");
         let other = get(&server, "/page.html", &["If-None-Match: \"other\""]);
         assert_eq!(other.status, 200);
         // Ranges: one range → 206, out of the file → 416, several → the whole file.

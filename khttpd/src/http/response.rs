@@ -2,7 +2,11 @@
 //! Connection. Heads are copied together from pieces, not formatted (`core::fmt` showed in the
 //! profile of every answer); the Date is formatted once per second on each thread.
 
-use std::{cell::Cell, sync::OnceLock};
+use std::{
+    cell::Cell,
+    sync::OnceLock,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use khttpd_common::http::DATE_LEN;
 
@@ -202,69 +206,17 @@ pub fn date_of(unix: u64) -> [u8; DATE_LEN] {
     date
 }
 
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) into Unix seconds. The obsolete
-/// formats RFC 9110 also allows are not accepted (the validator is then ignored).
-pub fn parse_imf_fixdate(text: &str) -> Option<u64> {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mut parts = text.trim().split(' ');
-    let (_weekday, day, month, year, time, zone) = (
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-    );
-    if zone != "GMT" || parts.next().is_some() || day.len() != 2 || year.len() != 4 {
-        return None;
-    }
-    let day: i64 = day.parse().ok()?;
-    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
-    let year: i64 = year.parse().ok()?;
-    let mut hms = time.split(':').map(|v| v.parse::<u64>().ok());
-    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
-    if hms.next().is_some() || h > 23 || m > 59 || s > 60 || !(1..=31).contains(&day) {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm), the inverse of `format_imf_fixdate`.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days)
-        .ok()
-        .map(|d| d * 86_400 + h * 3600 + m * 60 + s)
+/// Parses an HTTP date into Unix seconds: an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) and
+/// the two obsolete formats a recipient must also accept (RFC 9110 §5.6.7: RFC 850's
+/// `Sunday, 06-Nov-94 08:49:37 GMT` and asctime's `Sun Nov  6 08:49:37 1994`).
+pub fn parse_http_date(text: &str) -> Option<u64> {
+    let time = httpdate::parse_http_date(text.trim()).ok()?;
+    Some(time.duration_since(UNIX_EPOCH).ok()?.as_secs())
 }
 
+/// `unix` (seconds) as an IMF-fixdate.
 pub fn format_imf_fixdate(unix: u64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let (days, secs) = (unix / 86_400, unix % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm), days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
-        DAYS[(days % 7) as usize],
-        MONTHS[(month - 1) as usize],
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(unix))
 }
 
 #[cfg(test)]
@@ -287,10 +239,23 @@ mod tests {
     #[test]
     fn imf_fixdate_round_trips() {
         for unix in [0, 784_111_777, 1_709_210_096, 1_795_706_729] {
-            assert_eq!(parse_imf_fixdate(&format_imf_fixdate(unix)), Some(unix));
+            assert_eq!(parse_http_date(&format_imf_fixdate(unix)), Some(unix));
         }
-        assert_eq!(parse_imf_fixdate("Sunday, 06-Nov-94 08:49:37 GMT"), None);
-        assert_eq!(parse_imf_fixdate("Sun, 06 Nov 1994 25:49:37 GMT"), None);
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 25:49:37 GMT"), None);
+        assert_eq!(parse_http_date("yesterday"), None);
+    }
+
+    /// RFC 9110 §5.6.7: a recipient must accept the obsolete formats too (a validator in one of
+    /// them was ignored before).
+    #[test]
+    fn obsolete_date_formats_are_accepted() {
+        for text in [
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            " Sun, 06 Nov 1994 08:49:37 GMT ",
+        ] {
+            assert_eq!(parse_http_date(text), Some(784_111_777), "{text:?}");
+        }
     }
 
     #[test]

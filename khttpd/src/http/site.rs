@@ -23,7 +23,7 @@ use percent_encoding::{percent_decode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::{
     file_cache::{Asking, Computed, FileCache, Limits},
-    response::{self, format_imf_fixdate, parse_imf_fixdate, Status},
+    response::{self, format_imf_fixdate, parse_http_date, Status},
 };
 
 /// Files up to this size are copied into the response; larger ones go out with sendfile.
@@ -483,7 +483,7 @@ fn not_modified(request: &Request, etag: &str, modified: u64) -> bool {
     request
         .if_modified_since
         .as_deref()
-        .and_then(parse_imf_fixdate)
+        .and_then(parse_http_date)
         .is_some_and(|since| modified <= since)
 }
 
