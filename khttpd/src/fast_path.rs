@@ -340,3 +340,46 @@ async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         ready.clear_ready();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names both sides share are written twice — as `khttpd-common` constants and as the
+    /// literals aya-ebpf's `#[map(name = …)]` takes — so the object built from the eBPF crate must
+    /// hold every map and program the constants name. (The globals are set with `must_exist`,
+    /// which fails the load, and every BPF test, when one is missing.)
+    #[test]
+    fn every_shared_name_is_in_the_object() {
+        let object = aya_obj::Object::parse(PROGRAMS).expect("the embedded object parses");
+        for map in [
+            echo::SOCKETS_MAP,
+            echo::DETACHED_MAP,
+            echo::CONNECTIONS_MAP,
+            echo::COUNTERS_MAP,
+            echo::HANDOFFS_MAP,
+            http::SOCKETS_MAP,
+            http::CONNECTIONS_MAP,
+            http::ANSWERED_MAP,
+            http::REQUESTS_MAP,
+            http::RESPONSES_MAP,
+            http::RESPONSE_BLOCKS_MAP,
+            http::DATES_MAP,
+            http::DATE_INDEX_MAP,
+            http::COUNTERS_MAP,
+            http::HANDOFFS_MAP,
+        ] {
+            assert!(object.maps.contains_key(map), "no map {map} in the object");
+        }
+        for program in [
+            echo::VERDICT_PROGRAM,
+            http::VERDICT_PROGRAM,
+            http::SYNTHESIZER_PROGRAM,
+        ] {
+            assert!(
+                object.programs.contains_key(program),
+                "no program {program} in the object"
+            );
+        }
+    }
+}

@@ -119,7 +119,11 @@ struct Snapshot {
 }
 
 /// The per-connection maps, by the names the kernel keeps (at most 15 bytes).
-const CONNECTION_MAPS: [&str; 3] = ["HTTP_SOCKETS", "HTTP_CONNECTIONS", "HTTP_ANSWERED"];
+const CONNECTION_MAPS: [&str; 3] = [
+    khttpd_common::http::SOCKETS_MAP,
+    khttpd_common::http::CONNECTIONS_MAP,
+    khttpd_common::http::ANSWERED_MAP,
+];
 
 impl Snapshot {
     fn take(server: &Server) -> anyhow::Result<Self> {

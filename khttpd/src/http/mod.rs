@@ -77,7 +77,7 @@ pub struct HttpService {
     /// `--fast-path on`: connections start in the kernel. Otherwise (auto) they start in user
     /// space and move to the kernel after a run of answers it could send ([`PROMOTE_AFTER`]):
     /// a connection that closes after one request (htstress) never pays for the kernel path,
-    /// which cannot close it (see the README's measurements).
+    /// which cannot close it (see docs/benchmarks.md).
     kernel_first: bool,
     pub timeouts: Timeouts,
     /// `--max-connections`.
