@@ -10,6 +10,8 @@
 //!    `workqueue` (`echo::user`, `http::executor`), or a thread (`--dispatch thread`).
 //! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
 //!
+//! `server` runs all of it: start (bind, load, drop privileges), serve, shut down.
+//!
 //! Before the first accept, `privileges` drops root: the process keeps only the descriptors it
 //! opened (programs, maps, listening sockets) and, with `--root`, sees only that folder.
 
@@ -21,6 +23,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod privileges;
+pub mod server;
 pub mod shutdown;
 pub mod socket_memory;
 pub mod sockmap;

@@ -1,37 +1,18 @@
-//! The `khttpd` command: parses the flags, loads the fast path, binds, serves until a signal.
+//! The `khttpd` command: parses the flags and runs `khttpd::server` until SIGINT or SIGTERM.
 //! The modules it wires together are in the library (`lib.rs` tells how a connection flows).
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
 use log::{info, warn};
 use tokio::signal::unix;
 
 use khttpd::{
-    echo::{kernel::KernelEcho, EchoService},
-    fast_path::FastPath,
-    http,
-    http::{kernel::KernelHttp, Dispatch, HttpService, Timeouts},
-    listener, metrics,
-    metrics::Services,
+    http::{file_cache, Dispatch, Timeouts},
     privileges,
-    shutdown::{self, Shutdown},
-    workqueue::{Config, Kind, WorkQueue},
+    server::{self, FastPathMode},
+    workqueue::Kind,
 };
-
-/// Hands an accepted connection to its service.
-type Dispatcher = Arc<dyn Fn(std::net::TcpStream) + Send + Sync>;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum FastPathMode {
-    /// Use the kernel path when the programs load; otherwise warn once and serve from user space.
-    Auto,
-    /// Require the kernel path; exit with an error when it cannot be set up.
-    On,
-    /// Serve everything from user space.
-    Off,
-}
 
 /// An HTTP and echo server whose hot path runs inside the kernel (sockmap programs).
 #[derive(Debug, Parser)]
@@ -75,11 +56,11 @@ struct Args {
     root: Option<std::path::PathBuf>,
     /// With --root: bytes of complete answers (small files, listings, 304s, 404s) kept in memory
     /// for the next request that asks the same; 0 turns the answer cache off.
-    #[arg(long, value_name = "BYTES", default_value_t = http::file_cache::Limits::DEFAULT.answer_bytes)]
+    #[arg(long, value_name = "BYTES", default_value_t = file_cache::Limits::DEFAULT.answer_bytes)]
     file_cache_max: u64,
     /// With --root: files too large for the answer cache kept open (with their answer's head)
     /// for the next request that asks the same; 0 turns the open-file cache off.
-    #[arg(long, value_name = "N", default_value_t = http::file_cache::Limits::DEFAULT.open_files)]
+    #[arg(long, value_name = "N", default_value_t = file_cache::Limits::DEFAULT.open_files)]
     open_file_cache: u64,
     /// Close HTTP connections that send nothing for this many seconds between requests (also
     /// those the kernel serves: traffic it answers counts).
@@ -118,6 +99,33 @@ impl Args {
             _ => log::LevelFilter::Error,
         }
     }
+
+    fn config(self) -> server::Config {
+        server::Config {
+            iface: self.iface,
+            http_port: self.port,
+            echo_port: self.echo_port,
+            backlog: self.backlog,
+            dispatch: self.dispatch,
+            fast_path: self.fast_path,
+            workqueue: self.workqueue,
+            max_active: self.max_active,
+            body: self.body,
+            kernel_cache_max: self.kernel_cache_max,
+            root: self.root,
+            file_cache: file_cache::Limits {
+                answer_bytes: self.file_cache_max,
+                open_files: self.open_file_cache,
+            },
+            timeouts: Timeouts {
+                idle: Duration::from_secs(self.idle_timeout),
+                head: Duration::from_secs(self.header_timeout),
+            },
+            max_connections: self.max_connections,
+            metrics: self.metrics,
+            user: self.user,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -142,7 +150,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args.config())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the cause chain.
@@ -152,211 +160,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(path) = &args.body {
-        http::response::set_body(read_body(path)?);
-    }
-    // Checked now, opened after the privilege drop (which may make it the filesystem's root).
-    let file_cache = http::file_cache::Limits {
-        answer_bytes: args.file_cache_max,
-        open_files: args.open_file_cache,
-    };
-    let root = match &args.root {
-        Some(root) => Some(
-            http::site::Site::new(root, file_cache)
-                .with_context(|| format!("--root {}", root.display()))?,
-        ),
-        None => None,
-    };
-    // Looked up before a chroot hides the user database; `root` (or not being root) keeps all.
-    let user = match privileges::lookup(&args.user)? {
-        user if user.uid == 0 => None,
-        _ if !privileges::is_root() => {
-            info!("not started as root: --user {} not applied", args.user);
-            None
-        }
-        user => Some(user),
-    };
-    let echo_listeners = listener::bind(&args.iface, args.echo_port, args.backlog)?;
-    let http_listeners = listener::bind(&args.iface, args.port, args.backlog)?;
-    // Registered before anything is attached, so a signal during start-up still shuts down cleanly.
+async fn run(config: server::Config) -> anyhow::Result<()> {
+    // Registered before anything is attached, so a signal during start-up still shuts down
+    // cleanly (it is seen once the server serves).
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
     let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
-
-    let fast_path = match args.fast_path {
-        FastPathMode::Off => None,
-        FastPathMode::On => Some(FastPath::load()?),
-        FastPathMode::Auto => match FastPath::load() {
-            Ok(loaded) => Some(loaded),
-            Err(e) => {
-                warn!("{e}; serving from user space");
-                None
-            }
-        },
-    };
-    let timeouts = Timeouts {
-        idle: Duration::from_secs(args.idle_timeout),
-        head: Duration::from_secs(args.header_timeout),
-    };
-    let (fast_path, kernel_echo, kernel_http) = match fast_path {
-        Some((fast_path, echo_maps, http_maps)) => (
-            Some(fast_path),
-            Some(KernelEcho::start(echo_maps).context("starting the kernel echo")?),
-            Some(
-                KernelHttp::start(http_maps, timeouts.idle, args.kernel_cache_max)
-                    .context("starting the kernel HTTP path")?,
-            ),
-        ),
-        None => (None, None, None),
-    };
-
-    let metrics_listener = match args.metrics {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr}"))?,
-        ),
-        None => None,
-    };
-    // Everything that needs root is done: programs loaded and attached, ports bound.
-    if let Some(user) = &user {
-        privileges::drop_to(user, root.as_ref().map(http::site::Site::root))?;
-    }
-    let site = match root {
-        // Confined to the folder, it is the filesystem's root now; a folder only root may read
-        // would answer 403 to everything: say so now.
-        Some(root) if user.is_some() => {
-            std::fs::read_dir("/").with_context(|| {
-                format!(
-                    "--root {}: not readable as --user {}",
-                    root.root().display(),
-                    args.user
-                )
-            })?;
-            Some(http::site::Site::new(
-                std::path::Path::new("/"),
-                file_cache,
-            )?)
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
         }
-        root => root,
-    }
-    .map(Arc::new);
-
-    let queue = |name| {
-        WorkQueue::alloc(Config::new(name, args.workqueue, args.max_active))
-            .context("allocating a work queue")
     };
-    let notify_shutdown = shutdown::notify();
-    let echo = EchoService::new(queue("khttpd_echo")?, kernel_echo, notify_shutdown.clone());
-    let http = HttpService::new(
-        queue("khttpd_http")?,
-        kernel_http,
-        http::Config {
-            dispatch: args.dispatch,
-            kernel_first: args.fast_path == FastPathMode::On,
-            timeouts,
-            max_connections: args.max_connections,
-            site,
-        },
-        notify_shutdown.clone(),
-    )
-    .context("starting the HTTP service")?;
-    let shutdown = || Shutdown::new(&notify_shutdown);
-    // What the caches and the kernel learned from files under --root is forgotten when any of
-    // them changes.
-    if let Some(site) = &http.site {
-        let http = http.clone();
-        site.watch(move || {
-            if let Some(kernel) = &http.kernel {
-                kernel.forget_everything();
-            }
-        })
-        .context("watching --root for changes")?;
-    }
-
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(listener) = metrics_listener {
-        info!("metrics: http://{}/metrics", listener.local_addr()?);
-        let services = Arc::new(Services {
-            echo: echo.clone(),
-            http: http.clone(),
-        });
-        tasks.spawn(metrics::serve(listener, services, shutdown()));
-    }
-    let path = if fast_path.is_some() {
-        "kernel"
-    } else {
-        "user space"
-    };
-    let http_dispatch: Dispatcher = {
-        let http = http.clone();
-        Arc::new(move |stream| http.dispatch(stream))
-    };
-    let echo_dispatch: Dispatcher = {
-        let echo = echo.clone();
-        Arc::new(move |stream| echo.dispatch(stream))
-    };
-    let services = [
-        (
-            "http",
-            format!("{path}, {} dispatch", args.dispatch.as_str()),
-            http_listeners,
-            http_dispatch,
-        ),
-        (
-            "echo",
-            format!("{path}, {} work queue", args.workqueue),
-            echo_listeners,
-            echo_dispatch,
-        ),
-    ];
-    for (service, detail, listeners, dispatch) in services {
-        for listener in listeners {
-            info!(
-                "{service}: listening on {} ({detail})",
-                listener.local_addr()?
-            );
-            let dispatch = Arc::clone(&dispatch);
-            tasks.spawn(listener::accept_loop(
-                listener,
-                shutdown(),
-                service,
-                move |stream| dispatch(stream),
-            ));
-        }
-    }
-    tasks.spawn(echo.clone().handoff_loop(shutdown()));
-    tasks.spawn(http.clone().handoff_loop(shutdown()));
-    tasks.spawn(http.clone().date_loop(shutdown()));
-    tasks.spawn(http.clone().idle_loop(shutdown()));
-
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
-    }
-    // Stop accepting, end user-space connections, close kernel ones, drain the queue.
-    notify_shutdown.send_replace(true);
-    while tasks.join_next().await.is_some() {}
-    echo.stop().await;
-    http.stop().await;
-    // Dropping the programs' object detaches them.
-    drop(fast_path);
-    info!("stopped");
-    Ok(())
-}
-
-fn read_body(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("--body {}", path.display()))?
-        .len();
-    if size > http::response::MAX_BODY_FILE {
-        anyhow::bail!(
-            "--body {}: {size} bytes; the limit is {} bytes",
-            path.display(),
-            http::response::MAX_BODY_FILE
-        );
-    }
-    std::fs::read(path).with_context(|| format!("--body {}", path.display()))
+    server::run(config, stop).await
 }
 
 /// File descriptors beyond one per HTTP connection: listeners, BPF objects, epoll and event fds,

@@ -487,3 +487,75 @@ fn past_max_connections_new_clients_get_503_and_the_others_keep_being_served() {
         );
     }
 }
+
+/// The server as a library: started, served and stopped inside the test's own process (user
+/// space only, ports the kernel picks), as `khttpd` runs it.
+#[test]
+fn the_server_runs_in_process_and_stops_when_told() {
+    use khttpd::{http, server, workqueue};
+    let config = server::Config {
+        iface: "lo".into(),
+        http_port: 0,
+        echo_port: 0,
+        backlog: 128,
+        dispatch: http::Dispatch::Cmwq,
+        fast_path: server::FastPathMode::Off,
+        workqueue: workqueue::Kind::Unbound,
+        max_active: 64,
+        body: None,
+        kernel_cache_max: 0,
+        root: None,
+        file_cache: http::file_cache::Limits::DEFAULT,
+        timeouts: http::Timeouts {
+            idle: Duration::from_secs(60),
+            head: Duration::from_secs(10),
+        },
+        max_connections: 100,
+        metrics: None,
+        // Nothing to drop: the test keeps its privileges.
+        user: "root".into(),
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let server = server::Server::start(config).await.expect("the server starts");
+        let (http_addr, echo_addr) = (server.http_addrs()[0], server.echo_addrs()[0]);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        let (mut kept_alive, mut echo) = tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(http_addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            for _ in 0..3 {
+                let (status, body) = common::ask(&mut stream, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+                assert_eq!((status, body.as_slice()), (200, &b"Hello, World!\n"[..]));
+            }
+            let mut echo = TcpStream::connect(echo_addr).unwrap();
+            echo.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            echo.write_all(b"ping").unwrap();
+            let mut back = [0u8; 4];
+            echo.read_exact(&mut back).unwrap();
+            assert_eq!(&back, b"ping");
+            (stream, echo)
+        })
+        .await
+        .unwrap();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("the server stops within 10 s")
+            .unwrap()
+            .expect("and returns Ok");
+        // Both connections were closed with a FIN, and nothing listens any more.
+        tokio::task::spawn_blocking(move || {
+            let mut rest = Vec::new();
+            kept_alive.read_to_end(&mut rest).expect("a FIN, not a reset");
+            assert!(rest.is_empty());
+            echo.read_to_end(&mut rest).expect("a FIN, not a reset");
+            assert!(rest.is_empty());
+            assert!(TcpStream::connect(http_addr).is_err());
+        })
+        .await
+        .unwrap();
+    });
+}
