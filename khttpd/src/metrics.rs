@@ -258,14 +258,14 @@ fn render_http_kernel(out: &mut String, http: &HttpService) {
         "khttpd_http_kernel_sockets",
         "gauge",
         "Entries in the HTTP sockhash.",
-        &[("", kernel.sockhash_entries() as u64)],
+        &[("", kernel.sockmap().sockhash_entries() as u64)],
     );
     metric(
         out,
         "khttpd_http_kernel_connections",
         "gauge",
         "HTTP connections the kernel serves while user space holds them open.",
-        &[("", kernel.connections() as u64)],
+        &[("", kernel.sockmap().connections() as u64)],
     );
 }
 
@@ -343,14 +343,14 @@ fn render_echo(out: &mut String, echo: &EchoService) {
             "khttpd_echo_kernel_sockets",
             "gauge",
             "Entries in the echo sockhash.",
-            &[("", kernel.sockhash_entries() as u64)],
+            &[("", kernel.sockmap().sockhash_entries() as u64)],
         );
         metric(
             out,
             "khttpd_echo_kernel_connections",
             "gauge",
             "Kernel-path connections user space holds open.",
-            &[("", kernel.connections() as u64)],
+            &[("", kernel.sockmap().connections() as u64)],
         );
     }
 }

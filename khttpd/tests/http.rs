@@ -517,7 +517,9 @@ fn the_server_runs_in_process_and_stops_when_told() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let server = server::Server::start(config).await.expect("the server starts");
+        let server = server::Server::start(config)
+            .await
+            .expect("the server starts");
         let (http_addr, echo_addr) = (server.http_addrs()[0], server.echo_addrs()[0]);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(server.serve(async {
@@ -525,13 +527,16 @@ fn the_server_runs_in_process_and_stops_when_told() {
         }));
         let (mut kept_alive, mut echo) = tokio::task::spawn_blocking(move || {
             let mut stream = TcpStream::connect(http_addr).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             for _ in 0..3 {
                 let (status, body) = common::ask(&mut stream, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
                 assert_eq!((status, body.as_slice()), (200, &b"Hello, World!\n"[..]));
             }
             let mut echo = TcpStream::connect(echo_addr).unwrap();
-            echo.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            echo.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             echo.write_all(b"ping").unwrap();
             let mut back = [0u8; 4];
             echo.read_exact(&mut back).unwrap();
@@ -549,7 +554,9 @@ fn the_server_runs_in_process_and_stops_when_told() {
         // Both connections were closed with a FIN, and nothing listens any more.
         tokio::task::spawn_blocking(move || {
             let mut rest = Vec::new();
-            kept_alive.read_to_end(&mut rest).expect("a FIN, not a reset");
+            kept_alive
+                .read_to_end(&mut rest)
+                .expect("a FIN, not a reset");
             assert!(rest.is_empty());
             echo.read_to_end(&mut rest).expect("a FIN, not a reset");
             assert!(rest.is_empty());

@@ -10,7 +10,6 @@
 use std::{
     io,
     net::TcpStream,
-    ops::Deref,
     os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex},
 };
@@ -168,12 +167,10 @@ impl KernelEcho {
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters.sum(counter as u32)
     }
-}
 
-impl Deref for KernelEcho {
-    type Target = KernelConnections<Echo>;
-
-    fn deref(&self) -> &Self::Target {
+    /// The connections in the sockhash and their watcher (`sockmap.rs`): installing, parking,
+    /// taking back, hand-offs.
+    pub fn sockmap(&self) -> &KernelConnections<Echo> {
         &self.connections
     }
 }

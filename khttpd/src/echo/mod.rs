@@ -58,7 +58,7 @@ impl EchoService {
     /// Serves one accepted connection.
     pub fn dispatch(&self, stream: std::net::TcpStream) {
         let stream = match &self.kernel {
-            Some(kernel) => match kernel.install(stream) {
+            Some(kernel) => match kernel.sockmap().install(stream) {
                 Ok(()) => {
                     self.counters
                         .kernel_connections
@@ -87,6 +87,7 @@ impl EchoService {
     pub async fn handoff_loop(self: Arc<Self>, shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
         kernel
+            .sockmap()
             .serve_handoffs(shutdown, |cookie, stream| {
                 match kernel.detach(cookie, &stream) {
                     Ok(detached) => {
@@ -96,7 +97,7 @@ impl EchoService {
                     Err(e) => {
                         // Still in the echo sockhash: the kernel goes on echoing it.
                         warn!("echo: cannot move connection {cookie} to user space: {e}");
-                        let _ = kernel.park(cookie, stream);
+                        let _ = kernel.sockmap().park(cookie, stream);
                     }
                 }
             })
@@ -106,7 +107,7 @@ impl EchoService {
     /// Closes every connection and drains the work queue.
     pub async fn stop(&self) {
         if let Some(kernel) = &self.kernel {
-            kernel.stop();
+            kernel.sockmap().stop();
         }
         self.queue.destroy().await;
     }

@@ -549,7 +549,7 @@ impl KernelBooks {
                 },
                 slot,
             };
-            return kernel_of(&self.service).install(parked);
+            return kernel_of(&self.service).sockmap().install(parked);
         };
         let Some(answered) = self.publish(written) else {
             return Err(Parked {

@@ -25,10 +25,8 @@
 //! ([`KernelHttp::forget_everything`]).
 
 use std::{
-    collections::HashMap as StdHashMap,
     io,
     net::TcpStream,
-    ops::Deref,
     os::fd::{AsRawFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -39,14 +37,18 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData};
 use khttpd_common::http::{
-    self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, ResponseBlock,
-    ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
+    self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, Route, DATE_LEN,
 };
-use log::{debug, error, warn};
+use log::{debug, warn};
 
-use super::{response, session::Learned, Slot};
+use super::{
+    kernel_table::{ResponseSlot, Table},
+    response,
+    session::Learned,
+    Slot,
+};
 use crate::{
-    fast_path::{os_errors, Counters, HttpMaps},
+    fast_path::{Counters, HttpMaps},
     fd::tcp_info,
     sockmap::{wait_until_queued, KernelConnections, Service},
 };
@@ -158,168 +160,6 @@ struct Dates {
     stale: bool,
 }
 
-/// What the kernel has been taught, mirrored here so that entries can be evicted and forgotten.
-struct Table {
-    requests: HashMap<MapData, RequestKey, Route>,
-    meta: Array<MapData, ResponseMeta>,
-    blocks: Array<MapData, ResponseBlock>,
-    /// Taught requests: their response slot (`None`: answered by closing, left to user space)
-    /// and when they were taught.
-    taught: StdHashMap<Vec<u8>, (Option<u32>, Instant)>,
-    /// Response bytes (Date blanked) → the slot holding them.
-    by_response: StdHashMap<Vec<u8>, u32>,
-    slots: Vec<ResponseSlot>,
-}
-
-enum ResponseSlot {
-    Free,
-    Used {
-        /// The answer, Date blanked (its key in `by_response`).
-        response: Vec<u8>,
-        last_taught: Instant,
-    },
-    /// Evicted or forgotten: requests naming it are gone from the kernel's table, but a request
-    /// marked just before may still be synthesized from it, so it is not rewritten before
-    /// [`SLOT_REST`] has passed.
-    Resting(Instant),
-    /// A request naming it could not be removed from the kernel's table: its length is 0 (the
-    /// verdict passes such requests to user space) and it is never filled again.
-    Disabled,
-}
-
-/// How long a slot rests between two contents (a marked request is synthesized within
-/// microseconds; this is a wide margin).
-const SLOT_REST: Duration = Duration::from_secs(1);
-/// An answer taught this recently is not evicted to make room: when every slot is this warm, a
-/// new answer is simply not cached (evicting would only make the table thrash).
-const SLOT_WARM: Duration = Duration::from_secs(5);
-
-impl Table {
-    /// The slot holding `response`, filled (or found) now; `None` when every slot is busy.
-    fn slot_for(&mut self, response: &[u8], now: Instant) -> io::Result<Option<u32>> {
-        if response.len() > MAX_RESPONSE as usize {
-            return Ok(None);
-        }
-        let date_offset = match response::date_offset(response) {
-            Some(at) if at + DATE_LEN <= BLOCK => at,
-            _ => return Ok(None),
-        };
-        let mut key = response.to_vec();
-        key[date_offset..date_offset + DATE_LEN].fill(b'-');
-        if let Some(&slot) = self.by_response.get(&key) {
-            if let ResponseSlot::Used { last_taught, .. } = &mut self.slots[slot as usize] {
-                *last_taught = now;
-            }
-            return Ok(Some(slot));
-        }
-        let free = self.slots.iter().position(|slot| match slot {
-            ResponseSlot::Free => true,
-            ResponseSlot::Resting(since) => now.duration_since(*since) >= SLOT_REST,
-            ResponseSlot::Used { .. } | ResponseSlot::Disabled => false,
-        });
-        let Some(slot) = free else {
-            self.evict_least_recent(now);
-            return Ok(None);
-        };
-        for (i, chunk) in response.chunks(BLOCK).enumerate() {
-            let mut block = ResponseBlock { bytes: [0; BLOCK] };
-            block.bytes[..chunk.len()].copy_from_slice(chunk);
-            let index = slot as u32 * BLOCKS_PER_RESPONSE + i as u32;
-            self.blocks.set(index, block, 0).map_err(io::Error::other)?;
-        }
-        let meta = ResponseMeta {
-            len: response.len() as u32,
-            date_offset: date_offset as u32,
-        };
-        self.meta
-            .set(slot as u32, meta, 0)
-            .map_err(io::Error::other)?;
-        self.by_response.insert(key.clone(), slot as u32);
-        self.slots[slot] = ResponseSlot::Used {
-            response: key,
-            last_taught: now,
-        };
-        Ok(Some(slot as u32))
-    }
-
-    /// Makes room: the least recently taught response, unless it is still warm, and every
-    /// request naming it leave.
-    fn evict_least_recent(&mut self, now: Instant) {
-        let victim = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, slot)| match slot {
-                ResponseSlot::Used { last_taught, .. }
-                    if now.duration_since(*last_taught) >= SLOT_WARM =>
-                {
-                    Some((*last_taught, i))
-                }
-                _ => None,
-            })
-            .min()
-            .map(|(_, i)| i as u32);
-        let Some(victim) = victim else { return };
-        let requests: Vec<Vec<u8>> = self
-            .taught
-            .iter()
-            .filter(|(_, (slot, _))| *slot == Some(victim))
-            .map(|(request, _)| request.clone())
-            .collect();
-        for request in requests {
-            self.forget_request(&request);
-        }
-        self.rest(victim, now);
-    }
-
-    fn rest(&mut self, slot: u32, now: Instant) {
-        self.retire(slot, ResponseSlot::Resting(now));
-    }
-
-    /// Replaces a slot's state (a disabled slot stays disabled).
-    fn retire(&mut self, slot: u32, next: ResponseSlot) {
-        let slot = &mut self.slots[slot as usize];
-        if matches!(slot, ResponseSlot::Disabled) {
-            return;
-        }
-        if let ResponseSlot::Used { response, .. } = std::mem::replace(slot, next) {
-            self.by_response.remove(&response);
-        }
-    }
-
-    /// Removes a taught request from the kernel's table. If the kernel may still hold it (the
-    /// delete failed, and not because the LRU map already dropped it), the slot it names is
-    /// disabled: the kernel must never answer it with that slot's next content, nor with stale
-    /// content after a file changed.
-    fn forget_request(&mut self, request: &[u8]) {
-        let slot = self.taught.remove(request).and_then(|(slot, _)| slot);
-        let Some(key) = RequestKey::new(request) else {
-            return;
-        };
-        match self.requests.remove(&key) {
-            Ok(()) => {}
-            Err(e) if os_errors(&e).next() == Some(libc::ENOENT) => {}
-            Err(e) => {
-                warn!("http: the kernel could not forget a request ({e}); its answer goes to user space");
-                if let Some(slot) = slot {
-                    self.disable(slot);
-                }
-            }
-        }
-    }
-
-    fn disable(&mut self, slot: u32) {
-        let off = ResponseMeta {
-            len: 0,
-            date_offset: 0,
-        };
-        if let Err(e) = self.meta.set(slot, off, 0) {
-            error!("http: cannot disable kernel answer slot {slot} either ({e}): it may answer stale bytes");
-        }
-        self.retire(slot, ResponseSlot::Disabled);
-    }
-}
-
 impl KernelHttp {
     /// `idle_timeout`: `--idle-timeout`, applied to the connections the kernel serves;
     /// `cache_max`: `--kernel-cache-max`, the largest answer taught.
@@ -331,16 +171,7 @@ impl KernelHttp {
         };
         let kernel = KernelHttp {
             connections: KernelConnections::start(service, maps.sockets, maps.handoffs)?,
-            table: Mutex::new(Table {
-                requests: maps.requests,
-                meta: maps.responses,
-                blocks: maps.blocks,
-                taught: StdHashMap::new(),
-                by_response: StdHashMap::new(),
-                slots: (0..http::MAX_RESPONSES)
-                    .map(|_| ResponseSlot::Free)
-                    .collect(),
-            }),
+            table: Mutex::new(Table::new(maps.requests, maps.responses, maps.blocks)),
             generation: AtomicU64::new(0),
             cache_max: cache_max as usize,
             dates: Mutex::new(Dates {
@@ -565,12 +396,10 @@ impl KernelHttp {
     pub fn passed(&self, reason: PassReason) -> u64 {
         self.counter(reason.counter())
     }
-}
 
-impl Deref for KernelHttp {
-    type Target = KernelConnections<Http>;
-
-    fn deref(&self) -> &Self::Target {
+    /// The connections in the sockhash and their watcher (`sockmap.rs`): installing, parking,
+    /// taking back, hand-offs.
+    pub fn sockmap(&self) -> &KernelConnections<Http> {
         &self.connections
     }
 }

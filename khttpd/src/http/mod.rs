@@ -12,12 +12,25 @@
 //!
 //! Closing is always a FIN after the last response is written, followed by reading until the
 //! client closes (bounded): closing with unread bytes would make the kernel send a reset instead.
+//!
+//! A request's hops, in order:
+//! - user space: `listener::accept_loop` → [`HttpService::dispatch`] → `serve_in_user_space`
+//!   (answered at once as far as it goes: `executor::answer_at_once`) → a work item running
+//!   `executor::serve_async` (or a thread running `executor::serve_blocking`), which asks the
+//!   [`connection::Connection`] for its next action: read → [`session::Session`] parses and
+//!   answers ([`response`], [`site`] with `--root`) → write; between requests `idle` holds it.
+//! - kernel: [`HttpService::dispatch`] (`--fast-path on`) or `Connection::release` (`auto`, once
+//!   an answer was learned: [`kernel::KernelHttp::learn`], table in `kernel_table`) →
+//!   `kernel.sockmap().install` (`sockmap.rs`: sockhash + watcher) → the verdict program answers
+//!   (khttpd-ebpf/src/http.rs) → at a request it cannot answer, a hand-off record →
+//!   [`HttpService::handoff_loop`] → `serve_in_user_space` as above.
 
 pub mod connection;
 mod executor;
 pub mod file_cache;
 mod idle;
 pub mod kernel;
+mod kernel_table;
 pub mod response;
 pub mod session;
 pub mod site;
@@ -141,7 +154,7 @@ impl HttpService {
                     answered: Answered::default(),
                     slot,
                 };
-                match kernel.install(parked) {
+                match kernel.sockmap().install(parked) {
                     Ok(()) => return,
                     Err(parked) => (parked.stream, parked.slot),
                 }
@@ -253,6 +266,7 @@ impl HttpService {
     pub async fn handoff_loop(self: Arc<Self>, shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
         kernel
+            .sockmap()
             .serve_handoffs(shutdown, |cookie, parked| {
                 self.handoffs.fetch_add(1, Ordering::Relaxed);
                 let link = Link {
@@ -288,7 +302,7 @@ impl HttpService {
 
     pub async fn stop(&self) {
         if let Some(kernel) = &self.kernel {
-            kernel.stop();
+            kernel.sockmap().stop();
         }
         self.queue.destroy().await;
     }
