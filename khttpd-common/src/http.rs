@@ -203,7 +203,8 @@ pub struct Marker {
     pub request_len: u32,
 }
 
-/// Why the kernel left a request to user space.
+/// Why the kernel left a request to user space (each has its slot: [`Counter::Passed`]).
+#[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PassReason {
     /// Not one GET/HEAD head of [`MIN_REQUEST`]..=[`REQUEST_KEY_BYTES`] bytes (also: split
@@ -243,41 +244,38 @@ impl PassReason {
         }
     }
 
-    pub fn counter(self) -> Counter {
-        match self {
-            PassReason::NotCandidate => Counter::PassedNotCandidate,
-            PassReason::Unknown => Counter::PassedUnknown,
-            PassReason::Close => Counter::PassedClose,
-            PassReason::UserOwned => Counter::PassedUserOwned,
-            PassReason::Backpressure => Counter::PassedBackpressure,
-            PassReason::NoState => Counter::PassedNoState,
-        }
-    }
+    pub const COUNT: u32 = Self::ALL.len() as u32;
 }
 
-/// Slots of [`COUNTERS_MAP`].
-#[repr(u32)]
+/// What [`COUNTERS_MAP`] counts, one slot each ([`Counter::slot`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
     /// Requests answered in the kernel.
-    KernelResponses = 0,
-    PassedNotCandidate = 1,
-    PassedUnknown = 2,
-    PassedClose = 3,
-    PassedUserOwned = 4,
-    PassedBackpressure = 5,
-    PassedNoState = 6,
+    KernelResponses,
+    /// Requests left to user space, by reason.
+    Passed(PassReason),
     /// Marked requests the synthesizer could not turn into their response (dropped).
-    SynthesisErrors = 7,
+    SynthesisErrors,
     /// Redirects the kernel refused (the request was restored and passed).
-    RedirectFailures = 8,
+    RedirectFailures,
     /// Hand-off records the ring buffer had no room for.
-    HandoffsLost = 9,
+    HandoffsLost,
 }
 
 impl Counter {
+    /// Its index in [`COUNTERS_MAP`]: the pass reasons take one slot each, in their order.
+    pub const fn slot(self) -> u32 {
+        match self {
+            Counter::KernelResponses => 0,
+            Counter::Passed(reason) => 1 + reason as u32,
+            Counter::SynthesisErrors => 1 + PassReason::COUNT,
+            Counter::RedirectFailures => 2 + PassReason::COUNT,
+            Counter::HandoffsLost => 3 + PassReason::COUNT,
+        }
+    }
+
     /// Number of slots in [`COUNTERS_MAP`]: one past the last.
-    pub const COUNT: u32 = Counter::HandoffsLost as u32 + 1;
+    pub const COUNT: u32 = Counter::HandoffsLost.slot() + 1;
 }
 
 #[cfg(feature = "user")]
@@ -295,6 +293,26 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_counter_has_a_slot_of_its_own() {
+        let mut counters = vec![
+            Counter::KernelResponses,
+            Counter::SynthesisErrors,
+            Counter::RedirectFailures,
+            Counter::HandoffsLost,
+        ];
+        counters.extend(PassReason::ALL.map(Counter::Passed));
+        let mut slots: Vec<u32> = counters.iter().map(|counter| counter.slot()).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..Counter::COUNT).collect::<Vec<_>>());
+        for (i, reason) in PassReason::ALL.into_iter().enumerate() {
+            assert_eq!(
+                reason as usize, i,
+                "PassReason::ALL is in declaration order"
+            );
+        }
+    }
 
     fn candidate(request: &[u8]) -> Result<(), PassReason> {
         RequestKey::new(request)

@@ -101,7 +101,7 @@ fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // The control plane creates both entries before it puts the socket into the sockhash.
     let Some(connection) = HTTP_CONNECTIONS.get_ptr_mut(&cookie) else {
-        count(Counter::PassedNoState);
+        count(Counter::Passed(PassReason::NoState));
         hand_off(cookie);
         return SK_PASS;
     };
@@ -117,13 +117,13 @@ fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
     add_atomic(passed, u64::from(len));
     // SAFETY: the value is copied out at once.
     let Some(answered) = (unsafe { HTTP_ANSWERED.get(&cookie) }).copied() else {
-        count(Counter::PassedNoState);
+        count(Counter::Passed(PassReason::NoState));
         hand_off(cookie);
         return SK_PASS;
     };
     if answered.read_bytes != passed_before {
         // User space still owes answers on this connection and reads its socket.
-        count(Counter::PassedUserOwned);
+        count(Counter::Passed(PassReason::UserOwned));
         return pass(ctx, connection, &mut cookie);
     }
     match answer(ctx, connection, answered.written_bytes, &mut cookie) {
@@ -134,7 +134,7 @@ fn try_http_verdict(ctx: &SkBuffContext) -> u32 {
         }
         Err(reason) => {
             // User space may be parked (not reading): tell it.
-            count(reason.counter());
+            count(Counter::Passed(reason));
             hand_off(cookie);
             pass(ctx, connection, &mut cookie)
         }
@@ -388,7 +388,7 @@ fn patch_date(ctx: &SkMsgContext, offset: usize) -> Result<(), ()> {
 }
 
 fn count(counter: Counter) {
-    if let Some(slot) = HTTP_COUNTERS.get_ptr_mut(counter as u32) {
+    if let Some(slot) = HTTP_COUNTERS.get_ptr_mut(counter.slot()) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 };
     }

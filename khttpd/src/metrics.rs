@@ -199,7 +199,7 @@ fn render_http_kernel(out: &mut String, http: &HttpService) {
         .map(|reason| {
             (
                 format!("reason=\"{}\"", reason.label()),
-                kernel.passed(*reason),
+                kernel.counter(HttpCounter::Passed(*reason)),
             )
         })
         .collect();

@@ -37,7 +37,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData};
 use khttpd_common::http::{
-    self, Answered, Connection, Counter, HttpDate, PassReason, RequestKey, Route, DATE_LEN,
+    self, Answered, Connection, Counter, HttpDate, RequestKey, Route, DATE_LEN,
 };
 use log::{debug, warn};
 
@@ -390,11 +390,7 @@ impl KernelHttp {
 
     /// The kernel's per-CPU counter, summed.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.counters.sum(counter as u32)
-    }
-
-    pub fn passed(&self, reason: PassReason) -> u64 {
-        self.counter(reason.counter())
+        self.counters.sum(counter.slot())
     }
 
     /// The connections in the sockhash and their watcher (`sockmap.rs`): installing, parking,
