@@ -134,7 +134,7 @@ impl Counters {
             value: u64,
             flags: u64,
         }
-        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+        const BPF_MAP_LOOKUP_ELEM: u32 = 1;
         // The kernel writes one 8-byte value per possible CPU.
         let mut values = vec![0u64; self.cpus];
         let attr = Lookup {
@@ -146,18 +146,9 @@ impl Counters {
         };
         // SAFETY: `attr` points at a key and a buffer of the map's per-CPU value size, both
         // alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
-                &raw const attr,
-                std::mem::size_of::<Lookup>() as libc::c_uint,
-            )
-        };
-        if rc == 0 {
-            values.iter().sum()
-        } else {
-            0
+        match unsafe { crate::fd::bpf(BPF_MAP_LOOKUP_ELEM, &attr) } {
+            Ok(_) => values.iter().sum(),
+            Err(_) => 0,
         }
     }
 }
@@ -184,7 +175,7 @@ impl FastPath {
         // Programs skip log statements above this level without touching the ring buffer.
         let level = log::max_level() as u8;
         let mut secret = [0u8; 8];
-        getrandom(&mut secret).map_err(|e| FastPathError::Other(format!("getrandom: {e}")))?;
+        fill_random(&mut secret).map_err(|e| FastPathError::Other(format!("getrandom: {e}")))?;
         let secret = u64::from_ne_bytes(secret);
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
@@ -307,13 +298,12 @@ fn tcp_offsets() -> Result<TcpOffsets, FastPathError> {
     })
 }
 
-fn getrandom(buf: &mut [u8]) -> io::Result<()> {
-    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n == buf.len() as isize {
+fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let n = rustix::rand::getrandom(&mut *buf, rustix::rand::GetRandomFlags::empty())?;
+    if n == buf.len() {
         Ok(())
     } else {
-        Err(io::Error::last_os_error())
+        Err(io::ErrorKind::UnexpectedEof.into())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::Duration,
 };
 
@@ -18,6 +18,30 @@ pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
 pub fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     // SAFETY: `inner` owns its fd, which stays open and the same for as long as the AsyncFd holds it.
     unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// bpf(2) for the commands aya offers no call for; on success the fd the kernel returned, if the
+/// command returns one (as BPF_PROG_LOAD does), else `None` (BPF_MAP_LOOKUP_ELEM returns 0).
+///
+/// # Safety
+/// `attr` must be the leading fields of `union bpf_attr` for `cmd`; pointers in it must point at
+/// memory valid for what the command reads or writes.
+pub unsafe fn bpf<T>(cmd: u32, attr: &T) -> io::Result<Option<OwnedFd>> {
+    // SAFETY: the caller's promise; the size passed is that of `T`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            libc::c_long::from(cmd),
+            std::ptr::from_ref(attr),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    match ret {
+        ret if ret < 0 => Err(io::Error::last_os_error()),
+        // SAFETY: a positive return of these commands is a new fd, ours to close.
+        ret if ret > 0 => Ok(Some(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })),
+        _ => Ok(None),
+    }
 }
 
 pub fn cvt(ret: i32) -> io::Result<i32> {
@@ -85,16 +109,6 @@ pub fn unread_bytes(fd: RawFd) -> io::Result<u64> {
             e => Err(e),
         },
     }
-}
-
-/// Makes closing the socket send a reset (SO_LINGER 0) instead of a FIN: the peer learns that not
-/// everything it sent was answered.
-pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
 }
 
 /// SO_RCVLOWAT: how many unread bytes TCP waits for before it wakes the socket's reader (its

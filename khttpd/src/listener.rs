@@ -2,9 +2,8 @@
 //! also tied to the device with SO_BINDTODEVICE so it only accepts traffic that arrived there.
 
 use std::{
-    ffi::CStr,
     fmt, io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, SocketAddrV6, TcpListener, TcpStream},
     time::Duration,
 };
 
@@ -85,59 +84,27 @@ fn listen(iface: &str, addr: SocketAddr, backlog: i32) -> io::Result<TcpListener
 /// order getifaddrs lists them.
 pub fn interfaces() -> io::Result<Vec<(String, Vec<SocketAddr>)>> {
     let mut list: Vec<(String, Vec<SocketAddr>)> = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: `cursor` walks the list getifaddrs returned; each node and its name are valid
-        // until freeifaddrs.
-        let ifa = unsafe { &*cursor };
-        cursor = ifa.ifa_next;
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
+    for ifa in nix::ifaddrs::getifaddrs()? {
         let index = list
             .iter()
-            .position(|(n, _)| *n == name)
+            .position(|(name, _)| *name == ifa.interface_name)
             .unwrap_or_else(|| {
-                list.push((name, Vec::new()));
+                list.push((ifa.interface_name.clone(), Vec::new()));
                 list.len() - 1
             });
-        // SAFETY: the address's family says which sockaddr type it points to.
-        if let Some(addr) = unsafe { socket_addr(ifa.ifa_addr) } {
-            list[index].1.push(addr);
+        let Some(addr) = ifa.address else { continue };
+        if let Some(sin) = addr.as_sockaddr_in() {
+            list[index].1.push(SocketAddr::new(IpAddr::V4(sin.ip()), 0));
+        } else if let Some(sin6) = addr.as_sockaddr_in6() {
+            list[index].1.push(SocketAddr::V6(SocketAddrV6::new(
+                sin6.ip(),
+                0,
+                0,
+                sin6.scope_id(),
+            )));
         }
     }
-    // SAFETY: `head` came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
     Ok(list)
-}
-
-unsafe fn socket_addr(addr: *const libc::sockaddr) -> Option<SocketAddr> {
-    if addr.is_null() {
-        return None;
-    }
-    match i32::from(unsafe { (*addr).sa_family }) {
-        libc::AF_INET => {
-            let sin = unsafe { &*addr.cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Some(SocketAddr::new(IpAddr::V4(ip), 0))
-        }
-        libc::AF_INET6 => {
-            let sin6 = unsafe { &*addr.cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                0,
-                0,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
 }
 
 /// Accepts connections until shutdown and hands each (non-blocking, not registered with tokio) to

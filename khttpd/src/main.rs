@@ -176,7 +176,7 @@ async fn run(config: server::Config) -> anyhow::Result<()> {
 
 /// File descriptors beyond one per HTTP connection: listeners, BPF objects, epoll and event fds,
 /// files being sent under `--root`, connections lingering after a 503, echo connections.
-const FD_SLACK: libc::rlim_t = 4096;
+const FD_SLACK: u64 = 4096;
 
 /// Raises RLIMIT_NOFILE: the soft limit to the hard one (echo connections have no limit of their
 /// own), and both to what `--max-connections` needs plus `FD_SLACK` when the hard limit is lower
@@ -184,52 +184,42 @@ const FD_SLACK: libc::rlim_t = 4096;
 /// When the limit stays short, says so: past it accept fails with EMFILE and new connections wait
 /// in the backlog instead of getting a 503.
 fn raise_fd_limit(max_connections: usize) {
-    let wanted = libc::rlim_t::try_from(max_connections)
-        .unwrap_or(libc::rlim_t::MAX)
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
         .saturating_add(FD_SLACK);
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the stack struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        let error = std::io::Error::last_os_error();
-        return warn!("cannot read the file descriptor limit: {error}");
-    }
+    // `None` is RLIM_INFINITY.
+    let limit = getrlimit(Resource::Nofile);
+    let (mut current, max) = (
+        limit.current.unwrap_or(u64::MAX),
+        limit.maximum.unwrap_or(u64::MAX),
+    );
     // No process may have a higher limit than nr_open.
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(wanted);
-    let both = wanted.min(ceiling).max(limit.rlim_max);
-    let attempts = [
-        libc::rlimit {
-            rlim_cur: both,
-            rlim_max: both,
-        },
-        libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        },
-    ];
-    for attempt in attempts {
-        if attempt.rlim_cur <= limit.rlim_cur {
+    let both = wanted.min(ceiling).max(max);
+    for attempt in [both, max] {
+        if attempt <= current {
             continue;
         }
-        // SAFETY: setrlimit reads the stack struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &attempt) } == 0 {
-            log::debug!("file descriptor limit raised to {}", attempt.rlim_cur);
-            limit = attempt;
+        let raised = Rlimit {
+            current: Some(attempt),
+            maximum: Some(attempt),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            log::debug!("file descriptor limit raised to {attempt}");
+            current = attempt;
             break;
         }
     }
-    if limit.rlim_cur < wanted {
+    if current < wanted {
         warn!(
-            "the file descriptor limit is {} (hard limit {}), below the {wanted} that \
+            "the file descriptor limit is {current} (hard limit {max}), below the {wanted} that \
              --max-connections {max_connections} needs (one per connection + {FD_SLACK}): once it \
              is reached, new connections wait unaccepted (EMFILE) instead of getting a 503; raise \
-             it (ulimit -n, LimitNOFILE=) or lower --max-connections",
-            limit.rlim_cur, limit.rlim_max
+             it (ulimit -n, LimitNOFILE=) or lower --max-connections"
         );
     }
 }

@@ -5,19 +5,18 @@
 //! capabilities at all, confined to `--root` by chroot(2) when it serves a folder, and checks
 //! that it really can no longer load a BPF program before it accepts a connection.
 
-use std::{
-    ffi::{CStr, CString},
-    io,
-    path::Path,
-};
+use std::{ffi::CStr, io, path::Path};
 
 use log::info;
+use nix::unistd::{self, Gid, Uid};
+
+use crate::fd;
 
 /// Whom the process runs as after the drop.
 pub struct User {
     pub name: String,
-    pub uid: libc::uid_t,
-    pub gid: libc::gid_t,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug)]
@@ -49,8 +48,7 @@ impl std::error::Error for Error {}
 
 /// Whether the process can drop privileges at all (it runs as root).
 pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    unistd::geteuid().is_root()
 }
 
 /// Makes execve(2) unable to grant privileges (setuid binaries, file capabilities) to this
@@ -58,42 +56,23 @@ pub fn is_root() -> bool {
 /// is per thread and inherited. khttpd never executes anything; this keeps it that way for an
 /// attacker too.
 pub fn forbid_new_privileges() {
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        log::warn!("cannot set no_new_privs: {}", io::Error::last_os_error());
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        log::warn!("cannot set no_new_privs: {}", io::Error::from(e));
     }
 }
 
 /// Looks `name` up in the user database (before any chroot hides it).
 pub fn lookup(name: &str) -> Result<User, Error> {
-    let c_name = CString::new(name).map_err(|_| Error::UnknownUser(name.to_owned()))?;
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: every pointer is valid for the call; `buffer` outlives the use of `entry`.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c_name.as_ptr(),
-            &mut entry,
-            buffer.as_mut_ptr(),
-            buffer.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Lookup(
-            name.to_owned(),
-            io::Error::from_raw_os_error(rc),
-        ));
+    match unistd::User::from_name(name) {
+        Ok(Some(entry)) => Ok(User {
+            name: name.to_owned(),
+            uid: entry.uid.as_raw(),
+            gid: entry.gid.as_raw(),
+        }),
+        // (Also a name with a NUL byte: it cannot be in the database.)
+        Ok(None) => Err(Error::UnknownUser(name.to_owned())),
+        Err(e) => Err(Error::Lookup(name.to_owned(), e.into())),
     }
-    if found.is_null() {
-        return Err(Error::UnknownUser(name.to_owned()));
-    }
-    Ok(User {
-        name: name.to_owned(),
-        uid: entry.pw_uid,
-        gid: entry.pw_gid,
-    })
 }
 
 /// Confines the process to `jail` (if any), becomes `user` with no supplementary groups and no
@@ -102,20 +81,13 @@ pub fn lookup(name: &str) -> Result<User, Error> {
 /// ids all leave 0, and chroot changes the filesystem root the threads share.
 pub fn drop_to(user: &User, jail: Option<&Path>) -> Result<(), Error> {
     if let Some(jail) = jail {
-        let path = CString::new(jail.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::Step("chroot", io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: plain system calls on a valid C string.
-        check("chroot", unsafe { libc::chroot(path.as_ptr()) })?;
-        check("chdir /", unsafe { libc::chdir(c"/".as_ptr()) })?;
+        check("chroot", unistd::chroot(jail))?;
+        check("chdir /", unistd::chdir("/"))?;
     }
-    // SAFETY: plain system calls; an empty group list needs no pointer.
-    check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
-    check("setgid", unsafe {
-        libc::setresgid(user.gid, user.gid, user.gid)
-    })?;
-    check("setuid", unsafe {
-        libc::setresuid(user.uid, user.uid, user.uid)
-    })?;
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    check("setgroups", unistd::setgroups(&[]))?;
+    check("setgid", unistd::setresgid(gid, gid, gid))?;
+    check("setuid", unistd::setresuid(uid, uid, uid))?;
     verify(user)?;
     info!(
         "running as {} (uid {}, gid {}), no capabilities{}; loading BPF is refused",
@@ -128,19 +100,14 @@ pub fn drop_to(user: &User, jail: Option<&Path>) -> Result<(), Error> {
     Ok(())
 }
 
-fn check(step: &'static str, rc: libc::c_int) -> Result<(), Error> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Error::Step(step, io::Error::last_os_error()))
-    }
+fn check(step: &'static str, result: nix::Result<()>) -> Result<(), Error> {
+    result.map_err(|e| Error::Step(step, e.into()))
 }
 
 /// The drop took: root cannot be regained, and the kernel refuses a BPF program (the one thing
 /// an attacker who took over the process would most like to do here).
 fn verify(user: &User) -> Result<(), Error> {
-    // SAFETY: plain system calls.
-    if user.uid != 0 && unsafe { libc::setuid(0) } == 0 {
+    if user.uid != 0 && unistd::setuid(Uid::from_raw(0)).is_ok() {
         return Err(Error::StillPrivileged("become root again"));
     }
     if user.uid != 0 && can_load_bpf() {
@@ -163,7 +130,7 @@ fn can_load_bpf() -> bool {
         insns: u64,
         license: u64,
     }
-    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_LOAD: u32 = 5;
     const BPF_PROG_TYPE_SK_SKB: u32 = 14;
     let attr = ProgLoad {
         prog_type: BPF_PROG_TYPE_SK_SKB,
@@ -171,21 +138,11 @@ fn can_load_bpf() -> bool {
         insns: program.as_ptr() as u64,
         license: license.as_ptr() as u64,
     };
-    // SAFETY: `attr` points at valid memory of the size passed; the kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoad,
-            std::mem::size_of::<ProgLoad>() as libc::c_uint,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: the fd was just returned to us.
-        unsafe { libc::close(fd as libc::c_int) };
-        return true;
-    }
-    false
+    // SAFETY: `insns` and `license` point at live memory of the sizes given; the kernel only
+    // reads them.
+    let loaded = unsafe { fd::bpf(BPF_PROG_LOAD, &attr) };
+    // The program's fd, if any, is closed when the OwnedFd drops.
+    loaded.is_ok()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use log::{debug, warn};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{kernel::Detached, UserCounters};
-use crate::{fd::reset_on_close, shutdown::Shutdown, socket_memory, sockmap::wait_until_queued};
+use crate::{shutdown::Shutdown, socket_memory, sockmap::wait_until_queued};
 
 /// How long a detached connection waits for a verdict running during the detach to finish
 /// before it reads the kernel's count (see `Detached::lost_bytes`); also the pause between tries
@@ -65,7 +65,7 @@ pub async fn echo(
                          resetting it",
                         detached.cookie()
                     );
-                    return reset_on_close(stream.as_raw_fd());
+                    return socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 }
             }
             echo_until_eof(&mut stream, &counters).await

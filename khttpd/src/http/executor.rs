@@ -13,7 +13,7 @@
 use std::{
     future::Future as _,
     io::{self, Read as _, Write as _},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::AsRawFd,
     task::Poll,
     time::{Duration, Instant},
 };
@@ -64,8 +64,9 @@ fn perform(
         Action::Write => (&*stream)
             .write(connection.output())
             .map(|n| connection.wrote(n)),
-        Action::SendFile => send_file_once(stream.as_raw_fd(), connection.file(), file_share)
-            .map(|n| connection.sent_file(n)),
+        Action::SendFile => {
+            send_file_once(stream, connection.file(), file_share).map(|n| connection.sent_file(n))
+        }
         Action::CloseIfQuiet => {
             // Closing with an empty receive queue sends a FIN; with bytes in it, a reset.
             match unread_bytes(stream.as_raw_fd()) {
@@ -452,14 +453,14 @@ pub(super) fn serve_blocking(
 
 /// One sendfile(2) call of at most `most` bytes of `file`: file bytes go from the page cache to
 /// the socket without a copy through user space.
-fn send_file_once(fd: RawFd, file: &mut FileBody, most: usize) -> io::Result<usize> {
-    let mut offset = file.offset as libc::off_t;
+fn send_file_once(
+    socket: &std::net::TcpStream,
+    file: &mut FileBody,
+    most: usize,
+) -> io::Result<usize> {
+    let mut offset = file.offset;
     let count = file.len.min(most as u64) as usize;
-    // SAFETY: both fds are open; the kernel updates `offset`.
-    let sent = unsafe { libc::sendfile(fd, file.file.as_raw_fd(), &mut offset, count) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sent = rustix::fs::sendfile(socket, &file.file, Some(&mut offset), count)?;
     if sent == 0 {
         // The file shrank under us: the promised length can no longer be sent.
         return Err(io::ErrorKind::UnexpectedEof.into());
