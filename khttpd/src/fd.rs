@@ -1,5 +1,7 @@
-//! Small safe wrappers for the raw file-descriptor calls the kernel path needs (socket options,
-//! epoll, registering foreign fds with tokio).
+//! The one home of raw system calls: safe wrappers for what rustix, nix and socket2 do not offer
+//! (bpf(2) commands aya has no call for, SO_COOKIE / SO_MEMINFO / TCP_INFO / SO_RCVLOWAT,
+//! SIOCOUTQ, a `MSG_TRUNC` peek), and registering foreign fds with tokio. Elsewhere `libc` is
+//! used for constants only.
 
 use std::{
     io,
@@ -44,7 +46,7 @@ pub unsafe fn bpf<T>(cmd: u32, attr: &T) -> io::Result<Option<OwnedFd>> {
     }
 }
 
-pub fn cvt(ret: i32) -> io::Result<i32> {
+fn cvt(ret: i32) -> io::Result<i32> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -52,10 +54,12 @@ pub fn cvt(ret: i32) -> io::Result<i32> {
     }
 }
 
-pub fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-    let mut event = libc::epoll_event { events, u64: token };
-    // SAFETY: valid fds and event pointer.
-    cvt(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event) }).map(drop)
+/// SIOCOUTQ: bytes in the socket's send queue not yet acknowledged (sent or not).
+pub fn unsent_bytes(fd: RawFd) -> io::Result<u64> {
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) })?;
+    Ok(outq as u64)
 }
 
 /// SO_COOKIE: the number `bpf_get_socket_cookie` returns for this socket in the kernel.

@@ -18,7 +18,8 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    mem::MaybeUninit,
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -30,10 +31,11 @@ use std::{
 use aya::maps::{MapData, MapError, RingBuf, SockHash};
 use khttpd_common::Handoff;
 use log::{debug, warn};
+use rustix::event::{epoll, eventfd, EventfdFlags};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    fd::{async_readable, cvt, epoll_ctl, silent_for, socket_cookie, tcp_info, TCP_CLOSE},
+    fd::{async_readable, silent_for, socket_cookie, tcp_info, unsent_bytes, TCP_CLOSE},
     shutdown::Shutdown,
     socket_memory,
 };
@@ -53,7 +55,7 @@ pub trait Service: Send + Sync + 'static {
     const NAME: &'static str;
     /// What is kept of a connection while the kernel serves it: its socket, and whatever the
     /// service needs when it takes the connection back.
-    type Parked: AsRawFd + Send + 'static;
+    type Parked: AsFd + AsRawFd + Send + 'static;
     /// Runs before the socket enters the sockhash (e.g. to create the kernel's per-connection
     /// state); an error keeps the connection in user space.
     fn prepare(&self, _cookie: u64, _parked: &Self::Parked) -> io::Result<()> {
@@ -92,20 +94,13 @@ impl<S: Service> KernelConnections<S> {
         sockets: SockHash<MapData, u64>,
         handoffs: RingBuf<MapData>,
     ) -> io::Result<Self> {
-        // SAFETY: plain syscalls; the returned fds are owned below.
-        let epoll = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
-        let wake = unsafe {
-            OwnedFd::from_raw_fd(cvt(libc::eventfd(
-                0,
-                libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
-            ))?)
-        };
-        epoll_ctl(
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        epoll::add(
             &epoll,
-            libc::EPOLL_CTL_ADD,
-            wake.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            WAKE_TOKEN,
+            &wake,
+            epoll::EventData::new_u64(WAKE_TOKEN),
+            epoll::EventFlags::IN,
         )?;
         let inner = Arc::new(Inner {
             service,
@@ -150,29 +145,23 @@ impl<S: Service> KernelConnections<S> {
         }
         // Hold the table while installing, so the watcher cannot close the socket half-way.
         let mut connections = self.inner.connections.lock().unwrap();
-        let watch = libc::EPOLLRDHUP as u32;
-        if let Err(e) = epoll_ctl(&self.inner.epoll, libc::EPOLL_CTL_ADD, fd, watch, cookie) {
+        if let Err(e) = self.inner.watch(&stream, cookie) {
             debug!("{name}: cannot watch connection ({e}); serving in user space");
             self.inner.service.forget(cookie);
             return Err(stream);
         }
         if let Err(e) = self.inner.sockets.lock().unwrap().insert(cookie, fd, 0) {
             debug!("{name}: sockhash insert failed ({e}); serving in user space");
-            let _ = epoll_ctl(&self.inner.epoll, libc::EPOLL_CTL_DEL, fd, 0, cookie);
+            let _ = epoll::delete(&self.inner.epoll, &stream);
             self.inner.service.forget(cookie);
             return Err(stream);
         }
         // The accept-race kick: run bytes that arrived before the insert through the verdict.
-        let mut byte = 0u8;
-        // SAFETY: a one-byte peek into a stack byte.
-        unsafe {
-            libc::recv(
-                fd,
-                (&raw mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
+        let _ = rustix::net::recv(
+            &stream,
+            &mut [0u8; 1],
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+        );
         connections.insert(cookie, stream);
         Ok(())
     }
@@ -225,9 +214,7 @@ impl<S: Service> KernelConnections<S> {
     /// Gives a taken-back connection (still in the sockhash) back to the watcher.
     pub fn park(&self, cookie: u64, parked: S::Parked) -> Result<(), S::Parked> {
         let mut connections = self.inner.connections.lock().unwrap();
-        let watch = libc::EPOLLRDHUP as u32;
-        let fd = parked.as_raw_fd();
-        if let Err(e) = epoll_ctl(&self.inner.epoll, libc::EPOLL_CTL_ADD, fd, watch, cookie) {
+        if let Err(e) = self.inner.watch(&parked, cookie) {
             debug!("{}: cannot watch connection ({e})", S::NAME);
             return Err(parked);
         }
@@ -240,13 +227,7 @@ impl<S: Service> KernelConnections<S> {
     /// not hold it (closed, or already taken).
     pub fn take_back(&self, cookie: u64) -> Option<S::Parked> {
         let stream = self.inner.connections.lock().unwrap().remove(&cookie)?;
-        let _ = epoll_ctl(
-            &self.inner.epoll,
-            libc::EPOLL_CTL_DEL,
-            stream.as_raw_fd(),
-            0,
-            cookie,
-        );
+        let _ = epoll::delete(&self.inner.epoll, &stream);
         Some(stream)
     }
 
@@ -276,9 +257,7 @@ impl<S: Service> KernelConnections<S> {
     /// Stops the watcher and closes every connection.
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a u64 to our eventfd.
-        unsafe { libc::write(self.inner.wake.as_raw_fd(), (&raw const one).cast(), 8) };
+        let _ = rustix::io::write(&self.inner.wake, &1u64.to_ne_bytes());
         if let Some(watcher) = self.watcher.lock().unwrap().take() {
             let _ = watcher.join();
         }
@@ -301,12 +280,10 @@ pub async fn wait_until_queued(fd: RawFd, owed: u64, limit: Option<Duration>) ->
         if info.tcpi_state == TCP_CLOSE {
             return false;
         }
-        let mut outq: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ writes one int.
-        if cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) }).is_err() {
+        let Ok(unsent) = unsent_bytes(fd) else {
             return true;
-        }
-        if info.tcpi_bytes_acked + outq as u64 >= owed {
+        };
+        if info.tcpi_bytes_acked + unsent >= owed {
             return true;
         }
         if deadline.is_some_and(|deadline| Instant::now() > deadline) {
@@ -318,58 +295,64 @@ pub async fn wait_until_queued(fd: RawFd, owed: u64, limit: Option<Duration>) ->
 }
 
 impl<S: Service> Inner<S> {
+    /// Adds a connection to the watcher's epoll set: hang-ups only (EPOLLHUP and EPOLLERR come
+    /// unasked), never EPOLLIN, which every redirected skb raises.
+    fn watch(&self, socket: &impl AsFd, cookie: u64) -> rustix::io::Result<()> {
+        epoll::add(
+            &self.epoll,
+            socket,
+            epoll::EventData::new_u64(cookie),
+            epoll::EventFlags::RDHUP,
+        )
+    }
+
     fn watch_hangups(&self) {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut events = [MaybeUninit::<epoll::Event>::uninit(); 256];
         // Half-closed connections waiting for their last bytes to be acknowledged.
         let mut draining: HashMap<u64, Instant> = HashMap::new();
         let idle = self.service.idle_timeout();
         let mut idle_checked = Instant::now();
         loop {
             let timeout = match (draining.is_empty(), idle) {
-                (false, _) => DRAIN_POLL.as_millis() as i32,
-                (true, Some(_)) => IDLE_POLL.as_millis() as i32,
-                (true, None) => -1,
+                (false, _) => Some(DRAIN_POLL),
+                (true, Some(_)) => Some(IDLE_POLL),
+                (true, None) => None,
             };
-            // SAFETY: `events` has room for its length.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    timeout,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            let timeout = timeout.map(|timeout| rustix::time::Timespec {
+                tv_sec: timeout.as_secs() as i64,
+                tv_nsec: i64::from(timeout.subsec_nanos()),
+            });
+            let ready = match epoll::wait(&self.epoll, &mut events, timeout.as_ref()) {
+                Ok((ready, _)) => ready,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    warn!(
+                        "{}: epoll_wait failed: {e}; kernel connections are no longer closed",
+                        S::NAME
+                    );
+                    return;
                 }
-                warn!(
-                    "{}: epoll_wait failed: {e}; kernel connections are no longer closed",
-                    S::NAME
-                );
-                return;
-            }
-            for event in &events[..n as usize] {
-                let (cookie, flags) = (event.u64, event.events);
+            };
+            for event in ready.iter() {
+                let (cookie, flags) = (event.data.u64(), event.flags);
                 if cookie == WAKE_TOKEN {
                     if self.stopping.load(Ordering::Acquire) {
                         return;
                     }
                     continue;
                 }
-                if flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                if flags.intersects(epoll::EventFlags::HUP | epoll::EventFlags::ERR) {
                     draining.remove(&cookie);
                     self.close(cookie);
-                } else if flags & libc::EPOLLRDHUP as u32 != 0 && !self.close_if_drained(cookie) {
+                } else if flags.contains(epoll::EventFlags::RDHUP) && !self.close_if_drained(cookie)
+                {
                     // Keep watching for a reset only; poll for the drain.
                     if let Some(stream) = self.connections.lock().unwrap().get(&cookie) {
-                        let _ = epoll_ctl(
+                        let _ = epoll::modify(
                             &self.epoll,
-                            libc::EPOLL_CTL_MOD,
-                            stream.as_raw_fd(),
-                            0,
-                            cookie,
+                            stream,
+                            epoll::EventData::new_u64(cookie),
+                            epoll::EventFlags::empty(),
                         );
                     }
                     draining.insert(cookie, Instant::now() + DRAIN_LIMIT);

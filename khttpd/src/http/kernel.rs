@@ -27,7 +27,7 @@
 use std::{
     io,
     net::TcpStream,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex,
@@ -71,6 +71,12 @@ pub struct Parked {
 impl AsRawFd for Parked {
     fn as_raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
+    }
+}
+
+impl AsFd for Parked {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }
 
