@@ -148,6 +148,13 @@ pub fn render(services: &Services) -> String {
 /// `--root`'s answer and open-file caches (`http::file_cache`).
 fn render_file_caches(out: &mut String, http: &HttpService) {
     let Some(site) = &http.site else { return };
+    metric(
+        out,
+        "khttpd_http_site_changes_total",
+        "counter",
+        "Batches of changes seen under --root; each made the caches and the kernel forget every answer.",
+        &[("", site.changes_seen())],
+    );
     let [answers, open_files] = site.cache_stats();
     let series = |pick: fn(&crate::http::file_cache::CacheStats) -> u64| {
         [

@@ -10,9 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    bpf_allowed, eventually, free_port, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD,
-};
+use common::{bpf_allowed, eventually, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD};
 use khttpd_common::echo;
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::{
@@ -300,9 +298,9 @@ async fn ebpf_log_records_reach_the_server_log_at_verbose() {
     );
 }
 
-/// khttpd, optionally under a wrapper (`prefix`), with stderr captured and an HTTP port of its own
-/// (not the default, which other tests' servers or the machine may hold), and an echo port of its
-/// own unless `args` name one.
+/// khttpd, optionally under a wrapper (`prefix`), with stderr captured, on ports the kernel
+/// picks (port 0: never the default, which other servers may hold) unless `args` name the echo
+/// port.
 fn khttpd(prefix: &[&str], args: &[&str]) -> Command {
     let mut command = match prefix {
         [] => Command::new(KHTTPD),
@@ -314,19 +312,14 @@ fn khttpd(prefix: &[&str], args: &[&str]) -> Command {
     };
     command
         .args(args)
-        .args(["--port", &free_port().to_string()])
+        .args(["--port", "0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     if !args.contains(&"--echo-port") {
-        command.args(["--echo-port", &free_port().to_string()]);
+        command.args(["--echo-port", "0"]);
     }
     command
 }
-
-/// A port from `free_port()` is free when found, not when khttpd binds it: another test's client
-/// (the soak opens tens of thousands) may take it in between. How many starts a test makes before
-/// such a collision counts as its failure.
-const STARTS: usize = 4;
 
 /// Waits (bounded) for `child` to exit; returns its status and everything it wrote to stderr.
 fn exit_and_stderr(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
@@ -336,19 +329,8 @@ fn exit_and_stderr(child: &mut std::process::Child) -> (std::process::ExitStatus
     (status, stderr)
 }
 
-/// Runs khttpd expecting it to fail at start-up; returns its one error line. When `args` leave
-/// the ports to [`khttpd`], a port taken meanwhile is not the failure looked for: start again.
+/// Runs khttpd expecting it to fail at start-up; returns its one error line.
 fn start_fails(prefix: &[&str], args: &[&str]) -> String {
-    for _ in 1..STARTS {
-        let error = start_fails_once(prefix, args);
-        if args.contains(&"--echo-port") || !error.contains("in use") {
-            return error;
-        }
-    }
-    start_fails_once(prefix, args)
-}
-
-fn start_fails_once(prefix: &[&str], args: &[&str]) -> String {
     let (status, stderr) = exit_and_stderr(&mut khttpd(prefix, args).spawn().unwrap());
     assert!(
         !status.success(),
@@ -361,8 +343,7 @@ fn start_fails_once(prefix: &[&str], args: &[&str]) -> String {
 
 #[test]
 fn a_port_in_use_is_a_one_line_error() {
-    // Bind port 0 and keep it: a port from free_port() is released before we could take it, and a
-    // test running in parallel may grab it in between.
+    // A port held by this test for as long as khttpd tries it.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let error = start_fails(
@@ -411,48 +392,33 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
     if !bpf_allowed() {
         return;
     }
-    for start in 1..=STARTS {
-        let port = free_port();
-        let mut child = khttpd(UNPRIVILEGED, &["--echo-port", &port.to_string()])
-            .spawn()
-            .unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let answered = async {
-            loop {
-                if let Ok(echoed) = echo(addr, b"fallback").await {
-                    return Some(echoed);
-                }
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        let echoed = timeout(Duration::from_secs(20), answered).await;
-        if let Ok(None) = echoed {
-            let (_, stderr) = exit_and_stderr(&mut child);
-            assert!(
-                stderr.contains("in use") && start < STARTS,
-                "khttpd exited:\n{stderr}"
-            );
-            continue;
+    // The default --fast-path (auto), as a process without capabilities.
+    let command = match UNPRIVILEGED {
+        [program, rest @ ..] => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(KHTTPD);
+            command
         }
-        // SAFETY: our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let (status, stderr) = exit_and_stderr(&mut child);
-        assert_eq!(
-            echoed.expect("no echo from the fallback server"),
-            Some(b"fallback".to_vec())
-        );
-        assert_eq!(status.code(), Some(0), "{stderr}");
-        let warnings: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.contains("missing capability"))
-            .collect();
-        assert_eq!(warnings.len(), 1, "one warning expected:\n{stderr}");
-        assert!(warnings[0].contains("serving from user space"), "{stderr}");
-        return;
-    }
+        [] => unreachable!(),
+    };
+    let server = Server::start_command(command, &[], false);
+    let echoed = timeout(
+        Duration::from_secs(20),
+        echo(server.echo_addr(), b"fallback"),
+    )
+    .await;
+    assert_eq!(
+        echoed.expect("no echo from the fallback server").ok(),
+        Some(b"fallback".to_vec())
+    );
+    let stderr = server.stderr();
+    assert_eq!(server.terminate().code(), Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("missing capability"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning expected:\n{stderr}");
+    assert!(warnings[0].contains("serving from user space"), "{stderr}");
 }
 
 /// A client that sends without reading. With sockmap, TCP's receive window never closes (the

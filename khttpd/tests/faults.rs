@@ -257,8 +257,8 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
     for (refusal, command, errno, reason) in refusals {
         // --fast-path on: exit at once, one line saying why.
         let mut on = khttpd_refused_bpf(Mode::Kernel, command, errno);
-        on.args(["--port", &common::free_port().to_string()])
-            .args(["--echo-port", &common::free_port().to_string()])
+        on.args(["--port", "0"])
+            .args(["--echo-port", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = on.spawn().unwrap();
@@ -382,8 +382,14 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
         );
         server.freeze_map(frozen);
         // A change the kernel must forget, a file it never learned, connections old and new.
+        let changes = server.metric("khttpd_http_site_changes_total");
         folder.write(0, 2);
-        thread::sleep(Duration::from_millis(300));
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                server.metric("khttpd_http_site_changes_total") > changes
+            }),
+            "{frozen}: the change was not seen"
+        );
         let mut late = TcpStream::connect(server.http_addr()).unwrap();
         late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         for round in 0..20 {
@@ -402,8 +408,8 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
         }
         if frozen == DATES_MAP {
             // Its Date would be old: the kernel answers nothing once a refresh has failed.
+            server.stderr_with(&["cannot refresh the kernel's Date"]);
             let before = server.metric("khttpd_http_kernel_responses_total");
-            thread::sleep(Duration::from_millis(1100));
             for _ in 0..10 {
                 assert_eq!(ask(&mut late, &get(1)), (200, Folder::content(1, 1)));
             }
@@ -490,7 +496,7 @@ fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
     for stream in &mut waiting {
         stream.write_all(REQUEST).unwrap();
     }
-    thread::sleep(Duration::from_millis(500));
+    server.stderr_with(&["accept failed: Too many open files"]);
     let unanswered = waiting
         .iter()
         .filter(|stream| {

@@ -14,7 +14,10 @@ use std::{
     io,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -52,6 +55,8 @@ pub struct Site {
     /// Canonical (symlinks resolved).
     root: PathBuf,
     cache: Arc<FileCache>,
+    /// Batches of changes under the root seen by [`Site::watch`], each forgetting everything.
+    changes: Arc<AtomicU64>,
 }
 
 /// Why there is no file to serve: the status, and whether the same request may get the same
@@ -111,7 +116,14 @@ impl Site {
         Ok(Site {
             root,
             cache: Arc::new(FileCache::new(limits)),
+            changes: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Batches of changes seen under the root so far; each made the caches and the kernel
+    /// forget everything before it was counted.
+    pub fn changes_seen(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// The caches' counters: answers, then open files.
@@ -144,6 +156,7 @@ impl Site {
         let mut dirs = HashMap::new();
         watch_tree(&mut inotify, &mut dirs, &self.root, mask);
         let cache = self.cache.clone();
+        let changes = Arc::clone(&self.changes);
         std::thread::Builder::new()
             .name("site-watch".into())
             .spawn(move || {
@@ -170,6 +183,7 @@ impl Site {
                     // Anything at all (an overflow too): forgetting is always safe.
                     cache.forget_everything();
                     changed();
+                    changes.fetch_add(1, Ordering::AcqRel);
                 }
             })?;
         Ok(())

@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, OnceLock},
@@ -66,18 +66,6 @@ pub fn bpf_allowed() -> bool {
     false
 }
 
-/// A port free on both 127.0.0.1 and ::1 (khttpd listens on both addresses of `lo`).
-pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = v4.local_addr().unwrap().port();
-        if TcpListener::bind((Ipv6Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
 pub struct Server {
     child: Child,
     pub echo_port: u16,
@@ -134,20 +122,11 @@ fn uptime() -> f64 {
 }
 
 impl Server {
+    /// Starts on ports the kernel picks (port 0), learnt from the server's log: no other
+    /// process can take them in between, as one found free and bound later could be (the soak's
+    /// clients open tens of thousands).
     pub fn start(mode: Mode, extra: &[&str]) -> Server {
-        // A port found free can be taken by another test's client before khttpd binds it (the
-        // soak opens tens of thousands): then start again on other ports.
-        for _ in 0..4 {
-            let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let ports = [free_port(), free_port()];
-            match Server::try_spawn(mode.command(), extra, ports, metrics_addr, mode.fast_path()) {
-                Ok(server) => return server,
-                // khttpd's one-line error for a port it could not bind.
-                Err(said) if said.contains("Address already in use") => {}
-                Err(said) => panic!("khttpd exited before serving:\n{said}"),
-            }
-        }
-        panic!("no free ports for khttpd after 4 attempts");
+        Server::start_command(mode.command(), extra, mode.fast_path())
     }
 
     /// Starts on the given ports (e.g. those of a server that just died).
@@ -165,30 +144,18 @@ impl Server {
     /// Starts with `command` (khttpd with its mode and whatever the test set up, e.g. a seccomp
     /// filter) and waits until it serves, with the fast path on or not as `fast_path` says.
     pub fn start_command(command: Command, extra: &[&str], fast_path: bool) -> Server {
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let ports = [free_port(), free_port()];
-        Server::spawn(command, extra, ports, metrics_addr, fast_path)
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Server::spawn(command, extra, [0, 0], metrics_addr, fast_path)
     }
 
+    /// Starts khttpd and waits until it serves (port 0: the one it says it listens on).
     fn spawn(
-        command: Command,
-        extra: &[&str],
-        ports: [u16; 2],
-        metrics_addr: SocketAddr,
-        fast_path: bool,
-    ) -> Server {
-        Server::try_spawn(command, extra, ports, metrics_addr, fast_path)
-            .unwrap_or_else(|said| panic!("khttpd exited before serving:\n{said}"))
-    }
-
-    /// Starts khttpd and waits until it serves; `Err` with what it said if it exits first.
-    fn try_spawn(
         mut command: Command,
         extra: &[&str],
         [echo_port, http_port]: [u16; 2],
         metrics_addr: SocketAddr,
         fast_path: bool,
-    ) -> Result<Server, String> {
+    ) -> Server {
         let mut child = command
             .args(["--echo-port", &echo_port.to_string()])
             .args(["--port", &http_port.to_string()])
@@ -220,13 +187,36 @@ impl Server {
             _lifetime: Lifetime::new(what),
         };
         if server.wait_ready(fast_path) {
-            return Ok(server);
+            return server;
         }
         // It exited: everything it said is in once the pipe's reader has seen the end.
         if let Some(reader) = server.reader.take() {
             let _ = reader.join();
         }
-        Err(server.stderr())
+        panic!("khttpd exited before serving:\n{}", server.stderr());
+    }
+
+    /// Fills in the ports given as 0 from the server's log lines `http: listening on
+    /// 127.0.0.1:<port>`, `echo: …` and `metrics: http://127.0.0.1:<port>/metrics`; whether all
+    /// are known.
+    fn learn_ports(&mut self) -> bool {
+        let log = self.stderr();
+        let port_after = |prefix: &str| {
+            let at = log.find(prefix)? + prefix.len();
+            let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u16>().ok()
+        };
+        if self.http_port == 0 {
+            self.http_port = port_after("http: listening on 127.0.0.1:").unwrap_or(0);
+        }
+        if self.echo_port == 0 {
+            self.echo_port = port_after("echo: listening on 127.0.0.1:").unwrap_or(0);
+        }
+        if self.metrics_addr.port() == 0 {
+            let port = port_after("metrics: http://127.0.0.1:").unwrap_or(0);
+            self.metrics_addr.set_port(port);
+        }
+        self.http_port != 0 && self.echo_port != 0 && self.metrics_addr.port() != 0
     }
 
     /// True once it serves (with the fast path as expected); false if it exited first.
@@ -235,6 +225,15 @@ impl Server {
         loop {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
                 return false;
+            }
+            if !self.learn_ports() {
+                assert!(
+                    Instant::now() < deadline,
+                    "khttpd did not say where it listens:\n{}",
+                    self.stderr()
+                );
+                thread::sleep(Duration::from_millis(20));
+                continue;
             }
             if let Ok(text) = self.try_metrics_text() {
                 let enabled = format!("khttpd_fast_path_enabled {}", u8::from(fast_path));
@@ -270,15 +269,18 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// The server's log once it holds every one of `needles`, or as it is after 10 s. A thread
+    /// The server's log once it holds every one of `needles`; fails the test if it does not
+    /// within 10 s. A thread
     /// copies the log from the pipe, so a line written just before an answer was sent may not be
     /// in `stderr()` yet when the answer arrives.
     pub fn stderr_with(&self, needles: &[&str]) -> String {
-        eventually(Duration::from_secs(10), || {
+        let said = eventually(Duration::from_secs(10), || {
             let log = self.stderr();
             needles.iter().all(|needle| log.contains(needle))
         });
-        self.stderr()
+        let log = self.stderr();
+        assert!(said, "khttpd did not say {needles:?} within 10 s:\n{log}");
+        log
     }
 
     fn try_metrics_text(&self) -> std::io::Result<String> {
