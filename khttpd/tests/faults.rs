@@ -307,14 +307,11 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
 }
 
 /// A folder with `count` small files, each naming its version.
-struct Folder(std::path::PathBuf);
+struct Folder(tempfile::TempDir);
 
 impl Folder {
     fn create(name: &str, count: usize) -> Folder {
-        let dir = std::env::temp_dir().join(format!("khttpd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let folder = Folder(dir);
+        let folder = Folder(common::temp_dir(name));
         for i in 0..count {
             folder.write(i, 1);
         }
@@ -323,7 +320,7 @@ impl Folder {
 
     fn write(&self, file: usize, version: u32) {
         std::fs::write(
-            self.0.join(format!("{file}.txt")),
+            self.0.path().join(format!("{file}.txt")),
             Folder::content(file, version),
         )
         .unwrap();
@@ -334,13 +331,7 @@ impl Folder {
     }
 
     fn root(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for Folder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().to_str().unwrap()
     }
 }
 

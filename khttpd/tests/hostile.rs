@@ -12,7 +12,6 @@ mod common;
 use std::{
     io::{ErrorKind, Read, Write},
     net::TcpStream,
-    path::PathBuf,
     time::Duration,
 };
 
@@ -819,32 +818,25 @@ fn targets() -> Vec<Case> {
 
 /// The folder the servers serve, next to a file outside it that must never be served.
 struct Site {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Site {
     /// `name`: one folder per test, as the tests of this file run at the same time.
     fn create(name: &str) -> Site {
-        let dir = std::env::temp_dir().join(format!("khttpd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let root = dir.join("root");
+        let dir = common::temp_dir(name);
+        let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("dir")).unwrap();
         std::fs::write(root.join("index.html"), INDEX).unwrap();
         std::fs::write(root.join("a.txt"), "alpha\n").unwrap();
         std::fs::write(root.join("dir/b.txt"), "beta\n").unwrap();
-        std::fs::write(dir.join("secret.txt"), "SECRET\n").unwrap();
-        std::os::unix::fs::symlink(dir.join("secret.txt"), root.join("out")).unwrap();
+        std::fs::write(dir.path().join("secret.txt"), "SECRET\n").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("out")).unwrap();
         Site { dir }
     }
 
     fn root(&self) -> String {
-        self.dir.join("root").to_str().unwrap().to_owned()
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.dir.path().join("root").to_str().unwrap().to_owned()
     }
 }
 

@@ -335,9 +335,8 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
 /// that stops sending; before, it held its connection (and the answers it owed) until shutdown.
 #[test]
 fn clients_that_stop_reading_are_closed_after_the_idle_timeout() {
-    let root = std::env::temp_dir().join(format!("khttpd-http-stalled-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
+    let dir = common::temp_dir("http-stalled");
+    let root = dir.path();
     std::fs::write(root.join("large.bin"), vec![7u8; 4 << 20]).unwrap();
     for dispatch in DISPATCH_MODES {
         let args = ["--dispatch", dispatch, "--idle-timeout", "1"];
@@ -363,7 +362,6 @@ fn clients_that_stop_reading_are_closed_after_the_idle_timeout() {
             sent.elapsed()
         );
     }
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

@@ -284,7 +284,8 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
         (16_000, true),
         (17_000, false),
     ] {
-        let path = std::env::temp_dir().join(format!("khttpd-body-{}-{size}", std::process::id()));
+        let dir = common::temp_dir(&format!("body-{size}"));
+        let path = dir.path().join("body");
         let body: Vec<u8> = (0..size)
             .map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[i % 27])
             .collect();

@@ -24,27 +24,21 @@ fn status_field(pid: u32, name: &str) -> String {
         .to_owned()
 }
 
-struct Folder(std::path::PathBuf);
+struct Folder(tempfile::TempDir);
 
 impl Folder {
     fn create(name: &str) -> Folder {
-        let dir = std::env::temp_dir().join(format!("khttpd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let folder = common::temp_dir(name);
+        let dir = folder.path();
         std::fs::create_dir_all(dir.join("root")).unwrap();
         std::fs::write(dir.join("root/page.txt"), "page\n").unwrap();
         std::fs::write(dir.join("outside.txt"), "outside\n").unwrap();
         std::os::unix::fs::symlink(dir.join("outside.txt"), dir.join("root/out")).unwrap();
-        Folder(dir)
+        Folder(folder)
     }
 
     fn root(&self) -> std::path::PathBuf {
-        self.0.join("root")
-    }
-}
-
-impl Drop for Folder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join("root")
     }
 }
 

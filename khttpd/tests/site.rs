@@ -20,12 +20,14 @@ use common::{bpf_allowed, Mode, Server};
 struct TestSite {
     root: PathBuf,
     files: Vec<(String, Vec<u8>)>,
+    /// Removes the root when the site is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl TestSite {
     fn new(name: &str) -> TestSite {
-        let root = std::env::temp_dir().join(format!("khttpd-site-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let dir = common::temp_dir(&format!("site-{name}"));
+        let root = dir.path().to_owned();
         let large: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let files: Vec<(&str, Vec<u8>)> = vec![
             ("index.txt", b"plain text\n".to_vec()),
@@ -55,6 +57,7 @@ impl TestSite {
                 .into_iter()
                 .map(|(path, bytes)| (path.to_owned(), bytes))
                 .collect(),
+            _dir: dir,
         }
     }
 
@@ -69,12 +72,6 @@ impl TestSite {
             mode,
             &["--root", root, "--dispatch", dispatch, "--user", user],
         )
-    }
-}
-
-impl Drop for TestSite {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
     }
 }
 

@@ -32,6 +32,17 @@ const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// One colour per mode, in the order the modes are run.
 pub const PALETTE: [RGBColor; 6] = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
 
+/// A directory for a bench's site or configuration, removed when dropped. Readable by all: khttpd
+/// serves it as `nobody` and nginx's workers read it as theirs.
+pub fn temp_dir(name: &str) -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    tempfile::Builder::new()
+        .prefix(&format!("xtask-{name}-"))
+        .permissions(fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .with_context(|| format!("cannot create a temporary directory for {name}"))
+}
+
 /// A child process that is stopped when dropped: each signal of `stop` in turn, each followed by a
 /// bounded wait, then SIGKILL as a last resort. Only this child is ever signalled, by its pid.
 pub struct Guarded {

@@ -47,12 +47,12 @@ use plotters::prelude::*;
 use crate::{
     bench::{
         accepts, forward_stderr, free_ports, get_metrics, http_get, output_bounded, register_font,
-        wait_until, write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, PALETTE,
+        temp_dir, wait_until, write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, PALETTE,
     },
     bench_echo::{connect_all, dummy_message, ping_pong},
     bench_http::{
-        find_nginx, find_on_path, median, or_dash, parse_wrk, thousands, Nginx, NginxConf, TempDir,
-        HELLO, HELLO_LOCATION,
+        find_nginx, find_on_path, median, or_dash, parse_wrk, thousands, Nginx, NginxConf, HELLO,
+        HELLO_LOCATION,
     },
     netns::{Side, Testbed},
     toolchain::Step,
@@ -501,11 +501,11 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|&setup| Place::create(setup, args))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let site = TempDir::create("cost-site")?;
+    let site = temp_dir("cost-site")?;
     let file: Vec<u8> = (0..FILE_SIZE)
         .map(|i| b"khttpd cost bench\n"[i % 18])
         .collect();
-    fs::write(site.0.join(&FILE_PATH[1..]), &file).context("cannot write the served file")?;
+    fs::write(site.path().join(&FILE_PATH[1..]), &file).context("cannot write the served file")?;
     let benches = places
         .iter()
         .map(|place| {
@@ -516,7 +516,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
                 tools: &tools,
                 khttpd,
                 baseline: args.baseline.as_deref(),
-                site: &site.0,
+                site: site.path(),
                 file: &file,
             })
         })

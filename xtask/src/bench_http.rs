@@ -42,8 +42,8 @@ use plotters::prelude::*;
 
 use crate::{
     bench::{
-        accepts, free_ports, http_get, output_bounded, register_font, wait_until, write_results,
-        CpuSplit, CpuTimes, GroupedBars, Guarded, Metrics, Server,
+        accepts, free_ports, http_get, output_bounded, register_font, temp_dir, wait_until,
+        write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, Metrics, Server,
     },
     htstress,
 };
@@ -391,7 +391,7 @@ impl Target {
 pub(crate) struct Nginx {
     // Declared first: dropped (stopped) before the directory it writes into is removed.
     process: Guarded,
-    dir: TempDir,
+    dir: tempfile::TempDir,
     pub http: SocketAddr,
 }
 
@@ -422,16 +422,16 @@ impl Nginx {
         conf: &NginxConf,
         reachable: impl Fn(SocketAddr) -> bool,
     ) -> anyhow::Result<Self> {
-        let dir = TempDir::create("nginx")?;
-        let conf_path = dir.0.join("nginx.conf");
-        fs::write(&conf_path, nginx_conf(&dir.0, http, conf))
+        let dir = temp_dir("nginx")?;
+        let conf_path = dir.path().join("nginx.conf");
+        fs::write(&conf_path, nginx_conf(dir.path(), http, conf))
             .with_context(|| format!("cannot write {}", conf_path.display()))?;
-        let error_log = dir.0.join("error.log");
+        let error_log = dir.path().join("error.log");
         let child = command
             .arg("-c")
             .arg(&conf_path)
             .arg("-p")
-            .arg(&dir.0)
+            .arg(dir.path())
             // Start-up messages too go to the directory, not to the system's log.
             .arg("-e")
             .arg(&error_log)
@@ -457,7 +457,7 @@ impl Nginx {
 
     /// Errors nginx logged (warn and above), for the report.
     pub(crate) fn error_log(&self) -> String {
-        fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+        fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 }
 
@@ -514,25 +514,6 @@ http {{
 }}
 "#
     )
-}
-
-/// A directory under the system's temporary directory, removed when dropped.
-pub(crate) struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub(crate) fn create(name: &str) -> anyhow::Result<Self> {
-        let path = env::temp_dir().join(format!("xtask-bench-http-{name}.{}", std::process::id()));
-        // Left over from a run that was killed: nothing in it is needed.
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Everything measured for one mode: the runs of each load (in `LOADS` order) and what the

@@ -215,7 +215,10 @@ fn measure(
     let fds = fd_count(pid)?;
     let maps = server_maps(pid)?;
     let bpf_memlock = maps.iter().map(|map| map.memlock).sum();
-    let in_kernel = match maps.iter().find(|map| map.name == khttpd_common::http::SOCKETS_MAP) {
+    let in_kernel = match maps
+        .iter()
+        .find(|map| map.name == khttpd_common::http::SOCKETS_MAP)
+    {
         Some(map) => crate::soak::map_entries(map.id)?,
         None => 0,
     };

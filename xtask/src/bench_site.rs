@@ -10,8 +10,10 @@ use anyhow::{ensure, Context as _};
 use plotters::prelude::*;
 
 use crate::{
-    bench::{register_font, write_results, CpuSplit, CpuTimes, GroupedBars, Metrics, Server},
-    bench_http::{find_nginx, find_on_path, median, thousands, wrk, Counts, Nginx, TempDir},
+    bench::{
+        register_font, temp_dir, write_results, CpuSplit, CpuTimes, GroupedBars, Metrics, Server,
+    },
+    bench_http::{find_nginx, find_on_path, median, thousands, wrk, Counts, Nginx},
 };
 
 #[derive(Debug, clap::Args)]
@@ -122,9 +124,9 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         "bench site needs wrk (apt-get install wrk)"
     );
     let started = Instant::now();
-    let site = TempDir::create("site")?;
-    generate(&site.0)?;
-    let scripts = TempDir::create("site-scripts")?;
+    let site = temp_dir("site")?;
+    generate(site.path())?;
+    let scripts = temp_dir("site-scripts")?;
     let mut modes = vec![Mode::Kernel, Mode::User];
     let nginx = find_nginx();
     if nginx.is_some() {
@@ -133,7 +135,10 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let mut results: Vec<(Mode, Vec<Vec<Run>>)> = Vec::new();
     for mode in modes {
         eprintln!("[{}] starting", mode.label());
-        let root = site.0.to_str().context("temporary path is not UTF-8")?;
+        let root = site
+            .path()
+            .to_str()
+            .context("temporary path is not UTF-8")?;
         let (server, nginx_server) = match mode {
             Mode::Kernel => (
                 Some(Server::start(
@@ -163,7 +168,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         let mut loads = Vec::new();
         for load in LOADS {
             let script = scripts
-                .0
+                .path()
                 .join(format!("{}.lua", load.label().replace([' ', '/'], "-")));
             fs::write(&script, lua(&load.paths())).context("writing a wrk script")?;
             let mut runs = Vec::new();

@@ -21,10 +21,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
-use crate::{
-    bench::{Server, IO_TIMEOUT},
-    bench_http::TempDir,
-};
+use crate::bench::{temp_dir, Server, IO_TIMEOUT};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -65,7 +62,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     drop(greeting);
     // A site: the kernel's and both user-space caches' answers against user space without any.
     let site = site_folder()?;
-    let root = site.0.to_str().context("temporary folder name")?;
+    let root = site.path().to_str().context("temporary folder name")?;
     let caches_off = ["--file-cache-max=0", "--open-file-cache=0"];
     let site_phase = Phase::start(
         khttpd,
@@ -189,9 +186,8 @@ impl Phase {
 
 /// The folder the site phase serves: names the request grammar produces (`a`, `b/`, `~`),
 /// files on both sides of the inline limit, a folder with an index and one without.
-fn site_folder() -> anyhow::Result<TempDir> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::create("diff-site")?;
+fn site_folder() -> anyhow::Result<tempfile::TempDir> {
+    let dir = temp_dir("diff-site")?;
     let files: [(&str, Vec<u8>); 7] = [
         ("a", b"a file named a\n".to_vec()),
         ("b/a", b"b/a\n".to_vec()),
@@ -211,12 +207,10 @@ fn site_folder() -> anyhow::Result<TempDir> {
         ("with-index/index.html", b"<p>index</p>\n".to_vec()),
     ];
     for (path, bytes) in files {
-        let path = dir.0.join(path);
+        let path = dir.path().join(path);
         fs::create_dir_all(path.parent().expect("a parent"))?;
         fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    // khttpd serves it as nobody.
-    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755))?;
     Ok(dir)
 }
 

@@ -66,6 +66,17 @@ pub fn bpf_allowed() -> bool {
     false
 }
 
+/// A folder of the test's own under the system's temp dir, removed when dropped; readable by
+/// everyone, as the servers serving it drop to `nobody`.
+pub fn temp_dir(name: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    tempfile::Builder::new()
+        .prefix(&format!("khttpd-{name}-"))
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .expect("a temp dir")
+}
+
 pub struct Server {
     child: Child,
     pub echo_port: u16,
