@@ -753,48 +753,37 @@ struct Url {
     authority: String,
 }
 
-/// Parses `[http://]host[:port][/path]`; IPv6 hosts go in brackets, as in `http://[::1]:8081/`.
-fn parse_url(url: &str) -> anyhow::Result<Url> {
-    if url.starts_with("https://") {
-        bail!("{url}: https is not supported");
-    }
+/// Parses `[http://]host[:port][/path]` with the `url` crate; IPv6 hosts go in brackets, as in
+/// `http://[::1]:8081/`. The path is sent as the URL crate normalises it (`/a/../b` is `/b`).
+fn parse_url(argument: &str) -> anyhow::Result<Url> {
     // The scheme is optional, as in htstress.
-    let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (authority, path) = rest
-        .find('/')
-        .map_or((rest, "/"), |slash| rest.split_at(slash));
-    let (host, port) = match authority.strip_prefix('[') {
-        Some(bracketed) => {
-            let (host, after) = bracketed
-                .split_once(']')
-                .with_context(|| format!("{url}: no ']' after the IPv6 host"))?;
-            let port = (!after.is_empty())
-                .then(|| {
-                    after
-                        .strip_prefix(':')
-                        .with_context(|| format!("{url}: expected ':port' after ']'"))
-                })
-                .transpose()?;
-            (host, port)
-        }
-        None => authority
-            .split_once(':')
-            .map_or((authority, None), |(host, port)| (host, Some(port))),
+    let written = if argument.contains("://") {
+        argument.to_owned()
+    } else {
+        format!("http://{argument}")
     };
-    if host.is_empty() {
-        bail!("{url}: no host");
+    let url = url::Url::parse(&written).with_context(|| format!("{argument}: not a URL"))?;
+    if url.scheme() != "http" {
+        bail!("{argument}: only http is supported");
     }
-    let port = match port {
-        Some(port) => port
-            .parse()
-            .with_context(|| format!("{url}: bad port {port:?}"))?,
-        None => 80,
+    let (host, bracketed) = match url.host() {
+        Some(url::Host::Ipv6(address)) => (address.to_string(), format!("[{address}]")),
+        Some(host) => (host.to_string(), host.to_string()),
+        None => bail!("{argument}: no host"),
+    };
+    let authority = match url.port() {
+        Some(port) => format!("{bracketed}:{port}"),
+        None => bracketed,
+    };
+    let path = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
     };
     Ok(Url {
-        host: host.to_owned(),
-        port,
-        path: path.to_owned(),
-        authority: authority.to_owned(),
+        host,
+        port: url.port_or_known_default().unwrap_or(80),
+        path,
+        authority,
     })
 }
 
