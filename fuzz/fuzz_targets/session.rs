@@ -146,7 +146,10 @@ fn responses(out: &[u8], from: usize, heads: bool) -> Vec<Response> {
         let date = std::str::from_utf8(one("Date")).expect("an ASCII Date");
         assert_eq!(date.len(), DATE_LEN, "Date {date:?}");
         assert!(
-            response::parse_http_date(date).map(response::format_imf_fixdate).as_deref() == Some(date),
+            response::parse_http_date(date)
+                .map(response::format_imf_fixdate)
+                .as_deref()
+                == Some(date),
             "Date {date:?} is not an IMF-fixdate"
         );
         assert_eq!(one("Server"), response::SERVER.as_bytes());
@@ -391,7 +394,10 @@ fn drive(pieces: &[&[u8]], sizes: &[u8], time_out: bool, reading_head: bool) -> 
                 fin = true;
             }
             Action::Close => {
-                assert!(fin || timed_out, "closed without a FIN while the client may send");
+                assert!(
+                    fin || timed_out,
+                    "closed without a FIN while the client may send"
+                );
                 return (written, if fin { Ending::Lingered } else { Ending::Open });
             }
             action => panic!("{action:?} without a kernel or a site"),

@@ -9,7 +9,7 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     os::unix::fs::symlink,
-    path::PathBuf,
+    path::Path,
     time::Duration,
 };
 
@@ -18,16 +18,15 @@ use common::{bpf_allowed, Mode, Server};
 /// A throw-away document root with nested folders, odd names, an empty and a large file, and
 /// symlinks that stay inside or leave the root.
 struct TestSite {
-    root: PathBuf,
+    /// The root, removed when the site is dropped.
+    dir: tempfile::TempDir,
     files: Vec<(String, Vec<u8>)>,
-    /// Removes the root when the site is dropped.
-    _dir: tempfile::TempDir,
 }
 
 impl TestSite {
     fn new(name: &str) -> TestSite {
         let dir = common::temp_dir(&format!("site-{name}"));
-        let root = dir.path().to_owned();
+        let root = dir.path();
         let large: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let files: Vec<(&str, Vec<u8>)> = vec![
             ("index.txt", b"plain text\n".to_vec()),
@@ -51,14 +50,15 @@ impl TestSite {
         }
         symlink("with space/inner file.txt", root.join("link-inside")).unwrap();
         symlink("/etc/hostname", root.join("link-outside")).unwrap();
-        TestSite {
-            root,
-            files: files
-                .into_iter()
-                .map(|(path, bytes)| (path.to_owned(), bytes))
-                .collect(),
-            _dir: dir,
-        }
+        let files = files
+            .into_iter()
+            .map(|(path, bytes)| (path.to_owned(), bytes))
+            .collect();
+        TestSite { dir, files }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
     }
 
     fn server(&self, mode: Mode, dispatch: &str) -> Server {
@@ -67,7 +67,7 @@ impl TestSite {
 
     /// `user`: `root` keeps the server unconfined, so only its own checks keep it in the root.
     fn server_as(&self, mode: Mode, dispatch: &str, user: &str) -> Server {
-        let root = self.root.to_str().unwrap();
+        let root = self.root().to_str().unwrap();
         Server::start(
             mode,
             &["--root", root, "--dispatch", dispatch, "--user", user],
@@ -382,10 +382,10 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
 fn follows_changes_within_a_second(site: &TestSite, server: &Server, stream: &mut TcpStream) {
     let seen = || server.metric("khttpd_http_site_changes_total");
     let before = seen();
-    fs::write(site.root.join("page.html"), b"<h1>changed</h1>\n").unwrap();
-    fs::remove_file(site.root.join("style.css")).unwrap();
-    fs::write(site.root.join("new.txt"), b"new\n").unwrap();
-    fs::write(site.root.join("large.bin"), vec![7; 100_000]).unwrap();
+    fs::write(site.root().join("page.html"), b"<h1>changed</h1>\n").unwrap();
+    fs::remove_file(site.root().join("style.css")).unwrap();
+    fs::write(site.root().join("new.txt"), b"new\n").unwrap();
+    fs::write(site.root().join("large.bin"), vec![7; 100_000]).unwrap();
     // Once one batch of these changes was seen, everything cached before is forgotten (and this
     // test asked for nothing since its first change).
     assert!(
@@ -438,7 +438,7 @@ fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second()
     assert!(ticks, "a cached answer kept the Date {date}");
     follows_changes_within_a_second(&site, &server, &mut stream);
     // Turned off, nothing is kept.
-    let root = site.root.to_str().unwrap();
+    let root = site.root().to_str().unwrap();
     let caches_off = ["--root", root, "--file-cache-max=0", "--open-file-cache=0"];
     let off = Server::start(Mode::UserUnbound, &caches_off);
     for _ in 0..3 {
@@ -455,7 +455,7 @@ fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second()
 fn unreadable_files_are_403() {
     use std::os::unix::fs::PermissionsExt;
     let site = TestSite::new("unreadable");
-    let secret = site.root.join("secret.txt");
+    let secret = site.root().join("secret.txt");
     fs::write(&secret, b"secret\n").unwrap();
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
     // Root reads every file; the server runs as nobody once started (the default `--user`).
@@ -470,7 +470,7 @@ fn answers_over_the_cache_limit_stay_in_user_space() {
         return;
     }
     let site = TestSite::new("limit");
-    let root = site.root.to_str().unwrap();
+    let root = site.root().to_str().unwrap();
     let server = Server::start(Mode::Kernel, &["--root", root, "--kernel-cache-max", "64"]);
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     for _ in 0..4 {

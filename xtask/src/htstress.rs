@@ -766,19 +766,19 @@ fn parse_url(argument: &str) -> anyhow::Result<Url> {
     if url.scheme() != "http" {
         bail!("{argument}: only http is supported");
     }
-    let (host, bracketed) = match url.host() {
-        Some(url::Host::Ipv6(address)) => (address.to_string(), format!("[{address}]")),
-        Some(host) => (host.to_string(), host.to_string()),
-        None => bail!("{argument}: no host"),
+    // `host_str` keeps an IPv6 address in its brackets, as the Host header wants it.
+    let bracketed = url
+        .host_str()
+        .with_context(|| format!("{argument}: no host"))?;
+    let host = match url.host() {
+        Some(url::Host::Ipv6(address)) => address.to_string(),
+        _ => bracketed.to_owned(),
     };
     let authority = match url.port() {
         Some(port) => format!("{bracketed}:{port}"),
-        None => bracketed,
+        None => bracketed.to_owned(),
     };
-    let path = match url.query() {
-        Some(query) => format!("{}?{query}", url.path()),
-        None => url.path().to_owned(),
-    };
+    let path = url[url::Position::BeforePath..url::Position::AfterQuery].to_owned();
     Ok(Url {
         host,
         port: url.port_or_known_default().unwrap_or(80),

@@ -465,7 +465,7 @@ fn send_file_once(
         // The file shrank under us: the promised length can no longer be sent.
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    file.offset = offset as u64;
+    file.offset = offset;
     file.len -= sent as u64;
     Ok(sent as usize)
 }
