@@ -298,13 +298,16 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
     for stream in &mut streams {
         assert_eq!(common::ask(stream, request).0, 200);
     }
-    assert!(
-        eventually(Duration::from_secs(5), || parked() == CONNECTIONS
-            && working() == 0),
-        "parked {}, work items {}",
-        parked(),
-        working()
-    );
+    let all_parked = || {
+        assert!(
+            eventually(Duration::from_secs(5), || parked() == CONNECTIONS
+                && working() == 0),
+            "parked {}, work items {}",
+            parked(),
+            working()
+        )
+    };
+    all_parked();
     // Woken by the next requests: a few quick ones each (a work item serves those), then silent
     // again, they park once more.
     for stream in &mut streams {
@@ -313,13 +316,7 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
             assert_eq!((status, &body[..]), (200, &b"Hello, World!\n"[..]));
         }
     }
-    assert!(
-        eventually(Duration::from_secs(5), || parked() == CONNECTIONS
-            && working() == 0),
-        "parked {}, work items {}",
-        parked(),
-        working()
-    );
+    all_parked();
     assert_eq!(
         server.metric("khttpd_http_open_connections"),
         CONNECTIONS as u64
