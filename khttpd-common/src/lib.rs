@@ -16,6 +16,10 @@ pub struct Handoff {
     pub cookie: u64,
 }
 
+/// In every log line about a socket that user space closed with memory still charged (the test
+/// harness collects those lines for `cargo xtask leak-check`).
+pub const CHARGED_AT_CLOSE: &str = "bytes of socket memory still charged";
+
 /// The global holding [`TcpOffsets`], shared by both services' verdicts.
 pub const TCP_OFFSETS_GLOBAL: &str = "TCP_OFFSETS";
 

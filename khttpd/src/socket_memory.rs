@@ -16,7 +16,7 @@
 //! (SO_MEMINFO) just before user space closes a socket that has been in a sockhash; a remainder is
 //! what the kernel will still have charged once everything else is freed. Every such socket is
 //! counted ([`closed_charged`], exported as `khttpd_sockets_closed_with_memory_charged_total`) and
-//! logged with [`LOG_PHRASE`] in the line (the test harness collects those lines for
+//! logged with [`CHARGED_AT_CLOSE`] in the line (the test harness collects those lines for
 //! `cargo xtask leak-check`; no file is held open for it, the server may be confined to its
 //! document root).
 
@@ -25,12 +25,10 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use khttpd_common::CHARGED_AT_CLOSE;
 use log::warn;
 
 use crate::fd::meminfo;
-
-/// In every log line about such a socket.
-pub const LOG_PHRASE: &str = "bytes of socket memory still charged";
 
 static CLOSED_CHARGED: AtomicU64 = AtomicU64::new(0);
 
@@ -47,7 +45,7 @@ pub fn check(fd: RawFd, cookie: u64, what: &str) {
     };
     CLOSED_CHARGED.fetch_add(1, Ordering::Relaxed);
     warn!(
-        "{what}: connection {cookie} closes with {left} {LOG_PHRASE}: the kernel will never give \
+        "{what}: connection {cookie} closes with {left} {CHARGED_AT_CLOSE}: the kernel will never give \
          them back (a psock accounting race, see docs/kernel-facts.md)"
     );
 }

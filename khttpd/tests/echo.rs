@@ -10,8 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{bpf_allowed, eventually, loaded_program_ids, Mode, Server, ALL_MODES, KHTTPD};
+use common::KHTTPD;
 use khttpd_common::echo;
+use khttpd_harness::{
+    bpf::loaded_program_ids, eventually, process::wait_bounded, server::ALL_MODES,
+    system::bpf_allowed, Mode, Server,
+};
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -80,14 +84,11 @@ async fn random_payloads_come_back_exactly_in_every_mode() {
         if mode == Mode::Kernel && !bpf_allowed() {
             continue;
         }
-        let server = Server::start(mode, &[]);
+        let server = Server::start(KHTTPD, mode, &[]).unwrap();
         let sent = echo_all_concurrently(server.echo_addr(), &payloads(200, 7)).await;
 
-        let metrics = server.metrics();
-        let kernel_bytes = metrics
-            .get("khttpd_echo_kernel_bytes_total")
-            .copied()
-            .unwrap_or(0);
+        let metrics = server.metrics().unwrap();
+        let kernel_bytes = metrics.get("khttpd_echo_kernel_bytes_total").unwrap_or(0);
         let user_bytes = metrics["khttpd_echo_user_bytes_total"];
         if mode == Mode::Kernel {
             // Proof the kernel answered: it accounts for every byte, user space read none.
@@ -101,7 +102,7 @@ async fn random_payloads_come_back_exactly_in_every_mode() {
             assert_eq!(user_bytes, sent, "{mode:?}");
             assert_eq!(metrics["khttpd_echo_connections_total{path=\"user\"}"], 200);
         }
-        assert_eq!(server.terminate().code(), Some(0), "{mode:?}");
+        assert_eq!(server.terminate().unwrap().code(), Some(0), "{mode:?}");
     }
 }
 
@@ -111,7 +112,7 @@ async fn half_closed_clients_get_everything_back() {
         if mode == Mode::Kernel && !bpf_allowed() {
             continue;
         }
-        let server = Server::start(mode, &[]);
+        let server = Server::start(KHTTPD, mode, &[]).unwrap();
         let payload = &payloads(1, 11)[0];
         let payload: Vec<u8> = payload.iter().chain(payload).copied().collect();
         let mut stream = TcpStream::connect(server.echo_addr()).await.unwrap();
@@ -145,7 +146,7 @@ async fn clients_that_send_right_after_connect_are_all_echoed() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     let addr = server.echo_addr();
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..1000u32 {
@@ -173,7 +174,7 @@ async fn clients_that_send_right_after_connect_are_all_echoed() {
         failed.len(),
         &failed[..failed.len().min(3)]
     );
-    assert_eq!(server.metric("khttpd_echo_user_bytes_total"), 0);
+    assert_eq!(server.metrics().unwrap()["khttpd_echo_user_bytes_total"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,15 +182,15 @@ async fn closed_connections_leave_the_echo_maps_and_the_fd_table() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     // Settled: the start-up metrics scrape's socket may still be closing.
-    let mut baseline_fds = server.fd_count();
+    let mut baseline_fds = server.fd_count().unwrap();
     assert!(eventually(Duration::from_secs(5), || {
         std::thread::sleep(Duration::from_millis(100));
-        let now = server.fd_count();
+        let now = server.fd_count().unwrap();
         std::mem::replace(&mut baseline_fds, now) == now
     }));
-    assert_eq!(server.sockhash_entries(), 0);
+    assert_eq!(server.map_entries(echo::SOCKETS_MAP).unwrap(), 0);
 
     let mut streams = Vec::new();
     for i in 0..300 {
@@ -214,28 +215,33 @@ async fn closed_connections_leave_the_echo_maps_and_the_fd_table() {
     assert!(held > 0, "all three clients that fell behind were reset");
     let maps = || {
         [echo::SOCKETS_MAP, echo::DETACHED_MAP, echo::CONNECTIONS_MAP]
-            .map(|name| server.echo_map_entries(name))
+            .map(|name| server.map_entries(name).unwrap())
     };
     assert!(
         eventually(Duration::from_secs(5), || maps() == [300, held, 300 + held]),
         "{:?}, {held} held",
         maps()
     );
-    assert!(eventually(Duration::from_secs(5), || server.fd_count()
+    assert!(eventually(Duration::from_secs(5), || server
+        .fd_count()
+        .unwrap()
         == baseline_fds + 300 + held));
 
     drop(streams);
     drop(behind);
     let drained = eventually(Duration::from_secs(10), || {
-        maps() == [0, 0, 0] && server.fd_count() == baseline_fds
+        maps() == [0, 0, 0] && server.fd_count().unwrap() == baseline_fds
     });
     assert!(
         drained,
         "sockets, detached, records {:?}, fds {} (baseline {baseline_fds})",
         maps(),
-        server.fd_count()
+        server.fd_count().unwrap()
     );
-    assert_eq!(server.metric("khttpd_echo_kernel_connections"), 0);
+    assert_eq!(
+        server.metrics().unwrap()["khttpd_echo_kernel_connections"],
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,20 +249,20 @@ async fn sigterm_exits_zero_and_detaches_every_program() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     // Open connections must not hold shutdown up.
     let mut idle = Vec::new();
     for _ in 0..20 {
         idle.push(TcpStream::connect(server.echo_addr()).await.unwrap());
     }
-    let (programs, maps) = server.bpf_ids();
+    let (programs, maps) = server.bpf_ids().unwrap();
     assert!(
         !programs.is_empty(),
         "a kernel-mode server holds its programs"
     );
     assert!(loaded_program_ids().iter().any(|id| programs.contains(id)));
 
-    let status = server.terminate();
+    let status = server.terminate().unwrap();
     assert_eq!(status.code(), Some(0));
     // The kernel frees programs and maps shortly after the last reference goes (deferred work).
     let freed = eventually(Duration::from_secs(5), || {
@@ -288,10 +294,10 @@ async fn ebpf_log_records_reach_the_server_log_at_verbose() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &["-v"]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &["-v"]).unwrap();
     echo(server.echo_addr(), b"log me").await.unwrap();
     let record = "echo: peer closed, cookie";
-    let log = server.stderr_with(&[record]);
+    let log = server.log_with(&[record]).unwrap();
     assert!(
         log.contains(record),
         "no record from the eBPF program in:\n{log}"
@@ -323,7 +329,7 @@ fn khttpd(prefix: &[&str], args: &[&str]) -> Command {
 
 /// Waits (bounded) for `child` to exit; returns its status and everything it wrote to stderr.
 fn exit_and_stderr(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
-    let status = common::wait_bounded(child, Duration::from_secs(20)).expect("khttpd should exit");
+    let status = wait_bounded(child, Duration::from_secs(20)).expect("khttpd should exit");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     (status, stderr)
@@ -401,7 +407,7 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
         }
         [] => unreachable!(),
     };
-    let server = Server::start_command(command, &[], false);
+    let server = Server::start_command(command).unwrap();
     let echoed = timeout(
         Duration::from_secs(20),
         echo(server.echo_addr(), b"fallback"),
@@ -411,8 +417,8 @@ async fn fast_path_auto_without_capabilities_serves_from_user_space() {
         echoed.expect("no echo from the fallback server").ok(),
         Some(b"fallback".to_vec())
     );
-    let stderr = server.stderr();
-    assert_eq!(server.terminate().code(), Some(0), "{stderr}");
+    let stderr = server.log();
+    assert_eq!(server.terminate().unwrap().code(), Some(0), "{stderr}");
     let warnings: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("missing capability"))
@@ -431,7 +437,7 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
         return;
     }
     const MOST_HELD: u64 = 64 << 20;
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     for write_size in [64 * 1024, 100] {
         let (stream, sent, reset) = send_until_held_back(server.echo_addr(), write_size);
         assert!(
@@ -442,14 +448,14 @@ fn clients_that_stop_reading_are_held_back_and_get_every_byte() {
         let label = format!("{write_size} B writes");
         assert!(!read_back(stream, sent, reset, &label), "{label}: reset");
     }
-    let metrics = server.metrics();
+    let metrics = server.metrics().unwrap();
     assert_eq!(
         metrics["khttpd_echo_kernel_detached_total"], 2,
         "{metrics:?}"
     );
     assert_eq!(metrics["khttpd_echo_kernel_passes_total"], 0, "{metrics:?}");
     assert!(metrics["khttpd_echo_kernel_bytes_total"] > 0, "{metrics:?}");
-    assert_eq!(server.terminate().code(), Some(0));
+    assert_eq!(server.terminate().unwrap().code(), Some(0));
 }
 
 /// Many clients falling behind at once: each must get exactly what it sent. Before the detach
@@ -461,7 +467,7 @@ fn clients_falling_behind_at_once_get_their_bytes_or_a_reset() {
         return;
     }
     const CLIENTS: usize = 100;
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     let mut clients: Vec<(std::net::TcpStream, u64, Instant)> = (0..CLIENTS)
         .map(|_| {
             let stream = std::net::TcpStream::connect(server.echo_addr()).unwrap();
@@ -505,13 +511,13 @@ fn clients_falling_behind_at_once_get_their_bytes_or_a_reset() {
             )
         })
         .count();
-    let detached = server.metric("khttpd_echo_kernel_detached_total");
+    let detached = server.metrics().unwrap()["khttpd_echo_kernel_detached_total"];
     assert_eq!(detached, CLIENTS as u64);
     assert_eq!(
         resets, 0,
         "of {CLIENTS} clients, reset after a loss was found"
     );
-    assert_eq!(server.terminate().code(), Some(0));
+    assert_eq!(server.terminate().unwrap().code(), Some(0));
 }
 
 /// Half-closes, reads everything the server sends back and checks it: all `sent` bytes in order,

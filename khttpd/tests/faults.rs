@@ -15,7 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{ask, bpf_allowed, eventually, loaded_program_ids, Mode, Server};
+use common::{ask, KHTTPD};
+use khttpd_harness::{
+    bpf::loaded_program_ids, eventually, process::wait_bounded, system::bpf_allowed,
+    system::temp_dir, Mode, Server,
+};
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: faults\r\n\r\n";
 
@@ -83,7 +87,7 @@ fn sigterm_under_load_finishes_answers_in_flight_and_exits_zero() {
         modes.push((Mode::Kernel, "cmwq"));
     }
     for (mode, dispatch) in modes {
-        let server = Server::start(mode, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, mode, &["--dispatch", dispatch]).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (clients, whole, cut) = load(&server, 16, &stop);
         // Under load: the clients have been answered for a while.
@@ -93,7 +97,7 @@ fn sigterm_under_load_finishes_answers_in_flight_and_exits_zero() {
         assert!(loaded, "{mode:?}/{dispatch}: no load");
         let before = whole.load(Ordering::Relaxed);
         let started = Instant::now();
-        let status = server.terminate();
+        let status = server.terminate().unwrap();
         let stopped_in = started.elapsed();
         stop.store(true, Ordering::Relaxed);
         for client in clients {
@@ -121,17 +125,21 @@ fn kill_9_leaves_no_program_attached_and_a_restart_serves_within_a_second() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
-    let (echo_port, http_port, metrics) = (server.echo_port, server.http_port, server.metrics_addr);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
+    let ports = [
+        ("--echo-port", server.echo_addr().port().to_string()),
+        ("--port", server.http_addr().port().to_string()),
+        ("--metrics", server.metrics_addr().to_string()),
+    ];
     let stop = Arc::new(AtomicBool::new(false));
     let (clients, whole, _) = load(&server, 8, &stop);
     let answered = eventually(Duration::from_secs(10), || {
-        server.metric("khttpd_http_kernel_responses_total") > 0
+        server.metrics().unwrap()["khttpd_http_kernel_responses_total"] > 0
     });
     assert!(answered, "the kernel answered nothing");
-    let (programs, _) = server.bpf_ids();
+    let (programs, _) = server.bpf_ids().unwrap();
     assert!(!programs.is_empty());
-    server.kill();
+    server.kill().unwrap();
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.join().unwrap();
@@ -144,7 +152,11 @@ fn kill_9_leaves_no_program_attached_and_a_restart_serves_within_a_second() {
         "programs {programs:?} still loaded after kill -9"
     );
     let restarted = Instant::now();
-    let server = Server::start_on(Mode::Kernel, &[], echo_port, http_port, metrics);
+    let mut khttpd = Mode::Kernel.command(KHTTPD);
+    for (flag, value) in &ports {
+        khttpd.arg(flag).arg(value);
+    }
+    let server = Server::start_command(khttpd).unwrap();
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     stream.write_all(REQUEST).unwrap();
     let mut answer = vec![0; 4096];
@@ -160,7 +172,7 @@ fn kill_9_leaves_no_program_attached_and_a_restart_serves_within_a_second() {
 fn khttpd_refused_bpf(mode: Mode, command: Option<u32>, errno: i32) -> Command {
     use std::os::unix::process::CommandExt as _;
     let filter = refuse_bpf_filter(command, errno);
-    let mut khttpd = Command::new(common::KHTTPD);
+    let mut khttpd = Command::new(KHTTPD);
     khttpd.args(mode.args());
     // SAFETY: between fork and exec only prctl runs (no allocation): the filter was built before.
     unsafe {
@@ -262,7 +274,7 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = on.spawn().unwrap();
-        let status = common::wait_bounded(&mut child, Duration::from_secs(20)).expect("exits");
+        let status = wait_bounded(&mut child, Duration::from_secs(20)).expect("exits");
         let mut stderr = String::new();
         child
             .stderr
@@ -281,7 +293,7 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
         );
         // --fast-path auto: one warning, and both services from user space.
         let khttpd = khttpd_refused_bpf(Mode::Auto, command, errno);
-        let server = Server::start_command(khttpd, &[], false);
+        let server = Server::start_command(khttpd).unwrap();
         let mut stream = TcpStream::connect(server.http_addr()).unwrap();
         assert_eq!(
             ask(&mut stream, REQUEST),
@@ -293,7 +305,7 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
         let mut back = [0u8; 10];
         echo.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"still here");
-        let log = server.stderr();
+        let log = server.log();
         let warnings: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("serving from user space"))
@@ -302,7 +314,7 @@ fn a_kernel_that_refuses_bpf_means_user_space_or_one_clear_error() {
             warnings.len() == 1 && warnings[0].contains(reason),
             "{refusal}: {log}"
         );
-        assert!(server.terminate().success(), "{refusal}");
+        assert!(server.terminate().unwrap().success(), "{refusal}");
     }
 }
 
@@ -311,7 +323,7 @@ struct Folder(tempfile::TempDir);
 
 impl Folder {
     fn create(name: &str, count: usize) -> Folder {
-        let folder = Folder(common::temp_dir(name));
+        let folder = Folder(temp_dir(name).unwrap());
         for i in 0..count {
             folder.write(i, 1);
         }
@@ -358,7 +370,7 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
         DATES_MAP,
     ] {
         let folder = Folder::create("frozen", 2);
-        let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
+        let server = Server::start(KHTTPD, Mode::Kernel, &["--root", folder.root()]).unwrap();
         let mut early = TcpStream::connect(server.http_addr()).unwrap();
         early
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -366,18 +378,18 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
         for _ in 0..5 {
             assert_eq!(ask(&mut early, &get(0)), (200, Folder::content(0, 1)));
         }
-        let taught = server.metric("khttpd_http_kernel_responses_total");
+        let taught = server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
         assert!(
             taught >= 3,
             "{frozen}: the kernel answered {taught} of 5 before the fault"
         );
-        server.freeze_map(frozen);
+        khttpd_harness::bpf::freeze(server.pid(), frozen).unwrap();
         // A change the kernel must forget, a file it never learned, connections old and new.
-        let changes = server.metric("khttpd_http_site_changes_total");
+        let changes = server.metrics().unwrap()["khttpd_http_site_changes_total"];
         folder.write(0, 2);
         assert!(
             eventually(Duration::from_secs(5), || {
-                server.metric("khttpd_http_site_changes_total") > changes
+                server.metrics().unwrap()["khttpd_http_site_changes_total"] > changes
             }),
             "{frozen}: the change was not seen"
         );
@@ -399,20 +411,22 @@ fn failing_map_updates_degrade_to_user_space_never_to_a_wrong_answer() {
         }
         if frozen == DATES_MAP {
             // Its Date would be old: the kernel answers nothing once a refresh has failed.
-            server.stderr_with(&["cannot refresh the kernel's Date"]);
-            let before = server.metric("khttpd_http_kernel_responses_total");
+            server
+                .log_with(&["cannot refresh the kernel's Date"])
+                .unwrap();
+            let before = server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
             for _ in 0..10 {
                 assert_eq!(ask(&mut late, &get(1)), (200, Folder::content(1, 1)));
             }
-            let after = server.metric("khttpd_http_kernel_responses_total");
+            let after = server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
             assert_eq!(
                 after, before,
                 "the kernel answered with a Date it could not refresh"
             );
         }
-        let log = server.stderr();
+        let log = server.log();
         assert!(!log.contains("panicked"), "{frozen}: {log}");
-        assert!(server.terminate().success(), "{frozen}");
+        assert!(server.terminate().unwrap().success(), "{frozen}");
     }
 }
 
@@ -424,7 +438,7 @@ fn a_full_kernel_table_sends_the_rest_from_user_space() {
     }
     let files = 400;
     let folder = Folder::create("full", files);
-    let server = Server::start(Mode::Kernel, &["--root", folder.root()]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &["--root", folder.root()]).unwrap();
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -437,11 +451,11 @@ fn a_full_kernel_table_sends_the_rest_from_user_space() {
             );
         }
     }
-    let metrics = server.metrics();
+    let metrics = server.metrics().unwrap();
     let entries = metrics["khttpd_http_kernel_cache_entries"];
     let kernel = metrics["khttpd_http_kernel_responses_total"];
     let unknown = metrics["khttpd_http_passed_total{reason=\"unknown_request\"}"];
-    assert!(entries <= 256 && entries >= 200, "{entries} cached");
+    assert!((200..=256).contains(&entries), "{entries} cached");
     assert!(kernel >= 200, "the kernel answered {kernel}");
     assert!(
         unknown >= (files - 256) as u64,
@@ -455,22 +469,12 @@ fn a_full_kernel_table_sends_the_rest_from_user_space() {
 #[test]
 fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
     use std::os::unix::process::CommandExt as _;
-    let mut khttpd = Command::new(common::KHTTPD);
-    khttpd.args(Mode::UserUnbound.args());
-    // SAFETY: only setrlimit between fork and exec.
+    let mut khttpd = Mode::UserUnbound.command(KHTTPD);
+    // SAFETY: only setrlimit (one system call) between fork and exec.
     unsafe {
-        khttpd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        khttpd.pre_exec(|| khttpd_harness::system::set_fd_limit(64, 64));
     }
-    let server = Server::start_command(khttpd, &[], false);
+    let server = Server::start_command(khttpd).unwrap();
     let connect = || {
         let stream = TcpStream::connect(server.http_addr()).unwrap();
         stream
@@ -487,7 +491,9 @@ fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
     for stream in &mut waiting {
         stream.write_all(REQUEST).unwrap();
     }
-    server.stderr_with(&["accept failed: Too many open files"]);
+    server
+        .log_with(&["accept failed: Too many open files"])
+        .unwrap();
     let unanswered = waiting
         .iter()
         .filter(|stream| {
@@ -519,7 +525,7 @@ fn out_of_descriptors_newcomers_wait_and_the_others_are_served() {
             .expect("answered once descriptors are free");
         assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK"));
     }
-    let log = server.stderr_with(&["accept failed"]);
+    let log = server.log_with(&["accept failed"]).unwrap();
     let warnings = log.lines().filter(|l| l.contains("accept failed")).count();
     assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{log}");
 }

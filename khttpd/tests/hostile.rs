@@ -15,7 +15,8 @@ use std::{
     time::Duration,
 };
 
-use common::{bpf_allowed, Mode, Server};
+use common::KHTTPD;
+use khttpd_harness::{http::blank_dates, system::bpf_allowed, system::temp_dir, Mode, Server};
 
 /// A valid request, learned by the kernel before the cases run (and used to check that a
 /// connection is still open after an answer).
@@ -824,7 +825,7 @@ struct Site {
 impl Site {
     /// `name`: one folder per test, as the tests of this file run at the same time.
     fn create(name: &str) -> Site {
-        let dir = common::temp_dir(name);
+        let dir = temp_dir(name).unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("dir")).unwrap();
         std::fs::write(root.join("index.html"), INDEX).unwrap();
@@ -968,16 +969,7 @@ fn run(server: &Server, case: &Case, before: usize) -> Result<Vec<u8>, String> {
         After::Closed => connection.expect_close()?,
         After::Open => connection.expect_open()?,
     }
-    Ok(blank_date(response))
-}
-
-fn blank_date(mut response: Vec<u8>) -> Vec<u8> {
-    if let Some(at) = response.windows(8).position(|w| w == b"\r\nDate: ") {
-        for byte in &mut response[at + 8..at + 8 + 29] {
-            *byte = b'#';
-        }
-    }
-    response
+    Ok(blank_dates(response))
 }
 
 fn all_cases() -> Vec<Case> {
@@ -999,18 +991,26 @@ fn hostile_requests_get_the_right_answer_and_connection_state() {
     let root = site.root();
     let common = ["--root", root.as_str(), "--header-timeout", "5"];
     let servers = [
-        ("fast path on", Server::start(Mode::Kernel, &common)),
-        ("fast path off", Server::start(Mode::UserUnbound, &common)),
+        (
+            "fast path on",
+            Server::start(KHTTPD, Mode::Kernel, &common).unwrap(),
+        ),
+        (
+            "fast path off",
+            Server::start(KHTTPD, Mode::UserUnbound, &common).unwrap(),
+        ),
         (
             "thread per connection",
             Server::start(
+                KHTTPD,
                 Mode::UserUnbound,
                 &[&common[..], &["--dispatch", "thread"]].concat(),
-            ),
+            )
+            .unwrap(),
         ),
     ];
     let kernel = &servers[0].1;
-    let kernel_answers = || kernel.metric("khttpd_http_kernel_responses_total");
+    let kernel_answers = || kernel.metrics().unwrap()["khttpd_http_kernel_responses_total"];
     // Teach the kernel the valid request, and check that it answers it.
     for _ in 0..3 {
         let mut connection = Responses::connect(kernel);
@@ -1067,7 +1067,7 @@ fn hostile_requests_get_the_right_answer_and_connection_state() {
         if let Err(e) = connection.next(false) {
             failures.push(format!("{name}: not serving after the suite: {e}"));
         }
-        let log = server.stderr();
+        let log = server.log();
         if log.contains("panicked") {
             failures.push(format!("{name}: panicked:\n{log}"));
         }
@@ -1105,13 +1105,7 @@ fn hostile_requests_get_the_same_answer_in_any_pieces() {
                 break;
             }
         }
-        // Every Date of the answers, blanked.
-        let text = String::from_utf8_lossy(&out).into_owned();
-        text.split("\r\nDate: ")
-            .enumerate()
-            .map(|(i, part)| if i == 0 { part } else { &part[29..] })
-            .collect::<Vec<_>>()
-            .join("\r\nDate: #")
+        blank_dates(out)
     };
     let mut failures = Vec::new();
     for case in all_cases() {

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{eventually, wait_bounded, xtask_binary, Mode, Server};
+use common::{xtask_binary, KHTTPD};
+use khttpd_harness::{
+    eventually, process::wait_bounded, system::bpf_allowed, system::temp_dir, Mode, Server,
+};
 
 const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
 
@@ -44,7 +47,7 @@ fn status_lines(response: &str) -> Vec<&str> {
 #[test]
 fn htstress_style_requests_end_with_the_server_closing() {
     for dispatch in DISPATCH_MODES {
-        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
         for _ in 0..200 {
             let response =
                 exchange_until_close(&server, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
@@ -59,9 +62,8 @@ fn htstress_style_requests_end_with_the_server_closing() {
             );
         }
         assert_eq!(
-            server.metric(&format!(
-                "khttpd_http_connections_total{{dispatch=\"{dispatch}\"}}"
-            )),
+            server.metrics().unwrap()
+                [&format!("khttpd_http_connections_total{{dispatch=\"{dispatch}\"}}")],
             200
         );
     }
@@ -70,7 +72,7 @@ fn htstress_style_requests_end_with_the_server_closing() {
 #[test]
 fn keep_alive_and_pipelining_on_one_connection() {
     for dispatch in DISPATCH_MODES {
-        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
         let request = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nHEAD /2 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nDELETE /3 HTTP/1.1\r\nHost: a\r\n\r\nGET /4 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
         let response = exchange_until_close(&server, request);
         assert_eq!(
@@ -89,7 +91,7 @@ fn keep_alive_and_pipelining_on_one_connection() {
 #[test]
 fn errors_close_cleanly_even_with_unread_bytes() {
     for dispatch in DISPATCH_MODES {
-        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
         // The bytes after the bad request are never read as requests, but must not turn the
         // close into a reset.
         let mut request = b"BAD\x01REQUEST\r\n\r\n".to_vec();
@@ -114,7 +116,7 @@ fn errors_close_cleanly_even_with_unread_bytes() {
 #[test]
 fn a_client_sending_one_byte_at_a_time_gets_its_answer() {
     for dispatch in DISPATCH_MODES {
-        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
         let mut stream = connect(&server);
         stream.set_nodelay(true).unwrap();
         for byte in b"GET / HTTP/1.0\r\nHost: a\r\n\r\n" {
@@ -133,7 +135,7 @@ fn a_client_sending_one_byte_at_a_time_gets_its_answer() {
 #[test]
 fn curl_agrees() {
     for dispatch in DISPATCH_MODES {
-        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
         let url = format!("http://{}/", server.http_addr());
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "10", "-i", &url, &url])
@@ -170,7 +172,7 @@ fn report_number(report: &str, label: &str) -> u64 {
 fn htstress_gets_only_good_answers() {
     const REQUESTS: u64 = 10_000;
     for dispatch in DISPATCH_MODES {
-        let server = Server::start(Mode::UserUnbound, &["--dispatch", dispatch]);
+        let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
         let url = format!("http://{}/", server.http_addr());
         // -q: no progress lines, so the report is all there is on stdout (and fits the pipe).
         let mut htstress = Command::new(xtask_binary())
@@ -219,9 +221,8 @@ fn htstress_gets_only_good_answers() {
         );
         // Every request was a connection to this server, not to some other one.
         assert_eq!(
-            server.metric(&format!(
-                "khttpd_http_connections_total{{dispatch=\"{dispatch}\"}}"
-            )),
+            server.metrics().unwrap()
+                [&format!("khttpd_http_connections_total{{dispatch=\"{dispatch}\"}}")],
             REQUESTS,
             "{dispatch}"
         );
@@ -260,9 +261,11 @@ fn ask_apart(stream: &mut TcpStream, times: usize, pause: Duration) {
 fn idle_keep_alive_connections_are_closed() {
     for dispatch in DISPATCH_MODES {
         let server = Server::start(
+            KHTTPD,
             Mode::UserUnbound,
             &["--dispatch", dispatch, "--idle-timeout", "1"],
-        );
+        )
+        .unwrap();
         let mut stream = connect(&server);
         // 3.2 s of requests, more than three timeouts; 400 ms of the last wait pass in here.
         ask_apart(&mut stream, 8, Duration::from_millis(400));
@@ -281,17 +284,12 @@ fn idle_keep_alive_connections_are_closed() {
 #[test]
 fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
     const CONNECTIONS: usize = 20;
-    let server = Server::start(Mode::UserUnbound, &[]);
+    let server = Server::start(KHTTPD, Mode::UserUnbound, &[]).unwrap();
     let request = b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n";
-    let parked = || server.metric("khttpd_http_idle_connections") as usize;
+    let parked = || server.metrics().unwrap()["khttpd_http_idle_connections"] as usize;
     let working = || {
-        let metrics = server.metrics();
-        let active = metrics
-            .iter()
-            .find(|(name, _)| {
-                name.starts_with("khttpd_workqueue_active{") && name.contains("khttpd_http")
-            })
-            .map(|(_, &value)| value);
+        let metrics = server.metrics().unwrap();
+        let active = metrics.sum_where("khttpd_workqueue_active", "khttpd_http");
         active.expect("the HTTP work queue's active items")
     };
     let mut streams: Vec<TcpStream> = (0..CONNECTIONS).map(|_| connect(&server)).collect();
@@ -318,10 +316,10 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
     }
     all_parked();
     assert_eq!(
-        server.metric("khttpd_http_open_connections"),
+        server.metrics().unwrap()["khttpd_http_open_connections"],
         CONNECTIONS as u64
     );
-    assert!(server.terminate().success());
+    assert!(server.terminate().unwrap().success());
     for stream in &mut streams {
         let (got, _) = read_until_closed(stream);
         assert!(got.is_empty());
@@ -332,16 +330,18 @@ fn idle_connections_wait_without_a_work_item_and_wake_for_their_next_request() {
 /// that stops sending; before, it held its connection (and the answers it owed) until shutdown.
 #[test]
 fn clients_that_stop_reading_are_closed_after_the_idle_timeout() {
-    let dir = common::temp_dir("http-stalled");
+    let dir = temp_dir("http-stalled").unwrap();
     let root = dir.path();
     std::fs::write(root.join("large.bin"), vec![7u8; 4 << 20]).unwrap();
     for dispatch in DISPATCH_MODES {
         let args = ["--dispatch", dispatch, "--idle-timeout", "1"];
         let server = Server::start(
+            KHTTPD,
             Mode::UserUnbound,
             &[&args[..], &["--root", root.to_str().unwrap()]].concat(),
-        );
-        let open = || server.metric("khttpd_http_open_connections");
+        )
+        .unwrap();
+        let open = || server.metrics().unwrap()["khttpd_http_open_connections"];
         let mut stream = connect(&server);
         // Eight answers of 4 MiB, far more than both sockets' buffers hold; never read.
         let request = b"GET /large.bin HTTP/1.1\r\nHost: x\r\n\r\n".repeat(8);
@@ -363,14 +363,14 @@ fn clients_that_stop_reading_are_closed_after_the_idle_timeout() {
 
 #[test]
 fn the_idle_timer_counts_requests_the_kernel_answered() {
-    if !common::bpf_allowed() {
+    if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &["--idle-timeout", "2"]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &["--idle-timeout", "2"]).unwrap();
     let mut stream = connect(&server);
     // 4 s of traffic, twice the timeout: the kernel answers all but the first request.
     ask_apart(&mut stream, 8, Duration::from_millis(500));
-    assert!(server.metric("khttpd_http_kernel_responses_total") >= 6);
+    assert!(server.metrics().unwrap()["khttpd_http_kernel_responses_total"] >= 6);
     let (got, after) = read_until_closed(&mut stream);
     assert!(got.is_empty());
     assert!(
@@ -383,9 +383,11 @@ fn the_idle_timer_counts_requests_the_kernel_answered() {
 fn slow_header_clients_get_408_while_others_are_served() {
     for (dispatch, clients) in [("cmwq", 1000), ("thread", 200)] {
         let server = Server::start(
+            KHTTPD,
             Mode::UserUnbound,
             &["--dispatch", dispatch, "--header-timeout", "2"],
-        );
+        )
+        .unwrap();
         let mut slow: Vec<TcpStream> = (0..clients)
             .map(|_| {
                 let mut stream = connect(&server);
@@ -433,10 +435,15 @@ fn past_max_connections_new_clients_get_503_and_the_others_keep_being_served() {
         (Mode::UserUnbound, "thread"),
         (Mode::Auto, "cmwq"),
     ] {
-        if mode == Mode::Auto && !common::bpf_allowed() {
+        if mode == Mode::Auto && !bpf_allowed() {
             continue;
         }
-        let server = Server::start(mode, &["--dispatch", dispatch, "--max-connections", "10"]);
+        let server = Server::start(
+            KHTTPD,
+            mode,
+            &["--dispatch", dispatch, "--max-connections", "10"],
+        )
+        .unwrap();
         let request = b"GET / HTTP/1.1\r\nHost: limit\r\n\r\n";
         let ask = |stream: &mut TcpStream| {
             stream.write_all(request).unwrap();
@@ -465,13 +472,16 @@ fn past_max_connections_new_clients_get_503_and_the_others_keep_being_served() {
                 "{mode:?} {dispatch}"
             );
         }
-        assert_eq!(server.metric("khttpd_http_rejected_total"), 20);
-        assert_eq!(server.metric("khttpd_http_open_connections"), 10);
+        assert_eq!(server.metrics().unwrap()["khttpd_http_rejected_total"], 20);
+        assert_eq!(
+            server.metrics().unwrap()["khttpd_http_open_connections"],
+            10
+        );
         // Closing some makes room again.
         held.truncate(5);
         assert!(
-            common::eventually(Duration::from_secs(5), || server
-                .metric("khttpd_http_open_connections")
+            eventually(Duration::from_secs(5), || server.metrics().unwrap()
+                ["khttpd_http_open_connections"]
                 == 5),
             "{mode:?} {dispatch}: slots not given back"
         );

@@ -12,34 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{bpf_allowed, eventually, xtask_binary, Mode, Server, KHTTPD};
+use common::{xtask_binary, KHTTPD};
+use khttpd_harness::{
+    eventually, http::blank_dates, system::bpf_allowed, system::temp_dir, Mode, Server,
+};
 
-/// Whether two answers are the same apart from the value of their Date headers.
+/// Whether two answers (or streams of them) are the same apart from the values of their Dates.
 fn same_but_date(a: &[u8], b: &[u8]) -> bool {
-    let date_at = |x: &[u8]| {
-        x.windows(8)
-            .position(|w| w == b"\r\nDate: ")
-            .map(|at| at + 8)
-    };
-    match (date_at(a), date_at(b)) {
-        (Some(i), Some(j)) => {
-            i == j && a.len() == b.len() && a[..i] == b[..i] && a[i + 29..] == b[i + 29..]
-        }
-        (None, None) => a == b,
-        _ => false,
-    }
-}
-
-/// A stream of answers cut at each Date value, the values left out.
-fn between_dates(stream: &[u8]) -> Vec<&[u8]> {
-    let mut parts = Vec::new();
-    let mut rest = stream;
-    while let Some(at) = rest.windows(8).position(|w| w == b"\r\nDate: ") {
-        parts.push(&rest[..at + 8]);
-        rest = rest.get(at + 8 + 29..).unwrap_or_default();
-    }
-    parts.push(rest);
-    parts
+    blank_dates(a.to_vec()) == blank_dates(b.to_vec())
 }
 
 fn connect(server: &Server) -> TcpStream {
@@ -69,7 +49,7 @@ fn the_fast_path_is_invisible_for_a_corpus_and_random_requests() {
     // edge-case and hostile requests plus random ones, each whole, byte by byte and pipelined,
     // against `--fast-path on` and `off`; then the same and 468 requests for files against a
     // site served with the kernel and the user-space file caches and without either.
-    let _lifetime = common::Lifetime::new("cargo xtask diff");
+    let _lifetime = khttpd_harness::server::Lifetime::new("cargo xtask diff");
     let output = Command::new(xtask_binary())
         .args(["diff", "-n", "400", "--seconds", "240", "--khttpd", KHTTPD])
         .stdin(Stdio::null())
@@ -110,7 +90,7 @@ fn clients_that_stop_reading_get_exact_responses() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     let one = teach(&server);
     const REQUESTS: usize = 20_000;
     let mut stream = connect(&server);
@@ -145,7 +125,7 @@ fn clients_that_stop_reading_get_exact_responses() {
             String::from_utf8_lossy(response)
         );
     }
-    let metrics = server.metrics();
+    let metrics = server.metrics().unwrap();
     let kernel = metrics["khttpd_http_kernel_responses_total"];
     let held_back = metrics["khttpd_http_passed_total{reason=\"backpressure\"}"];
     assert!(kernel > 0, "the kernel answered nothing");
@@ -189,18 +169,18 @@ fn answers_stay_in_order_when_kernel_and_user_space_alternate() {
         sender.join().unwrap();
         got
     };
-    let user = Server::start(Mode::UserUnbound, &[]);
+    let user = Server::start(KHTTPD, Mode::UserUnbound, &[]).unwrap();
     let want = run(&user);
-    let kernel = Server::start(Mode::Kernel, &[]);
+    let kernel = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     let _ = teach(&kernel);
     let got = run(&kernel);
     assert!(
-        between_dates(&got) == between_dates(&want),
+        same_but_date(&got, &want),
         "kernel:\n{}\nuser:\n{}",
         String::from_utf8_lossy(&got),
         String::from_utf8_lossy(&want)
     );
-    let metrics = kernel.metrics();
+    let metrics = kernel.metrics().unwrap();
     eprintln!(
         "kernel answered {}, user space {} hand-offs",
         metrics["khttpd_http_kernel_responses_total"], metrics["khttpd_http_handoffs_total"]
@@ -213,7 +193,7 @@ fn closing_requests_are_answered_and_closed_by_user_space() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     let request = b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n";
     for _ in 0..50 {
         let mut stream = connect(&server);
@@ -225,11 +205,11 @@ fn closing_requests_are_answered_and_closed_by_user_space() {
         assert!(text.contains("\r\nConnection: close\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\nHello, World!\n"), "{text}");
     }
-    assert!(server.metric("khttpd_http_passed_total{reason=\"close\"}") >= 40);
+    assert!(server.metrics().unwrap()["khttpd_http_passed_total{reason=\"close\"}"] >= 40);
     // Every connection is gone from the sockhash and the kernel's tables once closed.
     assert!(
-        eventually(Duration::from_secs(10), || server
-            .metric("khttpd_http_kernel_sockets")
+        eventually(Duration::from_secs(10), || server.metrics().unwrap()
+            ["khttpd_http_kernel_sockets"]
             == 0),
         "sockhash entries left behind"
     );
@@ -240,13 +220,13 @@ fn auto_moves_keep_alive_connections_to_the_kernel_and_leaves_closing_ones_alone
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Auto, &[]);
+    let server = Server::start(KHTTPD, Mode::Auto, &[]).unwrap();
     // One request per connection: served and closed by user space, never installed.
     for _ in 0..50 {
         let response = request_until_close(&server, b"GET / HTTP/1.0\r\nHost: a\r\n\r\n");
         assert!(response.ends_with(b"Hello, World!\n"));
     }
-    let metrics = server.metrics();
+    let metrics = server.metrics().unwrap();
     assert_eq!(metrics["khttpd_http_kernel_responses_total"], 0);
     assert_eq!(metrics["khttpd_http_passed_total{reason=\"close\"}"], 0);
     // A keep-alive connection: the first answer comes from user space, which then hands the
@@ -267,7 +247,7 @@ fn auto_moves_keep_alive_connections_to_the_kernel_and_leaves_closing_ones_alone
     }
     // User space answers the first 32 or so: auto waits for a streak of answers the kernel
     // could send before it moves a connection.
-    let answered = server.metric("khttpd_http_kernel_responses_total");
+    let answered = server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
     assert!(answered >= 60, "the kernel answered {answered} of 99");
 }
 
@@ -284,7 +264,7 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
         (16_000, true),
         (17_000, false),
     ] {
-        let dir = common::temp_dir(&format!("body-{size}"));
+        let dir = temp_dir(&format!("body-{size}")).unwrap();
         let path = dir.path().join("body");
         let body: Vec<u8> = (0..size)
             .map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[i % 27])
@@ -317,18 +297,19 @@ fn answers_up_to_16_kib_come_from_the_kernel_byte_exact() {
             );
             answers
         };
-        let user = answers(&Server::start(Mode::UserUnbound, &body_arg))[0].clone();
-        let kernel = Server::start(Mode::Kernel, &body_arg);
+        let user =
+            answers(&Server::start(KHTTPD, Mode::UserUnbound, &body_arg).unwrap())[0].clone();
+        let kernel = Server::start(KHTTPD, Mode::Kernel, &body_arg).unwrap();
         for (i, answer) in answers(&kernel).iter().enumerate() {
             assert!(same_but_date(answer, &user), "{size} B, answer {i}");
         }
-        let answered = kernel.metric("khttpd_http_kernel_responses_total");
+        let answered = kernel.metrics().unwrap()["khttpd_http_kernel_responses_total"];
         if kernel_answers {
             assert!(
                 answered >= 18,
                 "{size} B: the kernel answered {answered} of 19; {:?}\n{}",
-                kernel.metrics(),
-                kernel.stderr()
+                kernel.metrics().unwrap(),
+                kernel.log()
             );
         } else {
             assert_eq!(answered, 0, "{size} B: too big for the kernel");
@@ -342,7 +323,7 @@ fn the_kernel_keeps_the_date_current() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::Kernel, &[]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &[]).unwrap();
     let request = b"GET /date HTTP/1.1\r\nHost: date\r\n\r\n";
     let date_of = |answer: &[u8]| {
         let text = String::from_utf8_lossy(answer).into_owned();
@@ -358,7 +339,7 @@ fn the_kernel_keeps_the_date_current() {
         (date_of(&answer), std::time::SystemTime::now())
     };
     let _ = ask(); // taught: user space answers this one
-    let before = server.metric("khttpd_http_kernel_responses_total");
+    let before = server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
     for _ in 0..3 {
         let (date, now) = ask();
         // The kernel's Date names the current second (or the one before, at a boundary).
@@ -370,7 +351,7 @@ fn the_kernel_keeps_the_date_current() {
         thread::sleep(Duration::from_millis(1100));
     }
     assert_eq!(
-        server.metric("khttpd_http_kernel_responses_total") - before,
+        server.metrics().unwrap()["khttpd_http_kernel_responses_total"] - before,
         3
     );
 }

@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use common::{ask, bpf_allowed, eventually, loaded_program_ids, Mode, Server, KHTTPD};
+use common::{ask, KHTTPD};
+use khttpd_harness::{
+    bpf::loaded_program_ids, eventually, system::bpf_allowed, system::temp_dir, Mode, Server,
+};
 
 /// The value of a `Name:\tvalue` line of /proc/<pid>/status.
 fn status_field(pid: u32, name: &str) -> String {
@@ -28,7 +31,7 @@ struct Folder(tempfile::TempDir);
 
 impl Folder {
     fn create(name: &str) -> Folder {
-        let folder = common::temp_dir(name);
+        let folder = temp_dir(name).unwrap();
         let dir = folder.path();
         std::fs::create_dir_all(dir.join("root")).unwrap();
         std::fs::write(dir.join("root/page.txt"), "page\n").unwrap();
@@ -61,7 +64,7 @@ fn after_start_the_server_is_nobody_without_capabilities_confined_to_the_root() 
     }
     let folder = Folder::create("privileges");
     let root = folder.root();
-    let server = Server::start(Mode::Kernel, &["--root", root.to_str().unwrap()]);
+    let server = Server::start(KHTTPD, Mode::Kernel, &["--root", root.to_str().unwrap()]).unwrap();
     let pid = server.pid();
     let nobody = "65534\t65534\t65534\t65534";
     assert_eq!(status_field(pid, "Uid"), nobody);
@@ -102,26 +105,26 @@ fn after_start_the_server_is_nobody_without_capabilities_confined_to_the_root() 
         "running as nobody (uid 65534, gid 65534), no capabilities, confined to",
         "loading BPF is refused",
     ];
-    let log = server.stderr_with(&dropped);
+    let log = server.log_with(&dropped).unwrap();
     assert!(dropped.iter().all(|line| log.contains(line)), "{log}");
     // A file outside the root through a symlink: not there for the server.
     assert_eq!(statuses(&server, "/out", 1), [404]);
     // The fast path works through what was opened as root: new connections go into the
     // sockhash, answers are taught, the kernel answers, counters are read.
-    let before = server.metric("khttpd_http_kernel_responses_total");
+    let before = server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
     assert!(statuses(&server, "/page.txt", 40).iter().all(|&s| s == 200));
-    let answered = server.metric("khttpd_http_kernel_responses_total") - before;
+    let answered = server.metrics().unwrap()["khttpd_http_kernel_responses_total"] - before;
     assert!(answered >= 30, "the kernel answered {answered} of 40");
     let mut echo = TcpStream::connect(server.echo_addr()).unwrap();
     echo.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     echo.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"ping");
-    assert!(server.metric("khttpd_echo_kernel_bytes_total") >= 4);
+    assert!(server.metrics().unwrap()["khttpd_echo_kernel_bytes_total"] >= 4);
     // And it still cleans up: exit 0, none of its programs left.
-    let (programs, _) = server.bpf_ids();
+    let (programs, _) = server.bpf_ids().unwrap();
     assert!(!programs.is_empty());
-    assert!(server.terminate().success());
+    assert!(server.terminate().unwrap().success());
     // The kernel frees programs after their last descriptor closes, not at once.
     let unloaded = || !loaded_program_ids().iter().any(|id| programs.contains(id));
     assert!(
@@ -149,7 +152,7 @@ fn user_root_keeps_privileges_and_unknown_users_or_closed_roots_are_refused() {
     if !bpf_allowed() {
         return;
     }
-    let server = Server::start(Mode::UserUnbound, &["--user", "root"]);
+    let server = Server::start(KHTTPD, Mode::UserUnbound, &["--user", "root"]).unwrap();
     assert!(status_field(server.pid(), "Uid").starts_with("0\t"));
     drop(server);
     assert_eq!(

@@ -13,7 +13,8 @@ use std::{
     time::Duration,
 };
 
-use common::{bpf_allowed, Mode, Server};
+use common::KHTTPD;
+use khttpd_harness::{eventually, system::bpf_allowed, system::temp_dir, Mode, Server};
 
 /// A throw-away document root with nested folders, odd names, an empty and a large file, and
 /// symlinks that stay inside or leave the root.
@@ -25,7 +26,7 @@ struct TestSite {
 
 impl TestSite {
     fn new(name: &str) -> TestSite {
-        let dir = common::temp_dir(&format!("site-{name}"));
+        let dir = temp_dir(&format!("site-{name}")).unwrap();
         let root = dir.path();
         let large: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let files: Vec<(&str, Vec<u8>)> = vec![
@@ -69,9 +70,11 @@ impl TestSite {
     fn server_as(&self, mode: Mode, dispatch: &str, user: &str) -> Server {
         let root = self.root().to_str().unwrap();
         Server::start(
+            KHTTPD,
             mode,
             &["--root", root, "--dispatch", dispatch, "--user", user],
         )
+        .unwrap()
     }
 }
 
@@ -269,17 +272,17 @@ fn nothing_outside_the_root_is_served() {
         "outside the document root",
         "NUL byte",
     ];
-    let log = server.stderr_with(&reasons);
+    let log = server.log_with(&reasons).unwrap();
     for reason in reasons {
         assert!(log.contains(reason), "{reason}: {log}");
     }
     // Each refused attempt once per round: 4 leave by `..`, 1 by a link, 1 has a NUL.
     for (reason, times) in [(reasons[0], 8), (reasons[1], 2), (reasons[2], 2)] {
-        common::eventually(Duration::from_secs(10), || {
-            server.stderr().matches(reason).count() >= times
+        eventually(Duration::from_secs(10), || {
+            server.log().matches(reason).count() >= times
         });
-        let seen = server.stderr().matches(reason).count();
-        assert_eq!(seen, times, "{reason}: {}", server.stderr());
+        let seen = server.log().matches(reason).count();
+        assert_eq!(seen, times, "{reason}: {}", server.log());
     }
     // Confined to the root (the default, `--user nobody`), a link out leads nowhere.
     let server = site.server(Mode::UserUnbound, "cmwq");
@@ -344,7 +347,7 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
     }
     let site = TestSite::new("cache");
     let server = site.server(Mode::Kernel, "cmwq");
-    let kernel_answers = || server.metric("khttpd_http_kernel_responses_total");
+    let kernel_answers = || server.metrics().unwrap()["khttpd_http_kernel_responses_total"];
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -357,7 +360,7 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
     }
     let before = kernel_answers();
     assert!(before >= 3, "the kernel answered {before} of 4");
-    assert!(server.metric("khttpd_http_kernel_cache_entries") >= 1);
+    assert!(server.metrics().unwrap()["khttpd_http_kernel_cache_entries"] >= 1);
     // A 304 to a conditional request is answered there too.
     let etag = get(&server, "/page.html", &[])
         .header("ETag")
@@ -380,7 +383,7 @@ fn small_files_are_answered_by_the_kernel_and_follow_changes_within_a_second() {
 /// After `/page.html`, `/style.css`, `/new.txt` and `/large.bin` were asked for on `stream`: a
 /// change, a deletion, a new file and a rewritten large file show within a second.
 fn follows_changes_within_a_second(site: &TestSite, server: &Server, stream: &mut TcpStream) {
-    let seen = || server.metric("khttpd_http_site_changes_total");
+    let seen = || server.metrics().unwrap()["khttpd_http_site_changes_total"];
     let before = seen();
     fs::write(site.root().join("page.html"), b"<h1>changed</h1>\n").unwrap();
     fs::remove_file(site.root().join("style.css")).unwrap();
@@ -389,7 +392,7 @@ fn follows_changes_within_a_second(site: &TestSite, server: &Server, stream: &mu
     // Once one batch of these changes was seen, everything cached before is forgotten (and this
     // test asked for nothing since its first change).
     assert!(
-        common::eventually(Duration::from_secs(1), || seen() > before),
+        eventually(Duration::from_secs(1), || seen() > before),
         "the changes were not seen within a second"
     );
     for _ in 0..3 {
@@ -408,9 +411,8 @@ fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second()
     let site = TestSite::new("user-cache");
     let server = site.server(Mode::UserUnbound, "cmwq");
     let hits = |cache: &str| {
-        server.metric(&format!(
-            "khttpd_http_file_cache_hits_total{{cache=\"{cache}\"}}"
-        ))
+        server.metrics().unwrap()
+            [&format!("khttpd_http_file_cache_hits_total{{cache=\"{cache}\"}}")]
     };
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     stream
@@ -432,7 +434,7 @@ fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second()
     // A cached answer carries the current Date.
     let first = get(&server, "/page.html", &[]);
     let date = first.header("Date").unwrap().to_owned();
-    let ticks = common::eventually(Duration::from_secs(3), || {
+    let ticks = eventually(Duration::from_secs(3), || {
         get(&server, "/page.html", &[]).header("Date") != Some(date.as_str())
     });
     assert!(ticks, "a cached answer kept the Date {date}");
@@ -440,14 +442,14 @@ fn user_space_keeps_answers_and_open_files_and_follows_changes_within_a_second()
     // Turned off, nothing is kept.
     let root = site.root().to_str().unwrap();
     let caches_off = ["--root", root, "--file-cache-max=0", "--open-file-cache=0"];
-    let off = Server::start(Mode::UserUnbound, &caches_off);
+    let off = Server::start(KHTTPD, Mode::UserUnbound, &caches_off).unwrap();
     for _ in 0..3 {
         assert_eq!(get(&off, "/page.html", &[]).status, 200);
         assert_eq!(get(&off, "/large.bin", &[]).body.len(), 100_000);
     }
     for cache in ["answers", "open_files"] {
         let name = format!("khttpd_http_file_cache_hits_total{{cache=\"{cache}\"}}");
-        assert_eq!(off.metric(&name), 0, "{cache}");
+        assert_eq!(off.metrics().unwrap()[&name], 0, "{cache}");
     }
 }
 
@@ -471,11 +473,22 @@ fn answers_over_the_cache_limit_stay_in_user_space() {
     }
     let site = TestSite::new("limit");
     let root = site.root().to_str().unwrap();
-    let server = Server::start(Mode::Kernel, &["--root", root, "--kernel-cache-max", "64"]);
+    let server = Server::start(
+        KHTTPD,
+        Mode::Kernel,
+        &["--root", root, "--kernel-cache-max", "64"],
+    )
+    .unwrap();
     let mut stream = TcpStream::connect(server.http_addr()).unwrap();
     for _ in 0..4 {
         assert_eq!(ask(&mut stream, "/page.html", &[]).0, 200);
     }
-    assert_eq!(server.metric("khttpd_http_kernel_responses_total"), 0);
-    assert_eq!(server.metric("khttpd_http_kernel_cache_entries"), 0);
+    assert_eq!(
+        server.metrics().unwrap()["khttpd_http_kernel_responses_total"],
+        0
+    );
+    assert_eq!(
+        server.metrics().unwrap()["khttpd_http_kernel_cache_entries"],
+        0
+    );
 }

@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use common::{bpf_allowed, wait_bounded, xtask_binary, KHTTPD};
+use common::{xtask_binary, KHTTPD};
+use khttpd_harness::{process::wait_bounded, system::bpf_allowed};
 
 /// Well inside CI's time: the run takes about half a minute on two vCPUs.
 const LIMIT: Duration = Duration::from_secs(240);

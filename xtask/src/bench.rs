@@ -1,16 +1,15 @@
-//! What the benchmarks share: starting and stopping the server (and other servers) on free ports,
-//! scraping `/metrics`, the machine's CPU split from `/proc/stat`, percentiles, and the plot and
-//! output helpers. Every wait here is bounded, so a stuck server fails a bench instead of hanging it.
+//! What only the benchmarks share (the server guard, metrics, clients and processes are in
+//! `khttpd-harness`, shared with the tests): free ports for servers other than khttpd, the
+//! machine's CPU split from `/proc/stat`, percentiles, and the plot and output helpers.
 
 use std::{
     collections::VecDeque,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
     path::Path,
-    process::{Child, ChildStderr, Command, Output, Stdio},
+    process::ChildStderr,
     thread,
-    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context as _};
@@ -22,157 +21,9 @@ use plotters::{
 
 use crate::workspace_root;
 
-/// Longest any single connect, write+read or scrape may take before the bench gives up.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a server may take to load its programs and start listening.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest a server may take to exit after each stop signal before the next (finally SIGKILL).
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// One colour per mode, in the order the modes are run.
 pub const PALETTE: [RGBColor; 6] = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
-
-/// A directory for a bench's site or configuration, removed when dropped. Readable by all: khttpd
-/// serves it as `nobody` and nginx's workers read it as theirs.
-pub fn temp_dir(name: &str) -> anyhow::Result<tempfile::TempDir> {
-    use std::os::unix::fs::PermissionsExt as _;
-    tempfile::Builder::new()
-        .prefix(&format!("xtask-{name}-"))
-        .permissions(fs::Permissions::from_mode(0o755))
-        .tempdir()
-        .with_context(|| format!("cannot create a temporary directory for {name}"))
-}
-
-/// A child process that is stopped when dropped: each signal of `stop` in turn, each followed by a
-/// bounded wait, then SIGKILL as a last resort. Only this child is ever signalled, by its pid.
-pub struct Guarded {
-    child: Child,
-    name: &'static str,
-    stop: &'static [libc::c_int],
-}
-
-impl Guarded {
-    pub fn new(child: Child, name: &'static str, stop: &'static [libc::c_int]) -> Self {
-        Self { child, name, stop }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    /// An error if the process has exited (it should be serving).
-    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited during start-up ({status})", self.name);
-        }
-        Ok(())
-    }
-
-    fn wait_bounded(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return true,
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        false
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        for &signal in self.stop {
-            if let Ok(pid) = libc::pid_t::try_from(self.pid()) {
-                // SAFETY: signals only the child this guard started, which is not yet reaped.
-                unsafe { libc::kill(pid, signal) };
-            }
-            if self.wait_bounded(STOP_TIMEOUT) {
-                return;
-            }
-            eprintln!("{} (pid {}) ignored signal {signal}", self.name, self.pid());
-        }
-        eprintln!("killing {} (pid {})", self.name, self.pid());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A khttpd child process on its own free loopback ports; dropping it stops the server (SIGTERM,
-/// so it detaches its programs itself; SIGKILL if it does not exit).
-pub struct Server {
-    process: Guarded,
-    pub echo: SocketAddr,
-    pub http: SocketAddr,
-    pub metrics: SocketAddr,
-}
-
-impl Server {
-    /// Starts `khttpd` with `server_args` and waits until both services accept and `/metrics`
-    /// answers. The ports are always the bench's own, so a server on 8081 or 12345 cannot interfere.
-    pub fn start(khttpd: &Path, server_args: &[&str]) -> anyhow::Result<Self> {
-        let [echo, http, metrics] = free_ports()?;
-        let mut child = Command::new(khttpd)
-            .args(server_args)
-            .arg("--echo-port")
-            .arg(echo.port().to_string())
-            .arg("--port")
-            .arg(http.port().to_string())
-            .arg("--metrics")
-            .arg(metrics.to_string())
-            .arg("-q")
-            .stdin(Stdio::null())
-            // Keep stdout for the table; the server's warnings still reach stderr, through
-            // `forward_stderr`, which keeps the last lines for the error if start-up fails.
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", khttpd.display()))?;
-        let said = forward_stderr(child.stderr.take().expect("piped stderr"));
-        // From here on the guard stops the server whatever happens.
-        let mut server = Self {
-            process: Guarded::new(child, "khttpd", &[libc::SIGTERM]),
-            echo,
-            http,
-            metrics,
-        };
-        if let Err(error) = server.wait_ready() {
-            // Stopped, so its stderr ends and the forwarder returns what it said.
-            drop(server);
-            let said = said.join().unwrap_or_default();
-            return Err(error.context(format!("khttpd said: {}", said.trim_end())));
-        }
-        Ok(server)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let (echo, http, metrics) = (self.echo, self.http, self.metrics);
-        wait_until(&mut self.process, &format!("{echo} and {http}"), || {
-            accepts(echo) && accepts(http) && get_metrics(metrics).is_ok()
-        })
-    }
-
-    /// The `/metrics` body.
-    pub fn scrape(&self) -> anyhow::Result<Metrics> {
-        get_metrics(self.metrics)
-            .with_context(|| format!("cannot scrape http://{}/metrics", self.metrics))
-    }
-
-    /// The server's resident set size, in KiB.
-    pub fn vm_rss_kib(&self) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        kib_field(&status, "VmRSS").with_context(|| format!("no VmRSS in {path}"))
-    }
-}
 
 /// Copies a child's stderr to ours, line by line, until it ends; returns its last lines.
 pub fn forward_stderr(pipe: ChildStderr) -> thread::JoinHandle<String> {
@@ -192,58 +43,7 @@ pub fn forward_stderr(pipe: ChildStderr) -> thread::JoinHandle<String> {
 
 /// Whether `addr` accepts a connection within `IO_TIMEOUT`.
 pub fn accepts(addr: SocketAddr) -> bool {
-    std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_ok()
-}
-
-/// Polls `ready` until it holds, the process exits, or `START_TIMEOUT` passes.
-pub fn wait_until(
-    process: &mut Guarded,
-    what: &str,
-    mut ready: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        process.ensure_running()?;
-        if ready() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{} did not answer on {what} within {START_TIMEOUT:?}",
-                process.name
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// One request over its own connection, bounded by `IO_TIMEOUT` per step; returns the response's
-/// head (status line first) and body.
-pub fn http_get(addr: SocketAddr, request: &str) -> anyhow::Result<(String, String)> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(request.as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("truncated response")?;
-    Ok((head.to_owned(), body.to_owned()))
-}
-
-/// One `GET /metrics` over HTTP/1.1.
-pub fn get_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
-    let (head, body) = http_get(
-        addr,
-        &format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
-    )?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "{}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(Metrics(body))
+    std::net::TcpStream::connect_timeout(&addr, khttpd_harness::IO_TIMEOUT).is_ok()
 }
 
 /// Distinct ports free on 127.0.0.1 and, where the host has IPv6, on ::1 too (khttpd listens on
@@ -271,38 +71,6 @@ pub fn free_ports<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
     addrs
         .try_into()
         .map_err(|_| anyhow::anyhow!("no {N} ports free on both 127.0.0.1 and ::1"))
-}
-
-/// A `/metrics` body in the Prometheus text format.
-pub struct Metrics(String);
-
-impl Metrics {
-    /// Every sample: the series (name with labels) and its value; unparseable values are skipped.
-    pub fn samples(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.0
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .filter_map(|(series, value)| Some((series, value.parse().ok()?)))
-    }
-
-    /// The sum of every series of `name` (all label sets), or `None` when the metric is absent.
-    pub fn sum(&self, name: &str) -> Option<u64> {
-        self.samples()
-            .filter(|(series, _)| series.split('{').next() == Some(name))
-            .map(|(_, value)| value)
-            .reduce(|a, b| a + b)
-    }
-}
-
-/// The value of a `Name:   123 kB` line.
-pub fn kib_field(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// CPU time from `/proc/stat`, in clock ticks: of the whole machine, or of some CPUs.
@@ -380,8 +148,7 @@ impl CpuSplit {
         let total = after.total.saturating_sub(before.total).max(1) as f64;
         let share = |a: u64, b: u64| a.saturating_sub(b) as f64 * 100.0 / total;
         let idle_ticks = after.idle.saturating_sub(before.idle) as f64;
-        // SAFETY: sysconf has no preconditions.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks_per_second = khttpd_harness::system::clock_ticks_per_second().max(1) as f64;
         Self {
             user: share(after.user, before.user),
             system: share(after.system, before.system),
@@ -399,45 +166,6 @@ pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
         .get(rank.saturating_sub(1))
         .copied()
         .unwrap_or_default()
-}
-
-/// Runs `command` to completion with its stdout captured, killing it after `limit`.
-pub fn output_bounded(command: &mut Command, limit: Duration) -> anyhow::Result<Output> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    // Read both pipes while waiting, so a chatty child cannot block on a full pipe.
-    let out = thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stdout.read_to_end(&mut bytes);
-        bytes
-    });
-    let err = thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stderr.read_to_end(&mut bytes);
-        bytes
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("still running after {limit:?}: killed");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
 }
 
 /// Prints `table`, writes it to `target/bench/<name>.md` and the plot to `target/bench/<name>.png`.

@@ -44,10 +44,17 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 use plotters::prelude::*;
 
+use khttpd_harness::{
+    http::answer_until_close,
+    process::{output_bounded, Guarded, Signal},
+    system::temp_dir,
+    Metrics, IO_TIMEOUT,
+};
+
 use crate::{
     bench::{
-        accepts, forward_stderr, free_ports, get_metrics, http_get, output_bounded, register_font,
-        temp_dir, wait_until, write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, PALETTE,
+        accepts, forward_stderr, free_ports, register_font, write_results, CpuSplit, CpuTimes,
+        GroupedBars, PALETTE,
     },
     bench_echo::{connect_all, dummy_message, ping_pong},
     bench_http::{
@@ -683,9 +690,7 @@ impl Bench<'_> {
         }
         if let (Some(before), Running::Process(_)) = (metrics, &running) {
             if let Some(after) = self.metrics(&running)? {
-                let kernel = |m: &crate::bench::Metrics| {
-                    m.sum("khttpd_http_kernel_responses_total").unwrap_or(0)
-                };
+                let kernel = |m: &Metrics| m.sum("khttpd_http_kernel_responses_total").unwrap_or(0);
                 eprintln!(
                     "{name} the kernel answered {} HTTP requests",
                     thousands(kernel(&after).saturating_sub(kernel(&before)) as f64)
@@ -707,12 +712,12 @@ impl Bench<'_> {
     }
 
     /// khttpd's `/metrics` from the client side; `None` for the others.
-    fn metrics(&self, running: &Running) -> anyhow::Result<Option<crate::bench::Metrics>> {
+    fn metrics(&self, running: &Running) -> anyhow::Result<Option<Metrics>> {
         match running {
             Running::Process(process) if process.name() == "khttpd" => {
                 let addr = self.server_addr(self.ports.metrics);
                 self.place
-                    .run_in(Side::Client, || get_metrics(addr))?
+                    .run_in(Side::Client, || Metrics::fetch(addr))?
                     .map(Some)
             }
             _ => Ok(None),
@@ -790,10 +795,10 @@ impl Bench<'_> {
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
         let said = forward_stderr(child.stderr.take().expect("piped stderr"));
-        let mut process = Guarded::new(child, name, &[libc::SIGTERM]);
+        let mut process = Guarded::new(child, name, &[Signal::TERM]);
         // khttpd serves /metrics last.
         let metrics = (name == "khttpd").then(|| self.server_addr(self.ports.metrics));
-        if let Err(error) = wait_until(&mut process, &format!("{http} and {echo}"), || {
+        if let Err(error) = process.wait_until(&format!("{http} and {echo}"), || {
             self.reachable(http)
                 && self.reachable(echo)
                 && metrics.is_none_or(|m| self.reachable(m))
@@ -812,7 +817,7 @@ impl Bench<'_> {
             return self.place.run_in(Side::Client, || {
                 use std::io::{Read as _, Write as _};
                 let mut stream = std::net::TcpStream::connect(echo)?;
-                stream.set_read_timeout(Some(crate::bench::IO_TIMEOUT))?;
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
                 stream.write_all(b"ping")?;
                 let mut reply = [0; 4];
                 stream.read_exact(&mut reply)?;
@@ -825,10 +830,13 @@ impl Bench<'_> {
             "GET {} HTTP/1.0\r\nHost: bench\r\n\r\n",
             subject.content.path()
         );
-        let (head, body) = self
+        let answer = self
             .place
-            .run_in(Side::Client, || http_get(http, &request))?
+            .run_in(Side::Client, || {
+                answer_until_close(http, request.as_bytes())
+            })?
             .with_context(|| format!("GET {}", subject.content.path()))?;
+        let body = &answer.body;
         let expected: &[u8] = match subject.content {
             Content::Greeting => HELLO.as_bytes(),
             _ => self.file,
@@ -837,12 +845,14 @@ impl Bench<'_> {
         // one that never opens it.
         let same = match subject.kind {
             Kind::Floor if subject.content == Content::File => body.len() == expected.len(),
-            _ => body.as_bytes() == expected,
+            _ => body == expected,
         };
         ensure!(
-            head.starts_with("HTTP/1.1 200 ") && same,
-            "GET {} was answered with:\n{head}\n\n{body}",
-            subject.content.path()
+            answer.status == 200 && same,
+            "GET {} was answered with:\n{}\n\n{}",
+            subject.content.path(),
+            answer.head,
+            String::from_utf8_lossy(body)
         );
         Ok(())
     }

@@ -25,7 +25,6 @@
 
 use std::{
     fmt::Write as _,
-    fs,
     net::SocketAddr,
     path::Path,
     sync::Arc,
@@ -43,10 +42,9 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::bench::{
-    kib_field, percentile, register_font, write_results, CpuSplit, CpuTimes, Metrics, Server,
-    IO_TIMEOUT, PALETTE,
-};
+use khttpd_harness::{system, Metrics, Mode, Server, IO_TIMEOUT};
+
+use crate::bench::{percentile, register_font, write_results, CpuSplit, CpuTimes, PALETTE};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -73,26 +71,8 @@ pub struct Args {
     pub khttpd: Option<std::path::PathBuf>,
 }
 
-/// One way of running the server.
-struct Mode {
-    name: &'static str,
-    server_args: &'static [&'static str],
-}
-
-const MODES: [Mode; 3] = [
-    Mode {
-        name: "kernel",
-        server_args: &["--fast-path", "on"],
-    },
-    Mode {
-        name: "user-unbound",
-        server_args: &["--fast-path", "off", "--workqueue", "unbound"],
-    },
-    Mode {
-        name: "user-bound",
-        server_args: &["--fast-path", "off", "--workqueue", "bound"],
-    },
-];
+/// The ways of running the server, in the order they run.
+const MODES: [Mode; 3] = [Mode::Kernel, Mode::UserUnbound, Mode::UserBound];
 
 /// Connects in flight at once, well under the server's listen backlog: an overflowing backlog drops
 /// SYNs, and each drop costs a one-second retransmit that would pollute the measurement.
@@ -105,12 +85,12 @@ const KIB_PER_MIB: f64 = 1024.0;
 
 pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     validate(args)?;
-    raise_fd_limit(
-        args.idle_connections
-            .max(args.clients)
-            .max(args.connections)
-            + FD_HEADROOM,
-    )?;
+    let needed = args
+        .idle_connections
+        .max(args.clients)
+        .max(args.connections)
+        + FD_HEADROOM;
+    system::raise_fd_limit(needed as u64).context("lower --idle-connections")?;
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores)
@@ -120,9 +100,9 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         .context("cannot start the load generator's runtime")?;
 
     let mut reports = Vec::with_capacity(MODES.len());
-    for mode in &MODES {
+    for mode in MODES {
         let report = bench_mode(&runtime, args, khttpd, mode)
-            .with_context(|| format!("{} mode", mode.name))?;
+            .with_context(|| format!("{} mode", mode.label()))?;
         reports.push(report);
     }
 
@@ -155,17 +135,18 @@ fn bench_mode(
     runtime: &Runtime,
     args: &Args,
     khttpd: &Path,
-    mode: &Mode,
+    mode: Mode,
 ) -> anyhow::Result<ModeReport> {
-    let progress = |phase: &str| eprintln!("[{}] {phase}", mode.name);
+    let progress = |phase: &str| eprintln!("[{}] {phase}", mode.label());
     progress("starting the server");
-    let server = Server::start(khttpd, mode.server_args)?;
+    let server = Server::start(khttpd, mode, &[])?;
     let message: Arc<[u8]> = dummy_message(args.message_size).into();
 
     let mut rounds = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
         progress(&format!("latency round {round}/{}", args.rounds));
-        let samples = runtime.block_on(latency_round(server.echo, args.clients, &message))?;
+        let samples =
+            runtime.block_on(latency_round(server.echo_addr(), args.clients, &message))?;
         rounds.push(samples);
     }
     let latency = Latency::from_rounds(&rounds);
@@ -174,13 +155,13 @@ fn bench_mode(
         "throughput: {} connections for {} s",
         args.connections, args.seconds
     ));
-    let streams = runtime.block_on(connect_all(server.echo, args.connections))?;
-    let metrics_before = server.scrape()?;
+    let streams = runtime.block_on(connect_all(server.echo_addr(), args.connections))?;
+    let metrics_before = server.metrics()?;
     let cpu_before = CpuTimes::read()?;
     let duration = Duration::from_secs(args.seconds);
     let (messages, elapsed) = runtime.block_on(ping_pong(streams, duration, &message))?;
     let cpu = CpuSplit::between(&cpu_before, &CpuTimes::read()?);
-    let echoed = EchoedBytes::between(&metrics_before, &server.scrape()?)?;
+    let echoed = EchoedBytes::between(&metrics_before, &server.metrics()?)?;
 
     progress(&format!(
         "memory: {} idle connections",
@@ -191,7 +172,7 @@ fn bench_mode(
     progress("stopping the server");
     drop(server);
     Ok(ModeReport {
-        mode: mode.name,
+        mode: mode.label(),
         latency,
         req_per_s: messages as f64 / elapsed.as_secs_f64(),
         cpu,
@@ -209,30 +190,6 @@ pub(crate) fn dummy_message(size: usize) -> Vec<u8> {
         .cycle()
         .take(size)
         .collect()
-}
-
-/// Lets this process hold every connection the bench opens (the default soft limit is 1024).
-fn raise_fd_limit(needed: usize) -> anyhow::Result<()> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain get/setrlimit on a stack struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            bail!("setrlimit: {}", std::io::Error::last_os_error());
-        }
-    }
-    ensure!(
-        limit.rlim_max as usize >= needed,
-        "the bench needs {needed} file descriptors but the hard limit is {} (lower --idle-connections)",
-        limit.rlim_max
-    );
-    Ok(())
 }
 
 /// Bytes echoed during the throughput run, by who echoed them.
@@ -357,13 +314,13 @@ pub(crate) async fn ping_pong(
 /// Holds `count` idle connections open and returns the server's VmRSS (KiB) and the growth of the
 /// kernel's Slab (KiB) meanwhile.
 fn idle_memory(runtime: &Runtime, server: &Server, count: usize) -> anyhow::Result<(u64, i64)> {
-    let slab_before = slab_kib()?;
+    let slab_before = system::meminfo_kib("Slab")?;
     let accepted_before = accepted(server)?;
-    let idle = runtime.block_on(connect_all(server.echo, count))?;
+    let idle = runtime.block_on(connect_all(server.echo_addr(), count))?;
     wait_accepted(server, accepted_before + count as u64)?;
     thread::sleep(SETTLE);
     let rss = server.vm_rss_kib()?;
-    let slab_delta = slab_kib()? as i64 - slab_before as i64;
+    let slab_delta = system::meminfo_kib("Slab")? as i64 - slab_before as i64;
     drop(idle);
     Ok((rss, slab_delta))
 }
@@ -371,7 +328,7 @@ fn idle_memory(runtime: &Runtime, server: &Server, count: usize) -> anyhow::Resu
 /// Connections the server has accepted so far, on either path.
 fn accepted(server: &Server) -> anyhow::Result<u64> {
     server
-        .scrape()?
+        .metrics()?
         .sum("khttpd_echo_connections_total")
         .context("/metrics has no khttpd_echo_connections_total")
 }
@@ -389,11 +346,6 @@ fn wait_accepted(server: &Server, target: u64) -> anyhow::Result<()> {
         }
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn slab_kib() -> anyhow::Result<u64> {
-    let meminfo = fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
-    kib_field(&meminfo, "Slab").context("no Slab in /proc/meminfo")
 }
 
 /// Latency summary over all rounds.

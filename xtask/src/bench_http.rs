@@ -40,11 +40,15 @@ use anyhow::{ensure, Context as _};
 use clap::Parser as _;
 use plotters::prelude::*;
 
+use khttpd_harness::{
+    http::answer_until_close,
+    process::{output_bounded, Guarded, Signal},
+    system::temp_dir,
+    Metrics, Mode, Server,
+};
+
 use crate::{
-    bench::{
-        accepts, free_ports, http_get, output_bounded, register_font, temp_dir, wait_until,
-        write_results, CpuSplit, CpuTimes, GroupedBars, Guarded, Metrics, Server,
-    },
+    bench::{accepts, free_ports, register_font, write_results, CpuSplit, CpuTimes, GroupedBars},
     htstress,
 };
 
@@ -117,19 +121,19 @@ impl ModeName {
 
     /// How the server is run, for the table's notes.
     fn description(self) -> String {
-        match self.khttpd_args() {
-            Some(args) => format!("`khttpd {}`", args.join(" ")),
+        match self.khttpd() {
+            Some(mode) => format!("`khttpd {}`", mode.args().join(" ")),
             None => "nginx, `worker_processes auto`, `return 200`".to_owned(),
         }
     }
 
-    /// khttpd's flags for this mode; `None` for nginx.
-    fn khttpd_args(self) -> Option<&'static [&'static str]> {
+    /// khttpd's mode; `None` for nginx.
+    fn khttpd(self) -> Option<Mode> {
         match self {
-            Self::Thread => Some(&["--dispatch", "thread", "--fast-path", "off"]),
-            Self::Cmwq => Some(&["--dispatch", "cmwq", "--fast-path", "off"]),
-            Self::Kernel => Some(&["--dispatch", "cmwq", "--fast-path", "on"]),
-            Self::Auto => Some(&["--dispatch", "cmwq", "--fast-path", "auto"]),
+            Self::Thread => Some(Mode::Thread),
+            Self::Cmwq => Some(Mode::UserUnbound),
+            Self::Kernel => Some(Mode::Kernel),
+            Self::Auto => Some(Mode::Auto),
             Self::Nginx => None,
         }
     }
@@ -359,7 +363,7 @@ enum Target {
 impl Target {
     fn http(&self) -> SocketAddr {
         match self {
-            Self::Khttpd(server) => server.http,
+            Self::Khttpd(server) => server.http_addr(),
             Self::Nginx(nginx) => nginx.http,
         }
     }
@@ -367,7 +371,7 @@ impl Target {
     /// khttpd's `/metrics`; nginx has none.
     fn metrics(&self) -> anyhow::Result<Option<Metrics>> {
         match self {
-            Self::Khttpd(server) => server.scrape().map(Some),
+            Self::Khttpd(server) => server.metrics().map(Some),
             Self::Nginx(_) => Ok(None),
         }
     }
@@ -375,11 +379,13 @@ impl Target {
     /// One HTTP/1.0 `GET /` must be answered `200` with the expected body: every mode serves the
     /// same bytes, or the comparison means nothing.
     fn check_hello(&self) -> anyhow::Result<()> {
-        let (head, body) = http_get(self.http(), "GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+        let answer = answer_until_close(self.http(), b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
             .context("GET / failed")?;
         ensure!(
-            head.starts_with("HTTP/1.1 200 ") && body == HELLO,
-            "GET / was answered with:\n{head}\n\n{body}"
+            answer.status == 200 && answer.body == HELLO.as_bytes(),
+            "GET / was answered with:\n{}\n\n{}",
+            answer.head,
+            String::from_utf8_lossy(&answer.body)
         );
         Ok(())
     }
@@ -440,18 +446,19 @@ impl Nginx {
             .spawn()
             .context("cannot start nginx")?;
         let mut nginx = Self {
-            process: Guarded::new(child, "nginx", &[libc::SIGQUIT, libc::SIGTERM]),
+            process: Guarded::new(child, "nginx", &[Signal::QUIT, Signal::TERM]),
             dir,
             http,
         };
-        wait_until(&mut nginx.process, &http.to_string(), || reachable(http)).with_context(
-            || {
+        nginx
+            .process
+            .wait_until(&http.to_string(), || reachable(http))
+            .with_context(|| {
                 format!(
                     "nginx's error log:\n{}",
                     fs::read_to_string(&error_log).unwrap_or_default()
                 )
-            },
-        )?;
+            })?;
         Ok(nginx)
     }
 
@@ -626,8 +633,8 @@ fn bench_mode(
 ) -> anyhow::Result<ModeReport> {
     let progress = |what: &str| eprintln!("[{}] {what}", mode.label());
     progress("starting the server");
-    let target = match (mode.khttpd_args(), nginx) {
-        (Some(server_args), _) => Target::Khttpd(Server::start(khttpd, server_args)?),
+    let target = match (mode.khttpd(), nginx) {
+        (Some(khttpd_mode), _) => Target::Khttpd(Server::start(khttpd, khttpd_mode, &[])?),
         (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx, "", HELLO_LOCATION)?),
         (None, None) => unreachable!("nginx mode without nginx"),
     };

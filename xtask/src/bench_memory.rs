@@ -30,7 +30,6 @@ use std::{
     fmt::Write as _,
     fs, io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd as _,
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -44,10 +43,13 @@ use tokio::{
     task::JoinSet,
 };
 
+use khttpd_harness::{bpf, system, Server};
+
 use crate::{
-    bench::{kib_field, register_font, write_results, GroupedBars, Server, IO_TIMEOUT},
+    bench::{register_font, write_results, GroupedBars},
     bench_http::thousands,
-    soak::{fd_count, server_maps, FastPath},
+    htstress::with_timeout,
+    soak::FastPath,
 };
 
 #[derive(clap::Args)]
@@ -125,13 +127,12 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
             && args.requests_per_connection > 0,
         "--connections, --modes, --in-flight and --requests-per-connection must not be zero or empty"
     );
-    // SAFETY: geteuid has no preconditions.
     ensure!(
-        unsafe { libc::geteuid() } == 0,
+        crate::is_root(),
         "bench memory loads BPF programs and raises the hard fd limit: run it as root"
     );
     let started = Instant::now();
-    let original = FdLimit::get()?;
+    let original = system::fd_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -139,7 +140,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     for &mode in &args.modes {
         for &connections in &args.connections {
             eprintln!("[{} / {connections}]", mode.as_str());
-            let result = if let Err(reason) = original.can_reach(connections + CLIENT_FD_SLACK) {
+            let result = if let Err(reason) = can_reach(original, connections + CLIENT_FD_SLACK) {
                 eprintln!("[{} / {connections}] skipped: {reason}", mode.as_str());
                 Outcome::Skipped(reason)
             } else {
@@ -159,7 +160,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         }
     }
     // Give the shell's limit back (children started later inherit it).
-    let _ = original.set();
+    let _ = system::set_fd_limit(original.0, original.1);
     let table = render(args, &cases, &original, started.elapsed());
     write_results("memory", &table, |path| plot(path, args, &cases))?;
     let failed = cases
@@ -176,32 +177,26 @@ fn measure(
     args: &Args,
     khttpd: &Path,
     runtime: &tokio::runtime::Runtime,
-    original: FdLimit,
+    original: (u64, u64),
     mode: FastPath,
     connections: usize,
 ) -> anyhow::Result<Measured> {
     // The server inherits this process's limit: the original one, as from the shell.
-    original
-        .set()
-        .context("cannot restore the original fd limit")?;
+    system::set_fd_limit(original.0, original.1).context("cannot restore the original fd limit")?;
     let max_connections = (connections + MAX_CONNECTIONS_SLACK).to_string();
     let server = Server::start(
         khttpd,
-        &[
-            "--fast-path",
-            mode.as_str(),
-            "--max-connections",
-            &max_connections,
-        ],
+        mode.mode(),
+        &["--max-connections", &max_connections],
     )?;
     let pid = server.pid();
     let server_fd_limit = fd_limit_of(pid)?;
-    FdLimit::raise_to(connections + CLIENT_FD_SLACK)?;
+    system::raise_fd_limit((connections + CLIENT_FD_SLACK) as u64)?;
 
     let rss_start_kib = server.vm_rss_kib()?;
-    let (tcp_before, slab_before) = (tcp_mem_bytes()?, slab_kib()?);
+    let (tcp_before, slab_before) = (tcp_mem_bytes()?, system::meminfo_kib("Slab")?);
     let opening = Instant::now();
-    let streams = runtime.block_on(open_all(args, server.http, connections))?;
+    let streams = runtime.block_on(open_all(args, server.http_addr(), connections))?;
     let open_seconds = opening.elapsed().as_secs_f64();
     let open = open_connections(&server)?;
     ensure!(
@@ -210,27 +205,24 @@ fn measure(
     );
     thread::sleep(Duration::from_secs(args.settle_seconds));
 
-    let status = proc_status(pid)?;
-    let rss_held_kib = kib_field(&status, "VmRSS").context("no VmRSS")?;
-    let fds = fd_count(pid)?;
-    let maps = server_maps(pid)?;
+    let rss_held_kib = server.vm_rss_kib()?;
+    let fds = server.fd_count()? as u64;
+    let maps = bpf::maps_of(pid)?;
     let bpf_memlock = maps.iter().map(|map| map.memlock).sum();
-    let in_kernel = match maps
-        .iter()
-        .find(|map| map.name == khttpd_common::http::SOCKETS_MAP)
-    {
-        Some(map) => crate::soak::map_entries(map.id)?,
-        None => 0,
+    let sockets = khttpd_common::http::SOCKETS_MAP;
+    let in_kernel = match maps.iter().any(|map| map.name == bpf::kernel_name(sockets)) {
+        true => server.map_entries(sockets)? as u64,
+        false => 0,
     };
     let tcp_mem_bytes = tcp_mem_bytes()?;
-    let slab_delta_kib = slab_kib()? as i64 - slab_before as i64;
+    let slab_delta_kib = system::meminfo_kib("Slab")? as i64 - slab_before as i64;
 
     let (streams, second_answered) = runtime.block_on(ask_again(args, streams))?;
     ensure!(
         second_answered == connections,
         "only {second_answered} of {connections} connections answered their second request"
     );
-    let hwm_kib = kib_field(&proc_status(pid)?, "VmHWM").context("no VmHWM")?;
+    let hwm_kib = system::status_kib(pid, "VmHWM")?;
 
     let closing = Instant::now();
     drop(streams);
@@ -264,15 +256,7 @@ fn measure(
 }
 
 fn open_connections(server: &Server) -> anyhow::Result<u64> {
-    server
-        .scrape()?
-        .sum("khttpd_http_open_connections")
-        .context("/metrics has no khttpd_http_open_connections")
-}
-
-fn proc_status(pid: u32) -> anyhow::Result<String> {
-    let path = format!("/proc/{pid}/status");
-    fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))
+    server.metrics()?.value("khttpd_http_open_connections")
 }
 
 /// The soft "Max open files" of a process, as `/proc/<pid>/limits` shows it.
@@ -299,82 +283,15 @@ fn tcp_mem_bytes() -> anyhow::Result<u64> {
             fields.get(at + 1)?.parse().ok()
         })
         .context("no TCP mem in /proc/net/sockstat")?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    Ok(pages * page)
+    Ok(pages * system::page_size())
 }
 
-fn slab_kib() -> anyhow::Result<u64> {
-    let meminfo = fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
-    kib_field(&meminfo, "Slab").context("no Slab in /proc/meminfo")
-}
-
-/// This process's RLIMIT_NOFILE.
-#[derive(Clone, Copy)]
-struct FdLimit(libc::rlimit);
-
-impl FdLimit {
-    fn get() -> anyhow::Result<Self> {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes the stack struct.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-            bail!("getrlimit: {}", io::Error::last_os_error());
-        }
-        Ok(Self(limit))
-    }
-
-    fn set(&self) -> anyhow::Result<()> {
-        // SAFETY: setrlimit reads the struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.0) } != 0 {
-            bail!(
-                "setrlimit({}, {}): {}",
-                self.0.rlim_cur,
-                self.0.rlim_max,
-                io::Error::last_os_error()
-            );
-        }
-        Ok(())
-    }
-
-    /// Whether this process can raise its limit to `needed` (trying it, then restoring `self`);
-    /// the reason when it cannot.
-    fn can_reach(&self, needed: usize) -> Result<(), String> {
-        let needed_limit = needed as libc::rlim_t;
-        if self.0.rlim_max >= needed_limit {
-            return Ok(());
-        }
-        let result = Self::raise_to(needed).map_err(|_| {
-            format!(
-                "the client needs {needed} file descriptors, the hard limit is {} and this \
-                 process cannot raise it (no CAP_SYS_RESOURCE)",
-                self.0.rlim_max
-            )
-        });
-        let _ = self.set();
-        result
-    }
-
-    /// Raises the soft limit (and the hard one if needed) to at least `needed`.
-    fn raise_to(needed: usize) -> anyhow::Result<()> {
-        let mut limit = Self::get()?;
-        let needed = needed as libc::rlim_t;
-        if limit.0.rlim_cur >= needed {
-            return Ok(());
-        }
-        limit.0.rlim_cur = needed;
-        limit.0.rlim_max = limit.0.rlim_max.max(needed);
-        limit.set().with_context(|| {
-            format!(
-                "the client needs {needed} file descriptors (/proc/sys/fs/nr_open: {})",
-                fs::read_to_string("/proc/sys/fs/nr_open")
-                    .unwrap_or_default()
-                    .trim()
-            )
-        })
-    }
+/// Whether this process can raise its fd limit to `needed` (trying it, then restoring
+/// `original`); the reason when it cannot.
+fn can_reach(original: (u64, u64), needed: usize) -> Result<(), String> {
+    let result = system::raise_fd_limit(needed as u64).map_err(|error| format!("{error:#}"));
+    let _ = system::set_fd_limit(original.0, original.1);
+    result
 }
 
 /// The source address of connection `index`: 127.0.0.2 for the first `PER_SOURCE`, then .3, …
@@ -415,22 +332,13 @@ async fn open_all(args: &Args, server: SocketAddr, count: usize) -> anyhow::Resu
 /// A connection from `from` (port chosen at connect time) to `to`.
 async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
-    let one: libc::c_int = 1;
-    // SAFETY: sets an int option on the socket we own.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const one).cast(),
-            std::mem::size_of_val(&one) as libc::socklen_t,
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )?;
     socket.bind(SocketAddr::V4(SocketAddrV4::new(from, 0)))?;
-    timed(socket.connect(to)).await
+    with_timeout(socket.connect(to)).await
 }
 
 /// Sends one more request on every connection; returns them and how many were answered.
@@ -475,7 +383,7 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench-memory\r\n\r\n";
 
 /// One request and its whole answer, which must be a 200 that keeps the connection open.
 async fn exchange(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
-    timed(stream.write_all(REQUEST)).await?;
+    with_timeout(stream.write_all(REQUEST)).await?;
     buffer.clear();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -508,19 +416,13 @@ async fn exchange(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> anyhow::Resul
 
 async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
     buffer.reserve(4096);
-    if timed(stream.read_buf(buffer)).await? == 0 {
+    if with_timeout(stream.read_buf(buffer)).await? == 0 {
         bail!("the server closed the connection");
     }
     Ok(())
 }
 
-async fn timed<T>(operation: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
-    tokio::time::timeout(IO_TIMEOUT, operation)
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
-}
-
-fn render(args: &Args, cases: &[Case], original: &FdLimit, elapsed: Duration) -> String {
+fn render(args: &Args, cases: &[Case], original: &(u64, u64), elapsed: Duration) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -593,8 +495,8 @@ fn render(args: &Args, cases: &[Case], original: &FdLimit, elapsed: Duration) ->
          /proc/net/sockstat, the whole machine, both ends of each loopback connection (Δ: since \
          before the connections were opened). Slab Δ: the same interval, /proc/meminfo. BPF \
          memlock: the sum over the server's maps (fdinfo). {:.0} s in all.",
-        original.0.rlim_cur,
-        original.0.rlim_max,
+        original.0,
+        original.1,
         elapsed.as_secs_f64()
     );
     out

@@ -9,10 +9,10 @@ use std::{fmt::Write as _, fs, path::Path, time::Instant};
 use anyhow::{ensure, Context as _};
 use plotters::prelude::*;
 
+use khttpd_harness::{system::temp_dir, Metrics, Server};
+
 use crate::{
-    bench::{
-        register_font, temp_dir, write_results, CpuSplit, CpuTimes, GroupedBars, Metrics, Server,
-    },
+    bench::{register_font, write_results, CpuSplit, CpuTimes, GroupedBars},
     bench_http::{find_nginx, find_on_path, median, thousands, wrk, Counts, Nginx},
 };
 
@@ -139,21 +139,10 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
             .path()
             .to_str()
             .context("temporary path is not UTF-8")?;
+        let khttpd_mode = |mode| Server::start(khttpd, mode, &["--root", root]).map(Some);
         let (server, nginx_server) = match mode {
-            Mode::Kernel => (
-                Some(Server::start(
-                    khttpd,
-                    &["--fast-path", "auto", "--root", root],
-                )?),
-                None,
-            ),
-            Mode::User => (
-                Some(Server::start(
-                    khttpd,
-                    &["--fast-path", "off", "--root", root],
-                )?),
-                None,
-            ),
+            Mode::Kernel => (khttpd_mode(khttpd_harness::Mode::Auto)?, None),
+            Mode::User => (khttpd_mode(khttpd_harness::Mode::UserUnbound)?, None),
             Mode::Nginx => {
                 let location = format!("root {root};\n            autoindex on;");
                 let binary = nginx.as_deref().expect("nginx mode only when installed");
@@ -161,7 +150,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
             }
         };
         let http = match (&server, &nginx_server) {
-            (Some(server), _) => server.http,
+            (Some(server), _) => server.http_addr(),
             (_, Some(nginx)) => nginx.http,
             _ => unreachable!(),
         };
@@ -173,7 +162,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
             fs::write(&script, lua(&load.paths())).context("writing a wrk script")?;
             let mut runs = Vec::new();
             for rep in 1..=args.reps {
-                let before = server.as_ref().map(Server::scrape).transpose()?;
+                let before = server.as_ref().map(Server::metrics).transpose()?;
                 let cpu_before = CpuTimes::read()?;
                 let counts = wrk(
                     args.connections,
@@ -183,7 +172,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
                 )
                 .with_context(|| format!("{}, run {rep}", load.label()))?;
                 let cpu = CpuSplit::between(&cpu_before, &CpuTimes::read()?);
-                let after = server.as_ref().map(Server::scrape).transpose()?;
+                let after = server.as_ref().map(Server::metrics).transpose()?;
                 let share = |name| match (&before, &after) {
                     (Some(before), Some(after)) => share(name, before, after, &counts),
                     _ => None,

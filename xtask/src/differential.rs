@@ -21,7 +21,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
-use crate::bench::{temp_dir, Server, IO_TIMEOUT};
+use khttpd_harness::{http::blank_dates, system::temp_dir, Mode, Server, IO_TIMEOUT};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -49,13 +49,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut random = StdRng::seed_from_u64(seed);
     // The greeting: the kernel's answers against user space's.
-    let greeting = Phase::start(
-        khttpd,
-        &["--fast-path", "on"],
-        &["--fast-path", "off"],
-        seed,
-        deadline,
-    )?;
+    let greeting = Phase::start(khttpd, &[], &[], seed, deadline)?;
     let mut requests = corpus();
     requests.extend((0..args.requests).map(|_| generate(&mut random)));
     greeting.compare_all("greeting", requests, &mut random)?;
@@ -66,8 +60,8 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let caches_off = ["--file-cache-max=0", "--open-file-cache=0"];
     let site_phase = Phase::start(
         khttpd,
-        &["--fast-path", "on", "--root", root],
-        &[&["--fast-path", "off", "--root", root][..], &caches_off].concat(),
+        &["--root", root],
+        &[&["--root", root][..], &caches_off].concat(),
         seed,
         deadline,
     )?;
@@ -77,7 +71,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     site_phase.compare_all("site", requests, &mut random)?;
     let kernel = &site_phase.kernel;
     let hits = kernel
-        .scrape()?
+        .metrics()?
         .sum("khttpd_http_file_cache_hits_total")
         .context("no khttpd_http_file_cache_hits_total in /metrics")?;
     println!("diff (site): the file caches answered {hits}");
@@ -104,8 +98,8 @@ impl Phase {
         deadline: Instant,
     ) -> anyhow::Result<Phase> {
         Ok(Phase {
-            kernel: Server::start(khttpd, kernel_args)?,
-            user: Server::start(khttpd, user_args)?,
+            kernel: Server::start(khttpd, Mode::Kernel, kernel_args)?,
+            user: Server::start(khttpd, Mode::UserUnbound, user_args)?,
             seed,
             deadline,
         })
@@ -169,8 +163,8 @@ impl Phase {
     }
 
     fn compare(&self, request: &[u8], send: Send, how: &str) -> anyhow::Result<()> {
-        let got = exchange(self.kernel.http, request, send)?;
-        let want = exchange(self.user.http, request, send)?;
+        let got = exchange(self.kernel.http_addr(), request, send)?;
+        let want = exchange(self.user.http_addr(), request, send)?;
         if got != want {
             bail!(
                 "answers differ ({how}, seed {}) for {:?}\nwith:    {:?}\nwithout: {:?}",
@@ -273,15 +267,10 @@ fn is_one_head(request: &[u8]) -> bool {
 
 /// The kernel's learned requests and its answers so far, from one scrape.
 fn kernel_counts(server: &Server) -> anyhow::Result<(u64, u64)> {
-    let metrics = server.scrape()?;
-    let sum = |name: &str| {
-        metrics
-            .sum(name)
-            .with_context(|| format!("no {name} in /metrics"))
-    };
+    let metrics = server.metrics()?;
     Ok((
-        sum("khttpd_http_kernel_cache_entries")?,
-        sum("khttpd_http_kernel_responses_total")?,
+        metrics.value("khttpd_http_kernel_cache_entries")?,
+        metrics.value("khttpd_http_kernel_responses_total")?,
     ))
 }
 
@@ -319,18 +308,6 @@ fn exchange(addr: SocketAddr, request: &[u8], send: Send) -> anyhow::Result<Vec<
         )
     })?;
     Ok(blank_dates(answer))
-}
-
-fn blank_dates(mut bytes: Vec<u8>) -> Vec<u8> {
-    const PREFIX: &[u8] = b"\r\nDate: ";
-    let mut at = 0;
-    while let Some(found) = bytes[at..].windows(PREFIX.len()).position(|w| w == PREFIX) {
-        let start = at + found + PREFIX.len();
-        let end = (start + 29).min(bytes.len());
-        bytes.splice(start..end, *b"<date>");
-        at = start;
-    }
-    bytes
 }
 
 /// Valid, edge-case and hostile requests: every method × version × header set, plus oddities.

@@ -21,7 +21,6 @@ use std::{
     io::{self, ErrorKind, Read as _, Write as _},
     net::{Shutdown, SocketAddr},
     num::NonZeroUsize,
-    os::fd::AsRawFd as _,
     sync::{mpsc, Arc},
     thread,
 };
@@ -36,9 +35,9 @@ use mio::{
 const HELLO: &[u8] = b"Hello, World!\n";
 /// Each connection's read buffer: the longest head served, and the most echoed per read.
 const INPUT: usize = 16 * 1024;
-/// Listen backlog, khttpd's default: std and mio listen with 128, and a burst of connects that
-/// overflows it drops SYNs, each costing the client a one-second retransmit.
-const BACKLOG: i32 = 4096;
+/// Listen backlog: SOMAXCONN, 4096, khttpd's default. std and mio listen with 128, and a burst of
+/// connects that overflows it drops SYNs, each costing the client a one-second retransmit.
+const BACKLOG: nix::sys::socket::Backlog = nix::sys::socket::Backlog::MAXCONN;
 /// Poll tokens of the listeners; a connection's token is its slot's index.
 const HTTP: Token = Token(usize::MAX);
 const ECHO: Token = Token(usize::MAX - 1);
@@ -132,10 +131,8 @@ impl Floor {
 fn listen(addr: SocketAddr) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
     let fail = |error: io::Error| anyhow!("floor: cannot listen on {addr}: {error}");
     let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
-    // SAFETY: listen on a listening socket only resizes its backlog.
-    if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
-        return Err(fail(io::Error::last_os_error()));
-    }
+    // listen on a listening socket only resizes its backlog.
+    nix::sys::socket::listen(&listener, BACKLOG).map_err(|e| fail(e.into()))?;
     listener.set_nonblocking(true).map_err(fail)?;
     let local = listener.local_addr().map_err(fail)?;
     Ok((listener, local))

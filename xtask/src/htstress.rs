@@ -717,7 +717,9 @@ async fn read_more(stream: &mut Stream, buffer: &mut Vec<u8>) -> io::Result<usiz
     with_timeout(stream.read_buf(buffer)).await
 }
 
-async fn with_timeout<T>(operation: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+pub(crate) async fn with_timeout<T>(
+    operation: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
     tokio::time::timeout(IO_TIMEOUT, operation)
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))

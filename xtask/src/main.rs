@@ -209,9 +209,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+pub(crate) fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// The workspace root (this crate's parent directory).

@@ -38,11 +38,9 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 use clap::Parser as _;
 
-use crate::{
-    bench::{Metrics, Server},
-    bench_http::thousands,
-    htstress, workspace_root,
-};
+use khttpd_harness::{bpf, system, Metrics, Mode, Server};
+
+use crate::{bench_http::thousands, htstress, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -80,6 +78,15 @@ pub enum FastPath {
 }
 
 impl FastPath {
+    /// The server's mode for this `--fast-path`.
+    pub fn mode(self) -> Mode {
+        match self {
+            FastPath::Auto => Mode::Auto,
+            FastPath::Off => Mode::UserUnbound,
+            FastPath::On => Mode::Kernel,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FastPath::Auto => "auto",
@@ -118,7 +125,7 @@ struct Snapshot {
     tcp: u64,
 }
 
-/// The per-connection maps, by the names the kernel keeps (at most 15 bytes).
+/// The per-connection maps.
 const CONNECTION_MAPS: [&str; 3] = [
     khttpd_common::http::SOCKETS_MAP,
     khttpd_common::http::CONNECTIONS_MAP,
@@ -128,33 +135,30 @@ const CONNECTION_MAPS: [&str; 3] = [
 impl Snapshot {
     fn take(server: &Server) -> anyhow::Result<Self> {
         let pid = server.pid();
-        let metrics = server.scrape()?;
+        let metrics = server.metrics()?;
         let gauge = |name: &str| metrics.sum(name).unwrap_or(0);
-        let maps = server_maps(pid)?;
-        let per_connection = if maps.is_empty() {
+        let per_connection = if bpf::maps_of(pid)?.is_empty() {
             None
         } else {
             let mut counts = [0; 3];
             for (count, name) in counts.iter_mut().zip(CONNECTION_MAPS) {
-                let map = maps
-                    .iter()
-                    .find(|map| map.name == kernel_name(name))
-                    .with_context(|| format!("the server holds no {name} map"))?;
-                *count = map_entries(map.id)
-                    .with_context(|| format!("cannot count the entries of {name}"))?;
+                *count = server
+                    .map_entries(name)
+                    .with_context(|| format!("cannot count the entries of {name}"))?
+                    as u64;
             }
             Some(counts)
         };
         Ok(Self {
-            fds: fd_count(pid)?,
+            fds: system::fd_count(pid)? as u64,
             rss_kib: server.vm_rss_kib()?,
             open: gauge("khttpd_http_open_connections"),
             kernel_connections: gauge("khttpd_http_kernel_connections"),
             kernel_sockets_gauge: gauge("khttpd_http_kernel_sockets"),
-            work_items: queue_gauge(&metrics, "khttpd_workqueue_active", "khttpd_http")
-                + queue_gauge(&metrics, "khttpd_workqueue_pending", "khttpd_http"),
+            work_items: queue_gauge(&metrics, "khttpd_workqueue_active")
+                + queue_gauge(&metrics, "khttpd_workqueue_pending"),
             maps: per_connection,
-            tcp: tcp_sockets(server.http.port())?,
+            tcp: tcp_sockets(server.http_addr().port())?,
         })
     }
 
@@ -186,22 +190,11 @@ impl Snapshot {
     }
 }
 
-/// Sum of a work-queue gauge over the series of one queue.
-fn queue_gauge(metrics: &Metrics, name: &str, queue: &str) -> u64 {
-    let label = format!("queue=\"{queue}\"");
+/// Sum of a work-queue gauge over the series of the HTTP queue.
+fn queue_gauge(metrics: &Metrics, name: &str) -> u64 {
     metrics
-        .samples()
-        .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(&label))
-        .map(|(_, value)| value)
-        .sum()
-}
-
-/// Open file descriptors of a process.
-pub fn fd_count(pid: u32) -> anyhow::Result<u64> {
-    let dir = format!("/proc/{pid}/fd");
-    Ok(fs::read_dir(&dir)
-        .with_context(|| format!("cannot list {dir}"))?
-        .count() as u64)
+        .sum_where(name, "queue=\"khttpd_http\"")
+        .unwrap_or(0)
 }
 
 /// Sockets in `/proc/net/tcp` and `tcp6` whose local port is `port`, except listening and
@@ -234,143 +227,6 @@ fn tcp_sockets(port: u16) -> anyhow::Result<u64> {
     Ok(count)
 }
 
-/// A BPF map a process holds (from `/proc/<pid>/fdinfo`), with its name from the kernel.
-pub struct MapOfProcess {
-    pub id: u32,
-    pub name: String,
-    /// The kernel's `memlock` for the map: the memory it charges for it, in bytes.
-    pub memlock: u64,
-}
-
-/// Every BPF map `pid` holds a file descriptor of, once each.
-pub fn server_maps(pid: u32) -> anyhow::Result<Vec<MapOfProcess>> {
-    let dir = format!("/proc/{pid}/fdinfo");
-    let mut maps: Vec<MapOfProcess> = Vec::new();
-    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
-        // An fd closed meanwhile is simply gone.
-        let Ok(info) = fs::read_to_string(entry?.path()) else {
-            continue;
-        };
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|value| value.trim().parse::<u64>().ok())
-        };
-        let (Some(id), Some(memlock)) = (field("map_id"), field("memlock")) else {
-            continue;
-        };
-        let id = u32::try_from(id)?;
-        if maps.iter().any(|map| map.id == id) {
-            continue;
-        }
-        maps.push(MapOfProcess {
-            id,
-            name: map_name(id)?,
-            memlock,
-        });
-    }
-    Ok(maps)
-}
-
-/// A map name as the kernel keeps it: at most `BPF_OBJ_NAME_LEN - 1` bytes.
-fn kernel_name(name: &str) -> &str {
-    &name[..name.len().min(15)]
-}
-
-/// The bpf() syscall with a zeroed attribute block (the kernel rejects non-zero unused bytes).
-fn bpf(command: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a 128-byte, 8-aligned block that outlives the call; every pointer stored
-    // in it by the callers points to a live buffer of the size the kernel will write.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
-    }
-}
-
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-/// A map opened by id (needs CAP_SYS_ADMIN); closed when dropped.
-struct MapFd(std::os::fd::OwnedFd);
-
-impl MapFd {
-    fn open(id: u32) -> io::Result<Self> {
-        let mut attr = [0u64; 16];
-        // union bpf_attr { struct { __u32 map_id; __u32 next_id; __u32 open_flags; } }
-        attr[0] = u64::from(id);
-        let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
-        // SAFETY: the kernel just returned this new descriptor, owned by nobody else.
-        Ok(Self(unsafe {
-            std::os::fd::FromRawFd::from_raw_fd(fd as std::os::fd::RawFd)
-        }))
-    }
-
-    fn raw(&self) -> u64 {
-        std::os::fd::AsRawFd::as_raw_fd(&self.0) as u64
-    }
-
-    /// `struct bpf_map_info` (its first 128 bytes: type, id, key_size, value_size, max_entries,
-    /// map_flags, name[16], …).
-    fn info(&self) -> io::Result<[u8; 128]> {
-        let mut info = [0u8; 128];
-        let mut attr = [0u64; 16];
-        // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
-        attr[0] = self.raw() | (info.len() as u64) << 32;
-        attr[1] = info.as_mut_ptr() as u64;
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-        Ok(info)
-    }
-}
-
-/// The name of the map with this id.
-fn map_name(id: u32) -> anyhow::Result<String> {
-    let info = MapFd::open(id)
-        .and_then(|map| map.info())
-        .with_context(|| format!("cannot read BPF map {id} (needs root)"))?;
-    let name = &info[24..40];
-    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
-}
-
-/// Keys in the map with this id, by walking them with `BPF_MAP_GET_NEXT_KEY` (at most
-/// max_entries steps, so a map changing underneath cannot make this loop forever).
-pub(crate) fn map_entries(id: u32) -> anyhow::Result<u64> {
-    let map = MapFd::open(id)?;
-    let info = map.info()?;
-    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
-    let (key_size, max_entries) = (word(8) as usize, word(16));
-    let mut key = vec![0u8; key_size];
-    let mut next = vec![0u8; key_size];
-    let mut count = 0;
-    let mut first = true;
-    while count <= u64::from(max_entries) {
-        let mut attr = [0u64; 16];
-        // struct { __u32 map_fd; __aligned_u64 key; __aligned_u64 next_key; __u64 flags; }
-        attr[0] = map.raw();
-        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
-        attr[2] = next.as_mut_ptr() as u64;
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(_) => {}
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
-            Err(error) => return Err(error.into()),
-        }
-        count += 1;
-        first = false;
-        std::mem::swap(&mut key, &mut next);
-    }
-    bail!("map {id} has more keys than its max_entries ({max_entries}): it changed while counted")
-}
-
 /// One htstress run and what it left behind.
 struct Row {
     mode: FastPath,
@@ -386,9 +242,8 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         args.requests > 0 && args.concurrency > 0 && args.threads > 0 && !args.modes.is_empty(),
         "-n, -c, -t and --modes must not be zero or empty"
     );
-    // SAFETY: geteuid has no preconditions.
     ensure!(
-        unsafe { libc::geteuid() } == 0,
+        crate::is_root(),
         "the soak loads BPF programs and reads the server's maps: run it as root"
     );
     let started = Instant::now();
@@ -421,13 +276,13 @@ fn soak_mode(
     failures: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let name = mode.as_str();
-    let server = Server::start(khttpd, &["--fast-path", name])?;
-    let fast_path = server.scrape()?.sum("khttpd_fast_path_enabled");
+    let server = Server::start(khttpd, mode.mode(), &[])?;
+    let fast_path = server.metrics()?.get("khttpd_fast_path_enabled");
     ensure!(
         fast_path == Some(u64::from(mode != FastPath::Off)),
         "khttpd_fast_path_enabled is {fast_path:?} with --fast-path {name}"
     );
-    let url = format!("http://{}/", server.http);
+    let url = format!("http://{}/", server.http_addr());
     eprintln!("[{name}] warm-up");
     for flags in WARM_UP {
         let report = htstress(flags, &url, args.max_run_seconds)?;

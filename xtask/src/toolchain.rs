@@ -53,8 +53,7 @@ pub fn install(purpose: &str, steps: &[Step]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         let commands: Vec<&str> = missing
             .iter()
             .flat_map(|step| step.commands.iter().copied())

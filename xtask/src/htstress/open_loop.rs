@@ -432,7 +432,7 @@ impl Exchange {
                 Ok(_) => self.moved_on(Phase::Sending(0)),
                 Err(error)
                     if error.kind() == io::ErrorKind::NotConnected
-                        || error.raw_os_error() == Some(libc::EINPROGRESS) =>
+                        || error.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) =>
                 {
                     return Ok(Step::Wait)
                 }
