@@ -38,7 +38,7 @@ pub fn answer_until_close(addr: SocketAddr, request: &[u8]) -> io::Result<Answer
 }
 
 /// Every byte until the server closes (or resets after sending them).
-pub fn read_to_close(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+fn read_to_close(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer)?;
     Ok(answer)
@@ -85,7 +85,7 @@ pub fn ask(stream: &mut TcpStream, request: &[u8]) -> io::Result<Answer> {
 }
 
 /// Reads one answer; its body only when `with_body`.
-pub fn read_answer(stream: &mut TcpStream, with_body: bool) -> io::Result<Answer> {
+fn read_answer(stream: &mut TcpStream, with_body: bool) -> io::Result<Answer> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -46,11 +46,6 @@ impl Guarded {
         Ok(())
     }
 
-    /// Whether it has exited.
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Sends `signal` (unless it has exited) and waits up to `limit` for the exit.
     pub fn signal_and_wait(&mut self, signal: Signal, limit: Duration) -> Option<ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {

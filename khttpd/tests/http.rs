@@ -18,20 +18,12 @@ use khttpd_harness::{
 const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
 
 fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(server.http_addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
+    khttpd_harness::http::connect(server.http_addr()).unwrap()
 }
 
 /// Sends `request` and reads until the server closes; a reset fails the test.
 fn exchange_until_close(server: &Server, request: &[u8]) -> String {
-    let mut stream = connect(server);
-    stream.write_all(request).unwrap();
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
+    let response = khttpd_harness::http::exchange(server.http_addr(), request)
         .expect("the server must close with a FIN, not a reset or a hang");
     String::from_utf8(response).unwrap()
 }

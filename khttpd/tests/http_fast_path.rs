@@ -23,21 +23,12 @@ fn same_but_date(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(server.http_addr()).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
+    khttpd_harness::http::connect(server.http_addr()).unwrap()
 }
 
 /// Sends one request on a new connection and reads until the server closes (a reset fails).
 fn request_until_close(server: &Server, request: &[u8]) -> Vec<u8> {
-    let mut stream = connect(server);
-    stream.write_all(request).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("FIN, not a reset");
-    response
+    khttpd_harness::http::exchange(server.http_addr(), request).expect("FIN, not a reset")
 }
 
 #[test]

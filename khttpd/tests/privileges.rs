@@ -47,10 +47,7 @@ impl Folder {
 
 /// `requests` keep-alive GETs of `path` on one connection; the statuses.
 fn statuses(server: &Server, path: &str, requests: usize) -> Vec<u16> {
-    let mut stream = TcpStream::connect(server.http_addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut stream = khttpd_harness::http::connect(server.http_addr()).unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
     (0..requests)
         .map(|_| ask(&mut stream, request.as_bytes()).0)

@@ -6,7 +6,6 @@ mod common;
 
 use std::{
     fs,
-    io::{Read, Write},
     net::TcpStream,
     os::unix::fs::symlink,
     path::Path,
@@ -14,7 +13,13 @@ use std::{
 };
 
 use common::KHTTPD;
-use khttpd_harness::{eventually, system::bpf_allowed, system::temp_dir, Mode, Server};
+use khttpd_harness::{
+    eventually,
+    http::{answer_until_close, Answer},
+    system::bpf_allowed,
+    system::temp_dir,
+    Mode, Server,
+};
 
 /// A throw-away document root with nested folders, odd names, an empty and a large file, and
 /// symlinks that stay inside or leave the root.
@@ -92,21 +97,6 @@ fn target(path: &str) -> String {
     out
 }
 
-struct Answer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
 /// `GET target` with `headers`.
 fn request(target: &str, headers: &[&str]) -> Vec<u8> {
     let mut request = format!("GET {target} HTTP/1.1\r\nHost: site\r\n");
@@ -123,26 +113,9 @@ fn get(server: &Server, target: &str, headers: &[&str]) -> Answer {
 }
 
 fn get_at(addr: std::net::SocketAddr, target: &str, headers: &[&str]) -> Answer {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     let mut headers = headers.to_vec();
     headers.push("Connection: close");
-    stream.write_all(&request(target, &headers)).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("a FIN, not a reset");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head");
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let answer = Answer {
-        status,
-        head,
-        body: raw[split + 4..].to_vec(),
-    };
+    let answer = answer_until_close(addr, &request(target, &headers)).expect("a FIN, not a reset");
     if let Some(length) = answer.header("Content-Length") {
         assert_eq!(
             length.parse::<usize>().unwrap(),
@@ -319,25 +292,7 @@ fn the_fast_path_changes_nothing_on_a_site() {
 
 /// Asks for `target` on a kept-open connection; returns the status and body.
 fn ask(stream: &mut TcpStream, target: &str, headers: &[&str]) -> (u16, Vec<u8>) {
-    stream.write_all(&request(target, headers)).unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "closed");
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if raw.len() >= split + 4 + length {
-                let status = head[9..12].parse().unwrap();
-                return (status, raw[split + 4..split + 4 + length].to_vec());
-            }
-        }
-    }
+    common::ask(stream, &request(target, headers))
 }
 
 #[test]
