@@ -19,7 +19,10 @@ use log::{info, warn};
 
 use crate::{
     echo::{kernel::KernelEcho, EchoService},
-    fast_path::{EchoMaps, FastPath, HttpMaps},
+    fast_path::{
+        maps::{EchoMaps, HttpMaps},
+        FastPath,
+    },
     http::{self, file_cache, kernel::KernelHttp, site::Site, Dispatch, HttpService, Timeouts},
     listener, metrics,
     privileges::{self, User},

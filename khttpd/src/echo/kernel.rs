@@ -18,7 +18,7 @@ use aya::maps::{HashMap, MapData, SockHash};
 use khttpd_common::echo::{Connection, Counter};
 
 use crate::{
-    fast_path::{Counters, EchoMaps},
+    fast_path::maps::{Counters, EchoMaps},
     fd::{fix_receive_buffer, set_receive_low_water, tcp_info, unread_bytes, TCP_CLOSE_WAIT},
     sockmap::{KernelConnections, Service},
 };

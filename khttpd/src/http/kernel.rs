@@ -48,7 +48,7 @@ use super::{
     Slot,
 };
 use crate::{
-    fast_path::{Counters, HttpMaps},
+    fast_path::maps::{Counters, HttpMaps},
     fd::tcp_info,
     sockmap::{wait_until_queued, KernelConnections, Service},
 };

@@ -17,7 +17,7 @@ use khttpd_common::http::{
 use log::{error, warn};
 
 use super::response;
-use crate::fast_path::os_errors;
+use crate::fast_path::error::os_errors;
 
 /// What the kernel has been taught, mirrored here so that entries can be evicted and forgotten.
 pub(super) struct Table {

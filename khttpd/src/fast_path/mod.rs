@@ -1,157 +1,28 @@
-//! Loading and attaching the eBPF programs (khttpd-ebpf), and the typed errors that explain why they
-//! could not be: `--fast-path auto` falls back to user space on any of them, `--fast-path on` exits
-//! with the one-line message.
+//! Loading and attaching the eBPF programs (khttpd-ebpf): the loader is here, the typed errors that
+//! explain why it could not load them in [`error`], the maps it hands each service in [`maps`].
 //!
 //! The programs stay attached exactly as long as [`FastPath`] lives: nothing is pinned, so a crash
 //! or `kill -9` detaches them too.
 
-use std::{
-    fmt, io,
-    os::fd::{AsFd as _, AsRawFd as _},
-};
+pub mod error;
+pub mod maps;
+
+use std::io;
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, RingBuf, SockHash},
     programs::{Program, ProgramError, SkMsg, SkSkb},
     Ebpf, EbpfLoader,
 };
 use khttpd_common::{echo, http, TcpOffsets};
 use log::{debug, warn};
 
+use self::{
+    error::FastPathError,
+    maps::{EchoMaps, HttpMaps},
+};
+
 /// The compiled programs, built by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/khttpd"));
-
-/// Why the kernel path could not be set up.
-#[derive(Debug)]
-pub enum FastPathError {
-    /// The process may not load BPF programs.
-    MissingCapability(String),
-    /// The verifier refused a program; `reason` is the last line of its log.
-    VerifierRejected {
-        program: &'static str,
-        reason: String,
-    },
-    /// Anything else (missing kernel feature, map creation, attach).
-    Other(String),
-}
-
-impl fmt::Display for FastPathError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FastPathError::MissingCapability(what) => write!(
-                f,
-                "missing capability: {what} needs CAP_BPF and CAP_NET_ADMIN (run as root)"
-            ),
-            FastPathError::VerifierRejected { program, reason } => {
-                write!(f, "the BPF verifier rejected program {program}: {reason}")
-            }
-            FastPathError::Other(what) => write!(f, "cannot set up the kernel fast path: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for FastPathError {}
-
-impl FastPathError {
-    /// Classifies an aya error by its cause chain.
-    fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> Self {
-        if os_errors(err).any(|errno| matches!(errno, libc::EPERM | libc::EACCES)) {
-            return FastPathError::MissingCapability(what.to_owned());
-        }
-        FastPathError::Other(format!("{what}: {}", chain(err)))
-    }
-}
-
-/// The errno of every `io::Error` in an error's cause chain (aya wraps the system call's).
-pub fn os_errors<'a>(err: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = i32> + 'a {
-    std::iter::successors(Some(err), |e| e.source())
-        .filter_map(|e| e.downcast_ref::<io::Error>()?.raw_os_error())
-}
-
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
-/// The echo service's maps, taken out of the loaded object so the echo module owns them.
-pub struct EchoMaps {
-    pub sockets: SockHash<MapData, u64>,
-    pub detached: SockHash<MapData, u64>,
-    pub connections: HashMap<MapData, u64, echo::Connection>,
-    pub counters: Counters,
-    pub handoffs: RingBuf<MapData>,
-}
-
-/// The HTTP fast path's maps (see `khttpd_common::http`).
-pub struct HttpMaps {
-    pub sockets: SockHash<MapData, u64>,
-    pub connections: HashMap<MapData, u64, http::Connection>,
-    pub answered: HashMap<MapData, u64, http::Answered>,
-    pub requests: HashMap<MapData, http::RequestKey, http::Route>,
-    pub responses: Array<MapData, http::ResponseMeta>,
-    pub blocks: Array<MapData, http::ResponseBlock>,
-    pub dates: Array<MapData, http::HttpDate>,
-    pub date_index: Array<MapData, u32>,
-    pub counters: Counters,
-    pub handoffs: RingBuf<MapData>,
-}
-
-/// A program's per-CPU array of u64 counters, read summed over the CPUs. Read with a bpf() call of
-/// its own: aya's PerCpuArray looks the number of CPUs up in /sys on each thread's first read,
-/// which the process can no longer do once it is confined to `--root` (see `privileges`).
-pub struct Counters {
-    map: MapData,
-    cpus: usize,
-}
-
-impl TryFrom<Map> for Counters {
-    type Error = MapError;
-
-    fn try_from(map: Map) -> Result<Counters, MapError> {
-        let Map::PerCpuArray(map) = map else {
-            return Err(MapError::IoError(io::Error::other("not a per-CPU array")));
-        };
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
-        Ok(Counters { map, cpus })
-    }
-}
-
-impl Counters {
-    /// The counter at `index`, summed over the CPUs (0 if it cannot be read).
-    pub fn sum(&self, index: u32) -> u64 {
-        /// The fields of `union bpf_attr` for BPF_MAP_LOOKUP_ELEM.
-        #[repr(C)]
-        struct Lookup {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        const BPF_MAP_LOOKUP_ELEM: u32 = 1;
-        // The kernel writes one 8-byte value per possible CPU.
-        let mut values = vec![0u64; self.cpus];
-        let attr = Lookup {
-            map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
-            _pad: 0,
-            key: &raw const index as u64,
-            value: values.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` points at a key and a buffer of the map's per-CPU value size, both
-        // alive for the call.
-        match unsafe { crate::fd::bpf(BPF_MAP_LOOKUP_ELEM, &attr) } {
-            Ok(_) => values.iter().sum(),
-            Err(_) => 0,
-        }
-    }
-}
 
 /// The loaded and attached programs. Dropping it detaches them.
 pub struct FastPath {
