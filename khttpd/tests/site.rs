@@ -4,13 +4,7 @@
 
 mod common;
 
-use std::{
-    fs,
-    net::TcpStream,
-    os::unix::fs::symlink,
-    path::Path,
-    time::Duration,
-};
+use std::{fs, net::TcpStream, os::unix::fs::symlink, path::Path, time::Duration};
 
 use common::KHTTPD;
 use khttpd_harness::{

@@ -4,10 +4,10 @@
 
 use std::{
     collections::VecDeque,
-    fs,
+    env, fs,
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
-    path::Path,
+    path::{Path, PathBuf},
     process::ChildStderr,
     thread,
 };
@@ -24,6 +24,15 @@ use crate::workspace_root;
 const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// One colour per mode, in the order the modes are run.
 pub const PALETTE: [RGBColor; 6] = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+
+/// What every server under test answers to `GET /`.
+pub(crate) const HELLO: &str = "Hello, World!\n";
+
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}
 
 /// Copies a child's stderr to ours, line by line, until it ends; returns its last lines.
 pub fn forward_stderr(pipe: ChildStderr) -> thread::JoinHandle<String> {
@@ -305,4 +314,58 @@ pub fn draw_legend<'a, CT: plotters::coord::CoordTranslate>(
         .border_style(BLACK)
         .draw()?;
     Ok(())
+}
+
+/// The median of the values that exist.
+pub(crate) fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().flatten().collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[mid]),
+        _ => Some((values[mid - 1] + values[mid]) / 2.0),
+    }
+}
+
+/// `1234567.8` as `1,234,568`.
+pub(crate) fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// A count, in bold when it is not zero: bad answers and errors must stand out.
+pub(crate) fn flagged(count: u64) -> String {
+    if count == 0 {
+        "0".to_owned()
+    } else {
+        format!("**{}**", thousands(count as f64))
+    }
+}
+
+pub(crate) fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| "–".to_owned(), show)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_numbers() {
+        assert_eq!(median([Some(3.0), None, Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(median([Some(4.0), Some(1.0)]), Some(2.5));
+        assert_eq!(median([None]), None);
+        assert_eq!(thousands(1_234_567.6), "1,234,568");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(flagged(0), "0");
+        assert_eq!(flagged(1200), "**1,200**");
+    }
 }

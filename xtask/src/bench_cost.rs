@@ -53,16 +53,14 @@ use khttpd_harness::{
 
 use crate::{
     bench::{
-        accepts, forward_stderr, free_ports, register_font, write_results, CpuSplit, CpuTimes,
-        GroupedBars, PALETTE,
+        accepts, find_on_path, forward_stderr, free_ports, median, or_dash, register_font,
+        thousands, write_results, CpuSplit, CpuTimes, GroupedBars, HELLO, PALETTE,
     },
     bench_echo::{connect_all, dummy_message, ping_pong},
-    bench_http::{
-        find_nginx, find_on_path, median, or_dash, parse_wrk, thousands, Nginx, NginxConf, HELLO,
-        HELLO_LOCATION,
-    },
     netns::{Side, Testbed},
+    nginx::{find_nginx, Nginx, NginxConf, HELLO_LOCATION},
     toolchain::Step,
+    wrk::parse_wrk,
 };
 
 #[derive(clap::Args)]

@@ -26,12 +26,9 @@
 //! run fails.
 
 use std::{
-    env,
     fmt::Write as _,
-    fs,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -40,16 +37,16 @@ use anyhow::{ensure, Context as _};
 use clap::Parser as _;
 use plotters::prelude::*;
 
-use khttpd_harness::{
-    http::answer_until_close,
-    process::{output_bounded, Guarded, Signal},
-    system::temp_dir,
-    Metrics, Mode, Server,
-};
+use khttpd_harness::{http::answer_until_close, Metrics, Mode, Server};
 
 use crate::{
-    bench::{accepts, free_ports, register_font, write_results, CpuSplit, CpuTimes, GroupedBars},
+    bench::{
+        find_on_path, flagged, median, or_dash, register_font, thousands, write_results, CpuSplit,
+        CpuTimes, GroupedBars, HELLO,
+    },
     htstress,
+    nginx::{find_nginx, Nginx, HELLO_LOCATION},
+    wrk::{wrk, Counts, KEEP_ALIVE_THREADS},
 };
 
 #[derive(clap::Args)]
@@ -80,13 +77,6 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     modes: Vec<ModeName>,
 }
-
-/// Client threads of the keep-alive load (wrk's `-t`, htstress's `-t`).
-const KEEP_ALIVE_THREADS: usize = 2;
-/// How long wrk may run past its `-d` before it is killed.
-const WRK_GRACE: Duration = Duration::from_secs(30);
-/// What every server under test answers to `GET /`.
-pub(crate) const HELLO: &str = "Hello, World!\n";
 
 /// One way of serving HTTP.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -224,16 +214,6 @@ impl Plan<'_> {
     }
 }
 
-/// What one run of a load generator reported.
-pub(crate) struct Counts {
-    pub req_per_s: f64,
-    pub p50_us: Option<f64>,
-    pub p99_us: Option<f64>,
-    pub good: u64,
-    pub bad: u64,
-    pub errors: u64,
-}
-
 /// One run: the load generator's counts and the machine's CPU over it.
 struct Run {
     counts: Counts,
@@ -266,92 +246,6 @@ fn htstress_counts(flags: &[&str]) -> anyhow::Result<Counts> {
 /// `wrk -t2 -c<connections> -d<seconds>s --latency`, killed if it overruns.
 fn wrk_counts(args: &Args, url: &str) -> anyhow::Result<Counts> {
     wrk(args.connections, args.seconds, url, None)
-}
-
-/// `wrk -t2 -c<connections> -d<seconds>s --latency [-s script] url`, killed if it overruns.
-pub(crate) fn wrk(
-    connections: usize,
-    seconds: u64,
-    url: &str,
-    script: Option<&Path>,
-) -> anyhow::Result<Counts> {
-    let mut command = Command::new("wrk");
-    command.args([
-        format!("-t{KEEP_ALIVE_THREADS}"),
-        format!("-c{connections}"),
-        format!("-d{seconds}s"),
-        "--latency".to_owned(),
-        "--timeout".to_owned(),
-        "10s".to_owned(),
-    ]);
-    if let Some(script) = script {
-        command.arg("-s").arg(script);
-    }
-    let output = output_bounded(command.arg(url), Duration::from_secs(seconds) + WRK_GRACE)
-        .context("wrk failed")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    parse_wrk(&stdout).with_context(|| {
-        format!(
-            "cannot read wrk's report (exit: {}):\n{stdout}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
-}
-
-/// Reads wrk's `--latency` report: `Requests/sec`, the 50% and 99% lines, `N requests in`,
-/// `Socket errors: connect A, read B, write C, timeout D` and `Non-2xx or 3xx responses: N`
-/// (the last two only appear when non-zero).
-pub(crate) fn parse_wrk(text: &str) -> Option<Counts> {
-    let line_after = |prefix: &str| {
-        text.lines()
-            .map(str::trim)
-            .find_map(|line| line.strip_prefix(prefix))
-            .map(str::trim)
-    };
-    let latency = |prefix| wrk_duration_us(line_after(prefix)?);
-    let responses: u64 = text
-        .lines()
-        .find(|line| line.contains(" requests in "))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let errors = match line_after("Socket errors:") {
-        // "connect 0, read 12, write 0, timeout 3"
-        Some(list) => list
-            .split(',')
-            .map(|item| item.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<Option<u64>>()?,
-        None => 0,
-    };
-    let bad = match line_after("Non-2xx or 3xx responses:") {
-        Some(count) => count.parse().ok()?,
-        None => 0,
-    };
-    Some(Counts {
-        req_per_s: line_after("Requests/sec:")?.parse().ok()?,
-        p50_us: Some(latency("50%")?),
-        p99_us: Some(latency("99%")?),
-        good: responses.checked_sub(bad)?,
-        bad,
-        errors,
-    })
-}
-
-/// wrk's durations (`251.00us`, `4.13ms`, `1.20s`, `2.00m`) in µs.
-fn wrk_duration_us(text: &str) -> Option<f64> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let scale = match unit {
-        "us" => 1.0,
-        "ms" => 1e3,
-        "s" => 1e6,
-        "m" => 60e6,
-        "h" => 3600e6,
-        _ => return None,
-    };
-    Some(number.parse::<f64>().ok()? * scale)
 }
 
 /// A server under test.
@@ -389,138 +283,6 @@ impl Target {
         );
         Ok(())
     }
-}
-
-/// nginx in the foreground on a free port, with its config, pid file and logs in its own temporary
-/// directory; dropping it stops the master (SIGQUIT, then SIGTERM, each waited for) and then
-/// removes the directory.
-pub(crate) struct Nginx {
-    // Declared first: dropped (stopped) before the directory it writes into is removed.
-    process: Guarded,
-    dir: tempfile::TempDir,
-    pub http: SocketAddr,
-}
-
-/// The greeting every server under `bench http` answers.
-pub(crate) const HELLO_LOCATION: &str = r#"default_type text/plain;
-            return 200 "Hello, World!\n";"#;
-
-impl Nginx {
-    /// Starts nginx on a free loopback port with `http` (directives) in its `http` block and
-    /// `location` as its only `location /` block, `worker_processes auto`, listening with
-    /// `reuseport` (a listener per worker: its best for these loads).
-    pub(crate) fn start(binary: &Path, http: &str, location: &str) -> anyhow::Result<Self> {
-        let [port] = free_ports()?;
-        let conf = NginxConf {
-            workers: "auto".to_owned(),
-            listen_options: "reuseport",
-            http,
-            location,
-        };
-        Self::launch(Command::new(binary), port, &conf, accepts)
-    }
-
-    /// Starts nginx (`command` runs the binary: where and how is the caller's) listening on
-    /// `http` with `conf`, and waits until `reachable(http)`.
-    pub(crate) fn launch(
-        mut command: Command,
-        http: SocketAddr,
-        conf: &NginxConf,
-        reachable: impl Fn(SocketAddr) -> bool,
-    ) -> anyhow::Result<Self> {
-        let dir = temp_dir("nginx")?;
-        let conf_path = dir.path().join("nginx.conf");
-        fs::write(&conf_path, nginx_conf(dir.path(), http, conf))
-            .with_context(|| format!("cannot write {}", conf_path.display()))?;
-        let error_log = dir.path().join("error.log");
-        let child = command
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir.path())
-            // Start-up messages too go to the directory, not to the system's log.
-            .arg("-e")
-            .arg(&error_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start nginx")?;
-        let mut nginx = Self {
-            process: Guarded::new(child, "nginx", &[Signal::QUIT, Signal::TERM]),
-            dir,
-            http,
-        };
-        nginx
-            .process
-            .wait_until(&http.to_string(), || reachable(http))
-            .with_context(|| {
-                format!(
-                    "nginx's error log:\n{}",
-                    fs::read_to_string(&error_log).unwrap_or_default()
-                )
-            })?;
-        Ok(nginx)
-    }
-
-    /// Errors nginx logged (warn and above), for the report.
-    pub(crate) fn error_log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-    }
-}
-
-/// What varies between the nginx set-ups of the benches.
-pub(crate) struct NginxConf<'a> {
-    /// `worker_processes`: `auto` or a count.
-    pub workers: String,
-    /// Parameters of `listen` after the address, e.g. `reuseport`.
-    pub listen_options: &'a str,
-    /// Directives for the `http` block besides the common ones (e.g. `open_file_cache`).
-    pub http: &'a str,
-    /// The directives of the only `location /` block.
-    pub location: &'a str,
-}
-
-/// The whole nginx config: one location, every path inside `dir`, no access log, and no
-/// per-connection request limit (khttpd has none either).
-fn nginx_conf(dir: &Path, listen: SocketAddr, conf: &NginxConf) -> String {
-    let dir = dir.display();
-    let NginxConf {
-        workers,
-        listen_options,
-        http,
-        location,
-    } = conf;
-    format!(
-        r#"# Written by `cargo xtask bench`.
-daemon off;
-master_process on;
-worker_processes {workers};
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-
-events {{
-    worker_connections 4096;
-}}
-
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    {http}
-
-    server {{
-        listen {listen} {listen_options};
-        location / {{
-            {location}
-        }}
-    }}
-}}
-"#
-    )
 }
 
 /// Everything measured for one mode: the runs of each load (in `LOADS` order) and what the
@@ -610,21 +372,6 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `/usr/sbin/nginx`, else `nginx` on PATH.
-pub(crate) fn find_nginx() -> Option<PathBuf> {
-    let debian = Path::new("/usr/sbin/nginx");
-    if debian.is_file() {
-        return Some(debian.to_owned());
-    }
-    find_on_path("nginx")
-}
-
-pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-}
-
 fn bench_mode(
     plan: &Plan,
     mode: ModeName,
@@ -705,46 +452,8 @@ fn http_counter_deltas(before: &Metrics, after: &Metrics) -> Vec<String> {
     notes
 }
 
-/// The median of the values that exist.
-pub(crate) fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
-    let mut values: Vec<f64> = values.into_iter().flatten().collect();
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    match values.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(values[mid]),
-        _ => Some((values[mid - 1] + values[mid]) / 2.0),
-    }
-}
-
 fn median_of(runs: &[Run], value: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
     median(runs.iter().map(value))
-}
-
-/// `1234567.8` as `1,234,568`.
-pub(crate) fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
-/// A count, in bold when it is not zero: bad answers and errors must stand out.
-fn flagged(count: u64) -> String {
-    if count == 0 {
-        "0".to_owned()
-    } else {
-        format!("**{}**", thousands(count as f64))
-    }
-}
-
-pub(crate) fn or_dash(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
-    value.map_or_else(|| "–".to_owned(), show)
 }
 
 fn render_table(
@@ -893,73 +602,4 @@ fn plot(path: &Path, plan: &Plan, reports: &[&ModeReport]) -> anyhow::Result<()>
     .draw(&right, with_text)?;
     root.present()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const WRK_REPORT: &str = "Running 5s test @ http://127.0.0.1:18081/
-  2 threads and 100 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency   653.25us    0.87ms  10.42ms   86.95%
-    Req/Sec    97.29k     6.07k  110.30k    75.00%
-  Latency Distribution
-     50%  251.00us
-     75%  701.00us
-     90%    1.83ms
-     99%    4.13ms
-  970165 requests in 5.01s, 158.21MB read
-  Socket errors: connect 0, read 7, write 0, timeout 2
-  Non-2xx or 3xx responses: 5
-Requests/sec: 193469.27
-Transfer/sec:     31.55MB
-";
-
-    #[test]
-    fn reads_wrk_reports() {
-        let counts = parse_wrk(WRK_REPORT).unwrap();
-        assert_eq!(counts.req_per_s, 193469.27);
-        assert_eq!(counts.p50_us, Some(251.0));
-        assert_eq!(counts.p99_us, Some(4130.0));
-        assert_eq!((counts.good, counts.bad, counts.errors), (970160, 5, 9));
-
-        let clean: String = WRK_REPORT
-            .lines()
-            .filter(|line| !line.contains("errors") && !line.contains("Non-2xx"))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        let counts = parse_wrk(&clean).unwrap();
-        assert_eq!((counts.good, counts.bad, counts.errors), (970165, 0, 0));
-
-        assert!(parse_wrk("unable to connect to 127.0.0.1:1 Connection refused").is_none());
-        assert_eq!(wrk_duration_us("1.50s"), Some(1.5e6));
-        assert_eq!(wrk_duration_us("12"), None);
-    }
-
-    #[test]
-    fn medians_and_numbers() {
-        assert_eq!(median([Some(3.0), None, Some(1.0), Some(2.0)]), Some(2.0));
-        assert_eq!(median([Some(4.0), Some(1.0)]), Some(2.5));
-        assert_eq!(median([None]), None);
-        assert_eq!(thousands(1_234_567.6), "1,234,568");
-        assert_eq!(thousands(999.0), "999");
-        assert_eq!(flagged(0), "0");
-        assert_eq!(flagged(1200), "**1,200**");
-    }
-
-    #[test]
-    fn nginx_config_answers_like_khttpd() {
-        let listen = "127.0.0.1:8080".parse().unwrap();
-        let conf = NginxConf {
-            workers: "auto".to_owned(),
-            listen_options: "",
-            http: "",
-            location: HELLO_LOCATION,
-        };
-        let conf = nginx_conf(Path::new("/tmp/x"), listen, &conf);
-        assert!(conf.contains("listen 127.0.0.1:8080 ;"));
-        assert!(conf.contains(r#"return 200 "Hello, World!\n";"#));
-        assert!(conf.contains("pid /tmp/x/nginx.pid;"));
-    }
 }

@@ -46,8 +46,7 @@ use tokio::{
 use khttpd_harness::{bpf, system, Server};
 
 use crate::{
-    bench::{register_font, write_results, GroupedBars},
-    bench_http::thousands,
+    bench::{register_font, thousands, write_results, GroupedBars},
     htstress::with_timeout,
     soak::FastPath,
 };

@@ -12,8 +12,12 @@ use plotters::prelude::*;
 use khttpd_harness::{system::temp_dir, Metrics, Server};
 
 use crate::{
-    bench::{register_font, write_results, CpuSplit, CpuTimes, GroupedBars},
-    bench_http::{find_nginx, find_on_path, median, thousands, wrk, Counts, Nginx},
+    bench::{
+        find_on_path, median, register_font, thousands, write_results, CpuSplit, CpuTimes,
+        GroupedBars,
+    },
+    nginx::{find_nginx, Nginx},
+    wrk::{wrk, Counts},
 };
 
 #[derive(Debug, clap::Args)]

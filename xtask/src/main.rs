@@ -18,8 +18,10 @@ mod htstress;
 mod kernel_warnings;
 mod leak_check;
 mod netns;
+mod nginx;
 mod soak;
 mod toolchain;
+mod wrk;
 
 use std::{
     os::unix::process::CommandExt as _,

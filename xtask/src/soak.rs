@@ -40,7 +40,10 @@ use clap::Parser as _;
 
 use khttpd_harness::{bpf, system, Metrics, Mode, Server};
 
-use crate::{bench_http::thousands, htstress, workspace_root};
+use crate::{
+    bench::{flagged, thousands},
+    htstress, workspace_root,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -487,13 +490,5 @@ fn change(before: u64, after: u64) -> String {
         format!("**{before} → {after}**")
     } else {
         format!("{before} → {after}")
-    }
-}
-
-fn flagged(count: u64) -> String {
-    if count == 0 {
-        "0".to_owned()
-    } else {
-        format!("**{}**", thousands(count as f64))
     }
 }
