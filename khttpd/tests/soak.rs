@@ -13,6 +13,7 @@ use std::{
 
 use common::{xtask_binary, KHTTPD};
 use khttpd_harness::{process::wait_bounded, system::bpf_allowed};
+use rustix::process::{Pid, Signal};
 
 /// Well inside CI's time: the run takes about half a minute on two vCPUs.
 const LIMIT: Duration = Duration::from_secs(240);
@@ -45,9 +46,9 @@ fn a_bounded_soak_leaves_nothing_behind() {
     let Some(status) = wait_bounded(&mut soak, LIMIT) else {
         // xtask stops its server when it is dropped, which a signal would skip: stop the
         // server (xtask's child) first, by pid, then xtask.
-        for server in children(soak.id()) {
-            // SAFETY: signals a process this test started (through xtask), by pid.
-            unsafe { libc::kill(server, libc::SIGTERM) };
+        for server in children(soak.id()).into_iter().filter_map(Pid::from_raw) {
+            // A process this test started (through xtask), by pid.
+            let _ = rustix::process::kill_process(server, Signal::TERM);
         }
         std::thread::sleep(Duration::from_secs(5));
         let _ = soak.kill();
