@@ -80,45 +80,54 @@ fn fdinfo_fields(pid: u32) -> anyhow::Result<Vec<Vec<(&'static str, u64)>>> {
 }
 
 /// A map name as the kernel keeps it: at most `BPF_OBJ_NAME_LEN - 1` bytes.
-pub fn kernel_name(name: &str) -> &str {
+fn kernel_name(name: &str) -> &str {
     &name[..name.len().min(15)]
 }
 
-/// The map `name` (a khttpd-common name) that `pid` holds.
-pub fn map_of(pid: u32, name: &str) -> anyhow::Result<MapData> {
-    let held = maps_of(pid)?;
-    let Some(map) = held.iter().find(|map| map.name == kernel_name(name)) else {
-        bail!("process {pid} holds no {name} map");
-    };
-    MapData::from_id(map.id).with_context(|| format!("cannot open {name} (map {})", map.id))
+/// The map `name` (a khttpd-common name) among `maps`.
+pub fn find<'a>(maps: &'a [HeldMap], name: &str) -> anyhow::Result<&'a HeldMap> {
+    maps.iter()
+        .find(|map| map.name == kernel_name(name))
+        .with_context(|| format!("no {name} map among {} held", maps.len()))
 }
 
-/// Entries in `pid`'s per-connection map `name`: the sockhashes and the connection maps of
-/// both services, all keyed by socket cookie.
-pub fn entries(pid: u32, name: &str) -> anyhow::Result<usize> {
-    let map = Map::from_map_data(map_of(pid, name)?)?;
-    let count = match name {
-        http::SOCKETS_MAP | echo::SOCKETS_MAP | echo::DETACHED_MAP => {
+impl HeldMap {
+    /// The map itself, opened by id.
+    pub fn open(&self) -> anyhow::Result<MapData> {
+        MapData::from_id(self.id).with_context(|| format!("cannot open map {}", self.id))
+    }
+
+    /// Its entries, if it is one of the per-connection maps: the sockhashes and the connection
+    /// maps of both services, all keyed by socket cookie.
+    pub fn entries(&self) -> anyhow::Result<usize> {
+        let map = Map::from_map_data(self.open()?)?;
+        // The kernel's name: the first 15 bytes of the constant's.
+        let is = |name: &str| self.name == kernel_name(name);
+        let count = if is(http::SOCKETS_MAP) || is(echo::SOCKETS_MAP) || is(echo::DETACHED_MAP) {
             SockHash::<_, u64>::try_from(map)?
                 .keys()
                 .filter(Result::is_ok)
                 .count()
-        }
-        http::CONNECTIONS_MAP => HashMap::<_, u64, http::Connection>::try_from(map)?
-            .keys()
-            .filter(Result::is_ok)
-            .count(),
-        http::ANSWERED_MAP => HashMap::<_, u64, http::Answered>::try_from(map)?
-            .keys()
-            .filter(Result::is_ok)
-            .count(),
-        echo::CONNECTIONS_MAP => HashMap::<_, u64, echo::Connection>::try_from(map)?
-            .keys()
-            .filter(Result::is_ok)
-            .count(),
-        _ => bail!("{name} is not a per-connection map"),
-    };
-    Ok(count)
+        } else if is(http::CONNECTIONS_MAP) {
+            HashMap::<_, u64, http::Connection>::try_from(map)?
+                .keys()
+                .filter(Result::is_ok)
+                .count()
+        } else if is(http::ANSWERED_MAP) {
+            HashMap::<_, u64, http::Answered>::try_from(map)?
+                .keys()
+                .filter(Result::is_ok)
+                .count()
+        } else if is(echo::CONNECTIONS_MAP) {
+            HashMap::<_, u64, echo::Connection>::try_from(map)?
+                .keys()
+                .filter(Result::is_ok)
+                .count()
+        } else {
+            bail!("{} is not a per-connection map", self.name);
+        };
+        Ok(count)
+    }
 }
 
 /// Freezes `pid`'s map `name` (BPF_MAP_FREEZE): from then on every write to it from user space
@@ -127,7 +136,7 @@ pub fn entries(pid: u32, name: &str) -> anyhow::Result<usize> {
 pub fn freeze(pid: u32, name: &str) -> anyhow::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const BPF_MAP_FREEZE: libc::c_long = 22;
-    let map = map_of(pid, name)?;
+    let map = find(&maps_of(pid)?, name)?.open()?;
     let fd = map.fd().as_fd().as_raw_fd() as u32;
     // SAFETY: the attribute is the map's fd (union bpf_attr { __u32 map_fd; }), read by the
     // kernel during the call.

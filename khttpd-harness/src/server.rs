@@ -16,7 +16,7 @@ use std::{
     process::{ChildStderr, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _};
@@ -24,7 +24,7 @@ use anyhow::{bail, Context as _};
 use crate::{
     bpf,
     metrics::Metrics,
-    process::{Guarded, Signal, START_TIMEOUT},
+    process::{Guarded, Signal},
     system,
 };
 
@@ -150,46 +150,34 @@ impl Server {
         Ok(server)
     }
 
-    /// Learns the ports from the log (`http: listening on 127.0.0.1:<port>`, `echo: …`,
-    /// `metrics: http://127.0.0.1:<port>/metrics`), then waits for `/metrics` and checks it says
-    /// the fast path is on (`on`) or off (`off`) as asked.
+    /// Waits until the log says where it listens (`http: listening on 127.0.0.1:<port>`, `echo: …`,
+    /// `metrics: http://127.0.0.1:<port>/metrics`) and `/metrics` answers, then checks it says the
+    /// fast path is on (`on`) or off (`off`) as asked.
     fn wait_ready(&mut self, fast_path: Option<&str>) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            self.process.ensure_running()?;
-            let log = self.log();
-            let port_after = |prefix: &str| {
-                let at = log.find(prefix)? + prefix.len();
-                let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
-                digits.parse::<u16>().ok()
-            };
-            let ports = (
-                port_after("http: listening on 127.0.0.1:"),
-                port_after("echo: listening on 127.0.0.1:"),
-                port_after("metrics: http://127.0.0.1:"),
+        let log = Arc::clone(&self.log);
+        let mut ports = None;
+        self.process.wait_until("its log and /metrics", || {
+            ports = ports_in(&log.lock().unwrap());
+            ports.is_some_and(|[_, _, metrics]| {
+                Metrics::fetch(SocketAddr::from(([127, 0, 0, 1], metrics))).is_ok()
+            })
+        })?;
+        let [http, echo, metrics] = ports.expect("known once ready");
+        self.http.set_port(http);
+        self.echo.set_port(echo);
+        self.metrics.set_port(metrics);
+        let enabled = self.metrics()?.value("khttpd_fast_path_enabled")?;
+        let expected = match fast_path {
+            Some("on") => Some(1),
+            Some("off") => Some(0),
+            _ => None,
+        };
+        if expected.is_some_and(|expected| expected != enabled) {
+            bail!(
+                "asked for --fast-path {fast_path:?}, it says khttpd_fast_path_enabled {enabled}"
             );
-            if let (Some(http), Some(echo), Some(metrics)) = ports {
-                self.http.set_port(http);
-                self.echo.set_port(echo);
-                self.metrics.set_port(metrics);
-                if let Ok(metrics) = self.metrics() {
-                    let enabled = metrics.value("khttpd_fast_path_enabled")?;
-                    let expected = match fast_path {
-                        Some("on") => Some(1),
-                        Some("off") => Some(0),
-                        _ => None,
-                    };
-                    if expected.is_some_and(|expected| expected != enabled) {
-                        bail!("asked for --fast-path {fast_path:?}, it says khttpd_fast_path_enabled {enabled}");
-                    }
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!("khttpd did not serve within {START_TIMEOUT:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
@@ -248,9 +236,9 @@ impl Server {
         bpf::ids_of(self.pid())
     }
 
-    /// Entries in its per-connection map `name` ([`bpf::entries`]).
+    /// Entries in its per-connection map `name` ([`bpf::HeldMap::entries`]).
     pub fn map_entries(&self, name: &str) -> anyhow::Result<usize> {
-        bpf::entries(self.pid(), name)
+        bpf::find(&bpf::maps_of(self.pid())?, name)?.entries()
     }
 
     /// SIGTERM, then the exit status; an error if it ignored SIGTERM (it is killed then).
@@ -275,6 +263,20 @@ impl Drop for Server {
         }
         record_leaks(&self.log());
     }
+}
+
+/// The HTTP, echo and metrics ports a log says the server listens on, once it says all three.
+fn ports_in(log: &str) -> Option<[u16; 3]> {
+    let port_after = |prefix: &str| {
+        let at = log.find(prefix)? + prefix.len();
+        let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u16>().ok()
+    };
+    Some([
+        port_after("http: listening on 127.0.0.1:")?,
+        port_after("echo: listening on 127.0.0.1:")?,
+        port_after("metrics: http://127.0.0.1:")?,
+    ])
 }
 
 /// Copies the server's log into `log`, line by line, until it ends; passes on every line that

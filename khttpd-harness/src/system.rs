@@ -91,8 +91,8 @@ pub fn set_fd_limit(soft: u64, hard: u64) -> std::io::Result<()> {
             current: Some(soft),
             maximum: Some(hard),
         },
-    )?;
-    Ok(())
+    )
+    .map_err(Into::into)
 }
 
 /// Raises this process's soft RLIMIT_NOFILE to at least `needed` (and the hard one, where

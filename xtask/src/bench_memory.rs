@@ -209,9 +209,9 @@ fn measure(
     let maps = bpf::maps_of(pid)?;
     let bpf_memlock = maps.iter().map(|map| map.memlock).sum();
     let sockets = khttpd_common::http::SOCKETS_MAP;
-    let in_kernel = match maps.iter().any(|map| map.name == bpf::kernel_name(sockets)) {
-        true => server.map_entries(sockets)? as u64,
-        false => 0,
+    let in_kernel = match bpf::find(&maps, sockets) {
+        Ok(map) => map.entries()? as u64,
+        Err(_) => 0,
     };
     let tcp_mem_bytes = tcp_mem_bytes()?;
     let slab_delta_kib = system::meminfo_kib("Slab")? as i64 - slab_before as i64;

@@ -140,13 +140,14 @@ impl Snapshot {
         let pid = server.pid();
         let metrics = server.metrics()?;
         let gauge = |name: &str| metrics.sum(name).unwrap_or(0);
-        let per_connection = if bpf::maps_of(pid)?.is_empty() {
+        let maps = bpf::maps_of(pid)?;
+        let per_connection = if maps.is_empty() {
             None
         } else {
             let mut counts = [0; 3];
             for (count, name) in counts.iter_mut().zip(CONNECTION_MAPS) {
-                *count = server
-                    .map_entries(name)
+                *count = bpf::find(&maps, name)?
+                    .entries()
                     .with_context(|| format!("cannot count the entries of {name}"))?
                     as u64;
             }
