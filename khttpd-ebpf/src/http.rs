@@ -21,8 +21,8 @@ use aya_ebpf::{
         BPF_F_INGRESS,
     },
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_msg_pull_data, bpf_skb_load_bytes,
-        bpf_skb_pull_data, bpf_skb_store_bytes,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_pull_data,
+        bpf_skb_load_bytes, bpf_skb_pull_data, bpf_skb_store_bytes,
     },
     macros::{map, sk_msg, stream_verdict},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -30,9 +30,9 @@ use aya_ebpf::{
 };
 use khttpd_common::{
     http::{
-        self, Answered, Connection, Counter, HttpDate, Marker, PassReason, RequestKey,
-        ResponseBlock, ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN, MAX_RESPONSE,
-        MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
+        self, AccessRecord, Answered, Connection, Counter, HttpDate, Marker, PassReason,
+        RequestKey, ResponseBlock, ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN,
+        MAX_RESPONSE, MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
     },
     Handoff,
 };
@@ -47,6 +47,10 @@ static HTTP_SECRET: u64 = 0;
 /// Set by the control plane at load time: the server's process id (see `sent_by_work_item`).
 #[unsafe(no_mangle)]
 static HTTP_TGID: u32 = 0;
+
+/// Set by the control plane at load time: non-zero while access logging is on (`log_access`).
+#[unsafe(no_mangle)]
+static HTTP_ACCESS_LOG: u32 = 0;
 
 #[map(name = "HTTP_SOCKETS")]
 static HTTP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(http::MAX_SOCKETS, 0);
@@ -80,9 +84,14 @@ static HTTP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::
 #[map(name = "HTTP_HANDOFFS")]
 static HTTP_HANDOFFS: RingBuf = RingBuf::with_byte_size(http::HANDOFFS_BYTES, 0);
 
-/// Room to assemble a request key (too big for the 512-byte stack next to everything else).
+/// One page here; the control plane sizes it (`http::ACCESS_BYTES`) when access logging is on.
+#[map(name = "HTTP_ACCESS")]
+static HTTP_ACCESS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+/// Room to assemble a request key (too big for the 512-byte stack next to everything else),
+/// inside the access record that may be sent for it.
 #[map(name = "HTTP_SCRATCH")]
-static HTTP_SCRATCH: PerCpuArray<RequestKey> = PerCpuArray::with_max_entries(1, 0);
+static HTTP_SCRATCH: PerCpuArray<AccessRecord> = PerCpuArray::with_max_entries(1, 0);
 
 #[stream_verdict]
 pub fn http_verdict(ctx: SkBuffContext) -> u32 {
@@ -178,9 +187,10 @@ fn answer(
     if len < MIN_REQUEST as u32 || len > REQUEST_KEY_BYTES as u32 {
         return Err(PassReason::NotCandidate);
     }
-    let key = HTTP_SCRATCH.get_ptr_mut(0).ok_or(PassReason::NoState)?;
+    let record = HTTP_SCRATCH.get_ptr_mut(0).ok_or(PassReason::NoState)?;
     // SAFETY: this CPU's scratch slot; programs do not migrate while they run.
-    let key = unsafe { &mut *key };
+    let record = unsafe { &mut *record };
+    let key = &mut record.request;
     zero_key(key);
     key.len = len;
     // SAFETY: `len` is within 1..=REQUEST_KEY_BYTES, the size of `bytes`.
@@ -235,7 +245,7 @@ fn answer(
         return Err(PassReason::NotCandidate);
     }
     connection.kernel_bytes += u64::from(response.len);
-    if HTTP_SOCKETS.redirect_skb(ctx, cookie, 0) != i64::from(SK_PASS) {
+    if HTTP_SOCKETS.redirect_skb(ctx, &mut *cookie, 0) != i64::from(SK_PASS) {
         // Put the request back as it came, for user space.
         // SAFETY: as above; the key holds the original first bytes.
         unsafe { bpf_skb_store_bytes(skb.cast(), 0, key.bytes.as_ptr().cast(), marker_len, 0) };
@@ -243,8 +253,51 @@ fn answer(
         count(Counter::RedirectFailures);
         return Err(PassReason::NoState);
     }
+    // SAFETY: a global the loader fills in; volatile so it is not folded to its initial 0.
+    if unsafe { read_volatile(&HTTP_ACCESS_LOG) } != 0 {
+        log_access(ctx, record, *cookie, &response);
+    }
     Ok(())
 }
+
+/// Sends user space what its access log says of this answer; a full ring is counted, never waited
+/// for.
+fn log_access(
+    ctx: &SkBuffContext,
+    record: &mut AccessRecord,
+    cookie: u64,
+    response: &ResponseMeta,
+) {
+    // SAFETY: plain helper call.
+    record.time_ns = unsafe { bpf_ktime_get_ns() };
+    record.cookie = cookie;
+    let skb = ctx.skb.skb;
+    // SAFETY: fields of the program's own context. Each is read on its own (volatile): the
+    // verifier accepts context loads only at a constant offset from the context pointer, which
+    // LLVM's merged loads would move.
+    unsafe {
+        record.family = read_volatile(&raw const (*skb).family);
+        record.remote_port = read_volatile(&raw const (*skb).remote_port);
+        record.remote_ip = if record.family == AF_INET6 {
+            [
+                read_volatile(&raw const (*skb).remote_ip6[0]),
+                read_volatile(&raw const (*skb).remote_ip6[1]),
+                read_volatile(&raw const (*skb).remote_ip6[2]),
+                read_volatile(&raw const (*skb).remote_ip6[3]),
+            ]
+        } else {
+            [read_volatile(&raw const (*skb).remote_ip4), 0, 0, 0]
+        };
+    }
+    record.status = response.status;
+    record.body_bytes = response.body_bytes;
+    if HTTP_ACCESS.output::<AccessRecord>(&*record, 0).is_err() {
+        count(Counter::AccessRecordsLost);
+    }
+}
+
+/// `AF_INET6` (linux/socket.h).
+const AF_INET6: u32 = 10;
 
 /// Zeroes a key with word stores (a `memset` call would not link for BPF).
 fn zero_key(key: &mut RequestKey) {

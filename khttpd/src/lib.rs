@@ -8,13 +8,15 @@
 //!    space has taught it and hands the connection back at the first one it cannot answer.
 //! 3. Otherwise (and after a hand-off) the connection is one work item on the cmwq-style
 //!    `workqueue` (`echo::user`, `http::executor`), or a thread (`--dispatch thread`).
-//! 4. `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
+//! 4. `access_log` writes a line per request, the kernel's answers included (`--access-log`);
+//!    `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
 //!
 //! `server` runs all of it: start (bind, load, drop privileges), serve, shut down.
 //!
 //! Before the first accept, `privileges` drops root: the process keeps only the descriptors it
 //! opened (programs, maps, listening sockets) and, with `--root`, sees only that folder.
 
+pub mod access_log;
 pub mod btf;
 pub mod echo;
 pub mod fast_path;

@@ -8,6 +8,7 @@ use log::{info, warn};
 use tokio::signal::unix;
 
 use khttpd::{
+    access_log::Format,
     http::{file_cache, Dispatch, Timeouts},
     privileges,
     server::{self, FastPathMode},
@@ -74,6 +75,13 @@ struct Args {
     /// `503 Service Unavailable` and are closed.
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     max_connections: usize,
+    /// Write a line per HTTP request to this file (`-`: standard output), the kernel's answers
+    /// included; SIGUSR1 reopens it (after logrotate's rename).
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<std::path::PathBuf>,
+    /// The access log's lines: nginx's `combined`, or one JSON object each.
+    #[arg(long, value_enum, default_value_t = Format::Combined)]
+    access_log_format: Format,
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -122,6 +130,8 @@ impl Args {
                 head: Duration::from_secs(self.header_timeout),
             },
             max_connections: self.max_connections,
+            access_log: self.access_log,
+            access_log_format: self.access_log_format,
             metrics: self.metrics,
             user: self.user,
         }

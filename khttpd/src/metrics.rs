@@ -141,6 +141,7 @@ pub fn render(services: &Services) -> String {
     );
     render_file_caches(&mut out, http);
     render_http_kernel(&mut out, http);
+    render_access_log(&mut out, http);
     render_queues(&mut out, &[&services.echo.queue, &http.queue]);
     out
 }
@@ -189,6 +190,36 @@ fn render_file_caches(out: &mut String, http: &HttpService) {
         "gauge",
         "Bytes held by the answer cache (bounded by --file-cache-max; the open-file cache is bounded in entries).",
         &[("cache=\"answers\"", answers.bytes)],
+    );
+}
+
+fn render_access_log(out: &mut String, http: &HttpService) {
+    let Some(log) = &http.access_log else { return };
+    let counts = log.counts();
+    metric(
+        out,
+        "khttpd_access_log_lines_total",
+        "counter",
+        "Access log lines written, by the path that answered.",
+        &[
+            ("path=\"kernel\"", counts.kernel_lines),
+            ("path=\"user\"", counts.user_lines),
+        ],
+    );
+    let ring = http
+        .kernel
+        .as_ref()
+        .map_or(0, |kernel| kernel.counter(HttpCounter::AccessRecordsLost));
+    metric(
+        out,
+        "khttpd_access_log_dropped_total",
+        "counter",
+        "Requests left out of the access log because it fell behind: the kernel's ring buffer was full, the writer's queue was, or a write failed.",
+        &[
+            ("where=\"ring\"", ring),
+            ("where=\"queue\"", counts.dropped_queue),
+            ("where=\"write\"", counts.dropped_write),
+        ],
     );
 }
 

@@ -18,6 +18,7 @@ use clap::ValueEnum;
 use log::{info, warn};
 
 use crate::{
+    access_log::{self, AccessLog},
     echo::{kernel::KernelEcho, EchoService},
     fast_path::{
         maps::{EchoMaps, HttpMaps},
@@ -63,6 +64,9 @@ pub struct Config {
     pub file_cache: file_cache::Limits,
     pub timeouts: Timeouts,
     pub max_connections: usize,
+    /// Write a line per HTTP request here (`-`: standard output).
+    pub access_log: Option<PathBuf>,
+    pub access_log_format: access_log::Format,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
     /// Run as this user once everything that needs root is done (`root` keeps every privilege).
@@ -101,20 +105,26 @@ impl Server {
             None => None,
         };
         let user = user_to_become(&config.user)?;
+        // Opened before the privilege drop, reopened (SIGUSR1) through its folder's descriptor.
+        let access_log = match &config.access_log {
+            Some(path) => Some(Arc::new(AccessLog::open(path, config.access_log_format)?)),
+            None => None,
+        };
         let echo_listeners = listener::bind(&config.iface, config.echo_port, config.backlog)?;
         let http_listeners = listener::bind(&config.iface, config.http_port, config.backlog)?;
 
-        let (fast_path, kernel_echo, kernel_http) = match load_fast_path(config.fast_path)? {
-            Some((fast_path, echo_maps, http_maps)) => (
-                Some(fast_path),
-                Some(KernelEcho::start(echo_maps).context("starting the kernel echo")?),
-                Some(
-                    KernelHttp::start(http_maps, config.timeouts.idle, config.kernel_cache_max)
-                        .context("starting the kernel HTTP path")?,
+        let (fast_path, kernel_echo, kernel_http) =
+            match load_fast_path(config.fast_path, access_log.is_some())? {
+                Some((fast_path, echo_maps, http_maps)) => (
+                    Some(fast_path),
+                    Some(KernelEcho::start(echo_maps).context("starting the kernel echo")?),
+                    Some(
+                        KernelHttp::start(http_maps, config.timeouts.idle, config.kernel_cache_max)
+                            .context("starting the kernel HTTP path")?,
+                    ),
                 ),
-            ),
-            None => (None, None, None),
-        };
+                None => (None, None, None),
+            };
         let metrics_listener = match config.metrics {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -163,6 +173,7 @@ impl Server {
                 timeouts: config.timeouts,
                 max_connections: config.max_connections,
                 site,
+                access_log,
             },
             notify_shutdown.clone(),
         )
@@ -259,6 +270,10 @@ impl Server {
         tasks.spawn(http.clone().handoff_loop(shutdown()));
         tasks.spawn(http.clone().date_loop(shutdown()));
         tasks.spawn(http.clone().idle_loop(shutdown()));
+        tasks.spawn(http.clone().access_loop(shutdown()));
+        if let Some(log) = &http.access_log {
+            tasks.spawn(reopen_on_sigusr1(Arc::clone(log), shutdown())?);
+        }
 
         stop.await;
         // Stop accepting, end user-space connections, close kernel ones, drain the queues.
@@ -268,6 +283,9 @@ impl Server {
         http.stop().await;
         // Dropping the programs' object detaches them.
         drop(fast_path);
+        if let Some(log) = &http.access_log {
+            log.flush();
+        }
         info!("stopped");
         Ok(())
     }
@@ -295,11 +313,32 @@ fn user_to_become(name: &str) -> anyhow::Result<Option<User>> {
 
 type Loaded = (FastPath, EchoMaps, HttpMaps);
 
-fn load_fast_path(mode: FastPathMode) -> anyhow::Result<Option<Loaded>> {
+/// Registered before it serves (a SIGUSR1 before then would end the process); reopens the access
+/// log at each one.
+fn reopen_on_sigusr1(
+    log: Arc<AccessLog>,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut signals = signal(SignalKind::user_defined1()).context("handling SIGUSR1")?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                Some(()) = signals.recv() => {
+                    info!("SIGUSR1: reopening the access log");
+                    log.reopen();
+                }
+                () = shutdown.recv() => return,
+            }
+        }
+    })
+}
+
+fn load_fast_path(mode: FastPathMode, access_log: bool) -> anyhow::Result<Option<Loaded>> {
     Ok(match mode {
         FastPathMode::Off => None,
-        FastPathMode::On => Some(FastPath::load()?),
-        FastPathMode::Auto => match FastPath::load() {
+        FastPathMode::On => Some(FastPath::load(access_log)?),
+        FastPathMode::Auto => match FastPath::load(access_log) {
             Ok(loaded) => Some(loaded),
             Err(e) => {
                 warn!("{e}; serving from user space");

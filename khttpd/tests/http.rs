@@ -6,14 +6,12 @@ mod common;
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{xtask_binary, KHTTPD};
-use khttpd_harness::{
-    eventually, process::wait_bounded, system::bpf_allowed, system::temp_dir, Mode, Server,
-};
+use common::{htstress, report_number, KHTTPD};
+use khttpd_harness::{eventually, system::bpf_allowed, system::temp_dir, Mode, Server};
 
 const DISPATCH_MODES: [&str; 2] = ["cmwq", "thread"];
 
@@ -150,53 +148,15 @@ fn curl_agrees() {
     }
 }
 
-/// The number after `label` on its line of an htstress report (`good requests: 10000 [100%]`).
-fn report_number(report: &str, label: &str) -> u64 {
-    report
-        .lines()
-        .find_map(|line| line.strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("no number after {label:?} in:\n{report}"))
-}
-
 #[test]
 fn htstress_gets_only_good_answers() {
     const REQUESTS: u64 = 10_000;
     for dispatch in DISPATCH_MODES {
         let server = Server::start(KHTTPD, Mode::UserUnbound, &["--dispatch", dispatch]).unwrap();
-        let url = format!("http://{}/", server.http_addr());
-        // -q: no progress lines, so the report is all there is on stdout (and fits the pipe).
-        let mut htstress = Command::new(xtask_binary())
-            .args([
-                "htstress",
-                "-q",
-                "-n",
-                &REQUESTS.to_string(),
-                "-c",
-                "8",
-                "-t",
-                "2",
-            ])
-            .arg(&url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start xtask htstress");
-        let Some(status) = wait_bounded(&mut htstress, Duration::from_secs(120)) else {
-            let _ = htstress.kill();
-            let _ = htstress.wait();
-            panic!("{dispatch}: htstress -n {REQUESTS} took over 120 s");
-        };
-        let mut report = String::new();
-        htstress
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut report)
-            .unwrap();
-        assert!(status.success(), "{dispatch}: htstress {status}:\n{report}");
-
+        let report = htstress(
+            server.http_addr(),
+            &["-n", &REQUESTS.to_string(), "-c", "8", "-t", "2"],
+        );
         let count = |label| report_number(&report, label);
         assert_eq!(count("requests:"), REQUESTS, "{dispatch}:\n{report}");
         assert_eq!(count("good requests:"), REQUESTS, "{dispatch}:\n{report}");
@@ -508,6 +468,8 @@ fn the_server_runs_in_process_and_stops_when_told() {
             head: Duration::from_secs(10),
         },
         max_connections: 100,
+        access_log: None,
+        access_log_format: khttpd::access_log::Format::Combined,
         metrics: None,
         // Nothing to drop: the test keeps its privileges.
         user: "root".into(),

@@ -30,6 +30,8 @@ pub struct HttpMaps {
     pub date_index: Array<MapData, u32>,
     pub counters: Counters,
     pub handoffs: RingBuf<MapData>,
+    /// The verdict's [`http::AccessRecord`]s (written only with access logging on).
+    pub access: RingBuf<MapData>,
 }
 
 /// A program's per-CPU array of u64 counters, read summed over the CPUs. Read with a bpf() call of

@@ -41,17 +41,23 @@ impl Drop for FastPath {
 impl FastPath {
     /// Loads the programs, attaches the echo verdict to the echo sockhash and the HTTP verdict and
     /// synthesizer to the HTTP sockhash, and starts forwarding the programs' aya-log records to
-    /// this process's logger. Must run inside the tokio runtime.
-    pub fn load() -> Result<(FastPath, EchoMaps, HttpMaps), FastPathError> {
+    /// this process's logger. With `access_log` the HTTP verdict sends a record of each answer
+    /// ([`HttpMaps::access`]). Must run inside the tokio runtime.
+    pub fn load(access_log: bool) -> Result<(FastPath, EchoMaps, HttpMaps), FastPathError> {
         // Programs skip log statements above this level without touching the ring buffer.
         let level = log::max_level() as u8;
         let mut secret = [0u8; 8];
         fill_random(&mut secret).map_err(|e| FastPathError::Other(format!("getrandom: {e}")))?;
         let secret = u64::from_ne_bytes(secret);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if access_log {
+            loader.map_max_entries(http::ACCESS_MAP, http::ACCESS_BYTES);
+        }
+        let mut ebpf = loader
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(http::SECRET_GLOBAL, &secret, true)
             .override_global(http::TGID_GLOBAL, &std::process::id(), true)
+            .override_global(http::ACCESS_LOG_GLOBAL, &u32::from(access_log), true)
             .override_global(khttpd_common::TCP_OFFSETS_GLOBAL, &tcp_offsets()?, true)
             .load(PROGRAMS)
             .map_err(|e| FastPathError::classify("loading the BPF object", &e))?;
@@ -82,6 +88,7 @@ impl FastPath {
             date_index: take_map(&mut ebpf, http::DATE_INDEX_MAP)?,
             counters: take_map(&mut ebpf, http::COUNTERS_MAP)?,
             handoffs: take_map(&mut ebpf, http::HANDOFFS_MAP)?,
+            access: take_map(&mut ebpf, http::ACCESS_MAP)?,
         };
 
         let program: &mut SkSkb = find_program(&mut ebpf, echo::VERDICT_PROGRAM)?;
@@ -229,6 +236,7 @@ mod tests {
             http::DATE_INDEX_MAP,
             http::COUNTERS_MAP,
             http::HANDOFFS_MAP,
+            http::ACCESS_MAP,
         ] {
             assert!(object.maps.contains_key(map), "no map {map} in the object");
         }

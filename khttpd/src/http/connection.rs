@@ -18,6 +18,8 @@ use std::{
 
 use log::debug;
 
+use crate::access_log::ConnectionLog;
+
 use super::{
     kernel::{KernelHttp, Parked, Release},
     response,
@@ -127,6 +129,8 @@ pub struct Connection {
     /// With the fast path: the kernel's books on this connection (boxed: a connection without
     /// one should not carry its size).
     kernel: Option<Box<KernelBooks>>,
+    /// With `--access-log`.
+    log: Option<Box<ConnectionLog>>,
 }
 
 impl Connection {
@@ -147,16 +151,18 @@ impl Connection {
             answered_reads: 0,
             slot: None,
             kernel: None,
+            log: None,
         }
     }
 
     /// A connection of `service`, holding its `slot`; `link` when it comes from the kernel path,
-    /// after user space wrote `written` bytes on it before.
+    /// after user space wrote `written` bytes on it before; `log` with `--access-log`.
     pub(super) fn of_service(
         service: &Arc<HttpService>,
         slot: Slot,
         link: Option<Link>,
         written: u64,
+        log: Option<Box<ConnectionLog>>,
     ) -> Connection {
         let session = if service.kernel.is_some() {
             Session::learning()
@@ -167,9 +173,14 @@ impl Connection {
             Some(site) => session.with_site(Arc::clone(site)),
             None => session,
         };
+        let session = match &log {
+            Some(_) => session.with_log(),
+            None => session,
+        };
         let mut connection = Connection::new(session, service.timeouts);
         connection.slot = Some(slot);
         connection.written = written;
+        connection.log = log;
         connection.kernel = service.kernel.is_some().then(|| {
             Box::new(KernelBooks {
                 service: Arc::clone(service),
@@ -182,8 +193,8 @@ impl Connection {
         connection
     }
 
-    /// A connection turned away: `503`, then the close.
-    pub(super) fn rejecting(timeouts: Timeouts) -> Connection {
+    /// A connection turned away: `503`, then the close (logged before any request is read).
+    pub(super) fn rejecting(timeouts: Timeouts, log: Option<Box<ConnectionLog>>) -> Connection {
         let mut connection = Connection::new(Session::new(), timeouts);
         response::write(
             &mut connection.out,
@@ -192,6 +203,11 @@ impl Connection {
             false,
         );
         connection.next = Next::Close;
+        if let Some(log) = log {
+            let (status, body_bytes) = response::status_and_body(&connection.out);
+            log.log
+                .log([log.entry(&[], status, body_bytes, Duration::ZERO)]);
+        }
         connection
     }
 
@@ -297,6 +313,7 @@ impl Connection {
         match self.phase {
             Phase::Serving if self.session.reading_head() => {
                 self.session.head_timed_out(&mut self.out);
+                self.write_log();
                 self.next = Next::Close;
                 self.out_checked = false;
             }
@@ -316,12 +333,40 @@ impl Connection {
         if let Some(kernel) = &mut self.kernel {
             kernel.received(data.len());
         }
+        if let Some(log) = &mut self.log {
+            if self.session.is_idle() {
+                log.started = Some(Instant::now());
+            }
+        }
         let before = self.out.len();
         let next = self.session.receive(data, &mut self.out);
         if self.out.len() > before {
             self.answered_reads = self.answered_reads.saturating_add(1);
         }
+        self.write_log();
         self.answers_ready(next);
+    }
+
+    /// Hands what the session answered to the access log.
+    fn write_log(&mut self) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        let logged = self.session.take_logged();
+        if logged.is_empty() {
+            return;
+        }
+        let took = log
+            .started
+            .map_or(Duration::ZERO, |started| started.elapsed());
+        log.log.log(
+            logged
+                .iter()
+                .map(|logged| log.entry(&logged.head, logged.status, logged.body_bytes, took)),
+        );
+        if self.session.is_idle() {
+            log.started = None;
+        }
     }
 
     /// What to write.
@@ -356,6 +401,7 @@ impl Connection {
             if self.next == Next::Read {
                 // Answer what was pipelined behind the file.
                 let next = self.session.receive(&[], &mut self.out);
+                self.write_log();
                 self.answers_ready(next);
             }
         }

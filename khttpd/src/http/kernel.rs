@@ -35,7 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData, RingBuf};
 use khttpd_common::http::{
     self, Answered, Connection, Counter, HttpDate, RequestKey, Route, DATE_LEN,
 };
@@ -154,6 +154,8 @@ pub struct KernelHttp {
     cache_max: usize,
     dates: Mutex<Dates>,
     counters: Counters,
+    /// The verdict's records of its answers, until the access log takes them.
+    access_records: Mutex<Option<RingBuf<MapData>>>,
 }
 
 /// The kernel's `Date` slots and which one is current.
@@ -187,6 +189,7 @@ impl KernelHttp {
                 stale: false,
             }),
             counters: maps.counters,
+            access_records: Mutex::new(Some(maps.access)),
         };
         kernel.refresh_date()?;
         Ok(kernel)
@@ -395,6 +398,12 @@ impl KernelHttp {
     }
 
     /// The kernel's per-CPU counter, summed.
+    /// The ring buffer of the verdict's [`khttpd_common::http::AccessRecord`]s (written only when
+    /// the programs were loaded with an access log), once.
+    pub fn take_access_records(&self) -> Option<RingBuf<MapData>> {
+        self.access_records.lock().unwrap().take()
+    }
+
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters.sum(counter.slot())
     }

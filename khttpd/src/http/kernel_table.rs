@@ -105,9 +105,12 @@ impl Table {
             let index = slot as u32 * BLOCKS_PER_RESPONSE + i as u32;
             self.blocks.set(index, block, 0).map_err(io::Error::other)?;
         }
+        let (status, body_bytes) = response::status_and_body(response);
         let meta = ResponseMeta {
             len: response.len() as u32,
             date_offset: date_offset as u32,
+            status: u32::from(status),
+            body_bytes: body_bytes as u32,
         };
         self.meta
             .set(slot as u32, meta, 0)
@@ -187,10 +190,7 @@ impl Table {
     }
 
     fn disable(&mut self, slot: u32) {
-        let off = ResponseMeta {
-            len: 0,
-            date_offset: 0,
-        };
+        let off = ResponseMeta::default();
         if let Err(e) = self.meta.set(slot, off, 0) {
             error!("http: cannot disable kernel answer slot {slot} either ({e}): it may answer stale bytes");
         }

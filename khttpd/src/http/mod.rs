@@ -36,6 +36,7 @@ pub mod session;
 pub mod site;
 
 use std::{
+    os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -46,6 +47,7 @@ use std::{
 use log::{debug, warn};
 
 use crate::{
+    access_log::{AccessLog, ConnectionLog},
     shutdown::{self, Shutdown},
     workqueue::WorkQueue,
 };
@@ -81,6 +83,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub max_connections: usize,
     pub site: Option<Arc<Site>>,
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 pub struct HttpService {
@@ -97,6 +100,8 @@ pub struct HttpService {
     pub max_connections: usize,
     /// `--root`.
     pub site: Option<Arc<Site>>,
+    /// `--access-log`.
+    pub access_log: Option<Arc<AccessLog>>,
     /// Connections open now (user space and kernel).
     pub open: Arc<AtomicUsize>,
     /// Connections turned away with 503 because `max_connections` were open.
@@ -127,6 +132,7 @@ impl HttpService {
             timeouts: config.timeouts,
             max_connections: config.max_connections,
             site: config.site,
+            access_log: config.access_log,
             open: Arc::default(),
             rejected: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -143,7 +149,8 @@ impl HttpService {
         let Some(slot) = self.take_slot() else {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             let shutdown = Shutdown::new(&self.notify_shutdown);
-            tokio::spawn(reject(stream, self.timeouts, shutdown));
+            let log = self.connection_log(&stream, None);
+            tokio::spawn(reject(stream, self.timeouts, log, shutdown));
             return;
         };
         let (stream, slot) = match &self.kernel {
@@ -164,6 +171,27 @@ impl HttpService {
         self.serve_in_user_space(stream, slot, None, 0);
     }
 
+    /// With `--access-log`: the connection's peer and id (its socket cookie, when known).
+    fn connection_log(
+        &self,
+        stream: &std::net::TcpStream,
+        cookie: Option<u64>,
+    ) -> Option<Box<ConnectionLog>> {
+        let log = self.access_log.as_ref()?;
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let id = cookie
+            .or_else(|| crate::fd::socket_cookie(stream.as_raw_fd()).ok())
+            .unwrap_or(0);
+        Some(Box::new(ConnectionLog {
+            log: Arc::clone(log),
+            peer,
+            id,
+            started: None,
+        }))
+    }
+
     fn take_slot(&self) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -180,7 +208,8 @@ impl HttpService {
         link: Option<Link>,
         written: u64,
     ) {
-        let mut connection = Connection::of_service(self, slot, link, written);
+        let log = self.connection_log(&stream, link.as_ref().map(|link| link.cookie));
+        let mut connection = Connection::of_service(self, slot, link, written, log);
         match self.dispatch {
             Dispatch::Cmwq => {
                 // A connection the kernel hands over reads what it passed here too; the machine
@@ -281,6 +310,16 @@ impl HttpService {
             .await;
     }
 
+    /// With `--access-log` and the kernel path: logs what the kernel answered, until shutdown.
+    pub async fn access_loop(self: Arc<Self>, shutdown: Shutdown) {
+        let (Some(kernel), Some(log)) = (&self.kernel, &self.access_log) else {
+            return;
+        };
+        if let Some(records) = kernel.take_access_records() {
+            Arc::clone(log).kernel_loop(records, shutdown).await;
+        }
+    }
+
     /// Keeps the kernel's `Date` current: refreshed just after each second starts.
     pub async fn date_loop(self: Arc<Self>, mut shutdown: Shutdown) {
         let Some(kernel) = &self.kernel else { return };
@@ -320,8 +359,13 @@ impl Drop for Slot {
 
 /// Turns a connection away: `503`, FIN, and reading what the client still sends (bounded), so
 /// the close is not a reset.
-async fn reject(stream: std::net::TcpStream, timeouts: Timeouts, shutdown: Shutdown) {
-    let mut connection = Connection::rejecting(timeouts);
+async fn reject(
+    stream: std::net::TcpStream,
+    timeouts: Timeouts,
+    log: Option<Box<ConnectionLog>>,
+    shutdown: Shutdown,
+) {
+    let mut connection = Connection::rejecting(timeouts, log);
     let wait = executor::answer_at_once(&stream, &mut connection);
     // Never idle: it closes after the 503.
     let _ = executor::serve_async(stream, connection, wait, shutdown, false).await;

@@ -101,6 +101,20 @@ impl Status {
     }
 }
 
+/// The status code and body length of a response this server wrote (`response`: its head and
+/// as much of its body as was written with it), for the access log.
+pub fn status_and_body(response: &[u8]) -> (u16, u64) {
+    let status = response
+        .get(9..12)
+        .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok())
+        .unwrap_or(0);
+    let head = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |end| end + 4);
+    (status, (response.len() - head) as u64)
+}
+
 /// Appends a complete response to `out`. `head_only` (HEAD) keeps the headers, drops the body.
 pub fn write(out: &mut Vec<u8>, status: Status, keep_alive: bool, head_only: bool) {
     let error_body;

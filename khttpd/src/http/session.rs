@@ -52,6 +52,26 @@ pub struct Session {
     site: Option<Arc<Site>>,
     /// File bytes the last answer still owes, sent by the driver before anything else.
     pending_file: Option<FileBody>,
+    /// With `--access-log` (boxed: a connection without one should not carry its size).
+    log: Option<Box<SessionLog>>,
+}
+
+#[derive(Default)]
+struct SessionLog {
+    /// What was answered since the driver last took it.
+    answered: Vec<Logged>,
+    /// The head of the request whose body is being read.
+    head: Option<Vec<u8>>,
+}
+
+/// What the access log says of an answered request (`crate::access_log`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Logged {
+    /// The request head as received (for an error, what had arrived of it).
+    pub head: Vec<u8>,
+    pub status: u16,
+    /// Bytes of body the answer carries, file bytes included.
+    pub body_bytes: u64,
 }
 
 /// A request whose answer depends on its bytes alone (a GET or HEAD without a body, answered
@@ -126,6 +146,46 @@ impl Session {
         }
     }
 
+    /// A session that also records what it answers for the access log ([`Session::take_logged`]).
+    pub fn with_log(mut self) -> Session {
+        self.log = Some(Box::default());
+        self
+    }
+
+    /// Requests answered since the last call (always empty unless [`Session::with_log`]).
+    pub fn take_logged(&mut self) -> Vec<Logged> {
+        self.log
+            .as_mut()
+            .map(|log| std::mem::take(&mut log.answered))
+            .unwrap_or_default()
+    }
+
+    /// Records the answer `response` (just written, to the request at the start of `input`) for the
+    /// access log.
+    fn log(&mut self, input: &[u8], response: &[u8]) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        let head = match log.head.take() {
+            Some(head) => head,
+            None => {
+                let input = &input[..input.len().min(MAX_REQUEST_LINE + MAX_HEADER_SECTION)];
+                let end = input
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(input.len(), |end| end + 4);
+                input[..end].to_vec()
+            }
+        };
+        let (status, body_bytes) = response::status_and_body(response);
+        let file = self.pending_file.as_ref().map_or(0, |file| file.len);
+        log.answered.push(Logged {
+            head,
+            status,
+            body_bytes: body_bytes + file,
+        });
+    }
+
     /// After [`Next::Close`]: whether the client is done sending, so the connection may close at
     /// once when nothing more has arrived. Otherwise (errors, bodies, bytes after the request)
     /// the closing side must read what the client still sends, or the close would be a reset.
@@ -161,8 +221,10 @@ impl Session {
 
     /// The client took too long to send a request head: answers 408 (the connection closes).
     pub fn head_timed_out(&mut self, out: &mut Vec<u8>) {
-        self.input.clear();
+        let input = std::mem::take(&mut self.input);
+        let start = out.len();
         response::write(out, Status::RequestTimeout, false, false);
+        self.log(&input, &out[start..]);
     }
 
     /// True between requests: nothing buffered, no body being read.
@@ -203,7 +265,12 @@ impl Session {
     fn answer_all(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Next) {
         let mut consumed = 0;
         let next = loop {
-            match self.step(&input[consumed..], out) {
+            let start = out.len();
+            let step = self.step(&input[consumed..], out);
+            if out.len() > start {
+                self.log(&input[consumed..], &out[start..]);
+            }
+            match step {
                 Step::Consumed(0) => break Next::Read,
                 Step::Consumed(n) => consumed += n,
                 Step::Paused(n) => {
@@ -262,6 +329,9 @@ impl Session {
                         }
                     }
                     Some(framing) => {
+                        if let Some(log) = &mut self.log {
+                            log.head = Some(input[..len].to_vec());
+                        }
                         self.body = Some(Box::new(Body {
                             framing,
                             total: 0,

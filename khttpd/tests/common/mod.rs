@@ -1,13 +1,15 @@
 //! What every test binary of khttpd shares beyond the harness (`khttpd-harness`, shared with the
-//! benches): the khttpd under test, the xtask binary of the same build, and one answer on a
-//! kept-alive connection as (status, body).
+//! benches): the khttpd under test, the xtask binary of the same build (and an htstress run with
+//! it), and one answer on a kept-alive connection as (status, body).
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::{
-    net::TcpStream,
+    io::Read as _,
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::OnceLock,
+    time::Duration,
 };
 
 pub const KHTTPD: &str = env!("CARGO_BIN_EXE_khttpd");
@@ -49,4 +51,44 @@ pub fn xtask_binary() -> &'static Path {
 pub fn ask(stream: &mut TcpStream, request: &[u8]) -> (u16, Vec<u8>) {
     let answer = khttpd_harness::http::ask(stream, request).expect("an answer");
     (answer.status, answer.body)
+}
+
+/// Runs `cargo xtask htstress -q <args> http://<addr>/` (bounded to 120 s) and returns its report;
+/// panics unless it exits successfully.
+pub fn htstress(addr: SocketAddr, args: &[&str]) -> String {
+    // -q: no progress lines, so the report is all there is on stdout (and fits the pipe).
+    let mut htstress = Command::new(xtask_binary())
+        .args(["htstress", "-q"])
+        .args(args)
+        .arg(format!("http://{addr}/"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start xtask htstress");
+    let Some(status) =
+        khttpd_harness::process::wait_bounded(&mut htstress, Duration::from_secs(120))
+    else {
+        let _ = htstress.kill();
+        let _ = htstress.wait();
+        panic!("htstress {args:?} took over 120 s");
+    };
+    let mut report = String::new();
+    htstress
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut report)
+        .unwrap();
+    assert!(status.success(), "htstress {args:?}: {status}:\n{report}");
+    report
+}
+
+/// The number after `label` on its line of an htstress report (`good requests: 10000 [100%]`).
+pub fn report_number(report: &str, label: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in:\n{report}"))
 }
