@@ -18,7 +18,7 @@ use core::{
 use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
-        BPF_F_INGRESS,
+        BPF_F_INGRESS, BPF_RB_NO_WAKEUP,
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_pull_data,
@@ -291,7 +291,11 @@ fn log_access(
     }
     record.status = response.status;
     record.body_bytes = response.body_bytes;
-    if HTTP_ACCESS.output::<AccessRecord>(&*record, 0).is_err() {
+    // Nobody is woken: user space reads the ring on a timer (`access_log::TICK`).
+    if HTTP_ACCESS
+        .output::<AccessRecord>(&*record, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
         count(Counter::AccessRecordsLost);
     }
 }

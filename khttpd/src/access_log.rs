@@ -10,11 +10,13 @@
 //!   A record carries the request's exact bytes and the client's address, so a line does not
 //!   depend on the connection still being open when it is read.
 //!
-//! Lines go over a channel to one writer thread, which writes them in batches (buffered, written
-//! out whenever it has caught up). Answering never waits for the log: past 8 MiB of lines not yet
-//! written, lines are dropped, the kernel's records wait in their ring, and a record the ring has
-//! no room for is dropped by the kernel — all counted (`khttpd_access_log_dropped_total`, by
-//! where).
+//! Lines are appended to one shared buffer, which a writer thread writes out every 20 ms (or as
+//! soon as it holds 256 KiB), and the kernel's ring is read on the same tick — so logging costs
+//! no wake-up per request: the verdict sends its records without waking anyone
+//! (`BPF_RB_NO_WAKEUP`), and a line costs its formatting and a short-held lock. Answering never
+//! waits for the log: past 8 MiB of lines not yet written, lines are dropped, the kernel's records
+//! wait in their ring, and a record the ring has no room for is dropped by the kernel — all
+//! counted (`khttpd_access_log_dropped_total`, by where).
 //!
 //! SIGUSR1 reopens the file (logrotate's convention): by name, relative to a descriptor of its
 //! folder opened at start — so it works after the privilege drop and inside the `--root`
@@ -29,8 +31,8 @@ use std::{
     os::fd::OwnedFd,
     path::Path,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        mpsc, Arc,
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -42,17 +44,20 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::shutdown::Shutdown;
 
-/// Bytes of lines waiting for the writer; past it lines are dropped (and the kernel's records
-/// are left in their ring, which then drops them itself): about 100 ms of the kernel path's
-/// fastest answering, a stall a disk may take.
+/// Bytes of lines not yet written; past it lines are dropped (and the kernel's records are left
+/// in their ring, which then drops them itself): about 100 ms of the kernel path's fastest
+/// answering, a stall a disk may take.
 const QUEUE_BYTES: usize = 8 * 1024 * 1024;
-/// The writer's buffer: written out when full, and whenever the writer has caught up.
+/// Written out at once when this many bytes are waiting.
 const WRITE_BUFFER: usize = 256 * 1024;
-/// Records read from the kernel's ring per batch of lines.
-const RECORDS_PER_BATCH: usize = 1024;
+/// How often the writer writes what is waiting, and the kernel's ring is read: the ring
+/// (`http::ACCESS_BYTES`, about 27,000 records) holds 80 ms of the kernel path's fastest answering.
+const TICK: Duration = Duration::from_millis(20);
 /// Room the queue must have for the kernel's records to be read: more than a batch of lines
 /// (at most about 600 bytes each), so a batch read is a batch queued.
 const KERNEL_HEADROOM: usize = 2 * 1024 * 1024;
+/// Records read from the kernel's ring per batch of lines.
+const RECORDS_PER_BATCH: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -116,35 +121,41 @@ struct Lines {
     user: u64,
 }
 
-enum Message {
-    Lines(Lines),
-    /// Look at the reopen flag.
-    Wake,
-    /// Write everything sent before, then say so.
-    Flush(mpsc::Sender<()>),
+/// What the handles and the writer share, under [`Shared::state`].
+#[derive(Default)]
+struct State {
+    /// Lines not yet taken by the writer.
+    waiting: Lines,
+    /// Bytes the writer is writing now (they count against [`QUEUE_BYTES`] too).
+    writing: usize,
+    reopen: bool,
+    /// Flushes asked for and done, counted.
+    flushes_asked: u64,
+    flushes_done: u64,
+    closed: bool,
 }
 
-/// What the writer and the handles share.
 #[derive(Default)]
-struct Books {
-    /// Bytes sent to the writer and not yet written (or dropped).
-    queued: AtomicUsize,
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer before its tick (a full buffer, a reopen, a flush, the end).
+    wake: Condvar,
+    /// Tells [`AccessLog::flush`] the writer has written.
+    written: Condvar,
+    /// Tells the kernel loop there is room again.
+    room: tokio::sync::Notify,
     /// Lines written, by path.
     kernel_lines: AtomicU64,
     user_lines: AtomicU64,
     /// Lines dropped because the queue was full, or because a write failed.
     dropped_queue: AtomicU64,
     dropped_write: AtomicU64,
-    reopen: AtomicBool,
-    /// Told when the writer made room in the queue.
-    room: tokio::sync::Notify,
 }
 
-/// The open access log. Dropping the last handle ends the writer after it wrote everything.
+/// The open access log. Dropping it ends the writer after it wrote everything.
 pub struct AccessLog {
     format: Format,
-    sender: mpsc::Sender<Message>,
-    books: Arc<Books>,
+    shared: Arc<Shared>,
 }
 
 /// What the log counts, for /metrics.
@@ -163,117 +174,145 @@ impl AccessLog {
         } else {
             open_file(path)?
         };
-        let (sender, receiver) = mpsc::channel();
-        let books = Arc::new(Books::default());
+        let shared = Arc::new(Shared::default());
         let writer = Writer {
             destination,
-            buffer: Lines::default(),
-            books: Arc::clone(&books),
+            shared: Arc::clone(&shared),
             failing: false,
         };
         std::thread::Builder::new()
             .name("khttpd-log".into())
-            .spawn(move || writer.run(&receiver))?;
-        Ok(AccessLog {
-            format,
-            sender,
-            books,
-        })
+            .spawn(move || writer.run())?;
+        Ok(AccessLog { format, shared })
     }
 
-    /// Appends the lines of `entries` (one batch for the writer); never waits.
+    /// Appends the lines of `entries`; never waits (but for the lock, held for a copy).
     pub fn log<'a>(&self, entries: impl IntoIterator<Item = Entry<'a>>) {
         let mut lines = Lines::default();
         for entry in entries {
-            match entry.answered {
-                Answered::Kernel => lines.kernel += 1,
-                Answered::User => lines.user += 1,
-            }
-            match self.format {
-                Format::Combined => combined(&mut lines.bytes, &entry),
-                Format::Json => json(&mut lines.bytes, &entry),
-            }
+            self.format(&mut lines, &entry);
         }
-        let (count, len) = (lines.kernel + lines.user, lines.bytes.len());
+        self.append(lines);
+    }
+
+    fn format(&self, lines: &mut Lines, entry: &Entry<'_>) {
+        match entry.answered {
+            Answered::Kernel => lines.kernel += 1,
+            Answered::User => lines.user += 1,
+        }
+        match self.format {
+            Format::Combined => combined(&mut lines.bytes, entry),
+            Format::Json => json(&mut lines.bytes, entry),
+        }
+    }
+
+    /// Queues `lines` for the writer, or drops them when the queue is full.
+    fn append(&self, lines: Lines) {
+        let count = lines.kernel + lines.user;
         if count == 0 {
             return;
         }
-        let queued = self.books.queued.fetch_add(len, Ordering::AcqRel);
-        if queued + len > QUEUE_BYTES || self.sender.send(Message::Lines(lines)).is_err() {
-            self.books.queued.fetch_sub(len, Ordering::AcqRel);
-            self.books.dropped_queue.fetch_add(count, Ordering::Relaxed);
+        let mut state = self.shared.state.lock().unwrap();
+        let writing = state.writing;
+        let waiting = &mut state.waiting;
+        if waiting.bytes.len() + writing + lines.bytes.len() > QUEUE_BYTES {
+            drop(state);
+            self.shared
+                .dropped_queue
+                .fetch_add(count, Ordering::Relaxed);
+            return;
+        }
+        let was_short = waiting.bytes.len() < WRITE_BUFFER;
+        waiting.bytes.extend_from_slice(&lines.bytes);
+        waiting.kernel += lines.kernel;
+        waiting.user += lines.user;
+        let full = was_short && waiting.bytes.len() >= WRITE_BUFFER;
+        drop(state);
+        if full {
+            self.shared.wake.notify_one();
         }
     }
 
     pub fn counts(&self) -> Counts {
-        let books = &self.books;
+        let shared = &self.shared;
         Counts {
-            kernel_lines: books.kernel_lines.load(Ordering::Relaxed),
-            user_lines: books.user_lines.load(Ordering::Relaxed),
-            dropped_queue: books.dropped_queue.load(Ordering::Relaxed),
-            dropped_write: books.dropped_write.load(Ordering::Relaxed),
+            kernel_lines: shared.kernel_lines.load(Ordering::Relaxed),
+            user_lines: shared.user_lines.load(Ordering::Relaxed),
+            dropped_queue: shared.dropped_queue.load(Ordering::Relaxed),
+            dropped_write: shared.dropped_write.load(Ordering::Relaxed),
         }
     }
 
-    /// Reopens the file by its name (SIGUSR1), after the lines already sent.
+    /// Reopens the file by its name (SIGUSR1), after the lines already logged.
     pub fn reopen(&self) {
-        self.books.reopen.store(true, Ordering::Release);
-        let _ = self.sender.send(Message::Wake);
+        self.shared.state.lock().unwrap().reopen = true;
+        self.shared.wake.notify_one();
     }
 
-    /// Waits (bounded) until every line sent so far is written.
+    /// Waits (at most 5 s) until every line logged so far is written.
     pub fn flush(&self) {
-        let (done, wait) = mpsc::channel();
-        if self.sender.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(Duration::from_secs(5));
+        let mut state = self.shared.state.lock().unwrap();
+        state.flushes_asked += 1;
+        let asked = state.flushes_asked;
+        self.shared.wake.notify_one();
+        let _ = self
+            .shared
+            .written
+            .wait_timeout_while(state, Duration::from_secs(5), |state| {
+                state.flushes_done < asked
+            });
+    }
+
+    /// Until shutdown: turns the kernel's records of what it answered into lines, every
+    /// [`TICK`]. While the queue is full it stops reading, so the ring fills and the kernel counts
+    /// what it cannot record (rather than this loop making lines only to drop them).
+    pub async fn kernel_loop(self: Arc<Self>, mut ring: RingBuf<MapData>, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.recv() => return,
+            }
+            loop {
+                if self.queued() > QUEUE_BYTES - KERNEL_HEADROOM {
+                    tokio::select! {
+                        () = self.shared.room.notified() => continue,
+                        () = shutdown.recv() => return,
+                    }
+                }
+                let clock = Clock::now();
+                let mut lines = Lines::default();
+                let mut read = 0;
+                while read < RECORDS_PER_BATCH {
+                    let Some(item) = ring.next() else { break };
+                    read += 1;
+                    if item.len() >= size_of::<AccessRecord>() {
+                        // SAFETY: the verdict writes whole records; read unaligned to be safe.
+                        let record: AccessRecord =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        self.format(&mut lines, &clock.entry(&record));
+                    }
+                }
+                self.append(lines);
+                if read < RECORDS_PER_BATCH {
+                    break;
+                }
+            }
         }
     }
 
-    /// Until shutdown: turns the kernel's records of what it answered into lines. While the
-    /// writer's queue is full it stops reading, so the ring fills and the kernel counts what it
-    /// cannot record (rather than this loop making lines only to drop them).
-    pub async fn kernel_loop(self: Arc<Self>, ring: RingBuf<MapData>, mut shutdown: Shutdown) {
-        let mut ring = match crate::fd::async_readable(ring) {
-            Ok(ring) => ring,
-            Err(e) => {
-                error!(
-                    "access log: cannot poll the kernel's records ({e}): its answers go unlogged"
-                );
-                return;
-            }
-        };
-        loop {
-            while self.books.queued.load(Ordering::Acquire) > QUEUE_BYTES - KERNEL_HEADROOM {
-                tokio::select! {
-                    () = self.books.room.notified() => {}
-                    () = shutdown.recv() => return,
-                }
-            }
-            let mut ready = tokio::select! {
-                ready = ring.readable_mut() => match ready {
-                    Ok(ready) => ready,
-                    Err(e) => {
-                        error!("access log: cannot read the kernel's records ({e})");
-                        return;
-                    }
-                },
-                () = shutdown.recv() => return,
-            };
-            let clock = Clock::now();
-            let ring = ready.get_inner_mut();
-            let mut records: Vec<AccessRecord> = Vec::with_capacity(RECORDS_PER_BATCH);
-            while records.len() < RECORDS_PER_BATCH {
-                let Some(item) = ring.next() else { break };
-                if item.len() >= size_of::<AccessRecord>() {
-                    // SAFETY: the verdict writes whole records; read unaligned to be safe.
-                    records.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
-                }
-            }
-            self.log(records.iter().map(|record| clock.entry(record)));
-            if records.len() < RECORDS_PER_BATCH {
-                ready.clear_ready();
-            }
-        }
+    /// Bytes logged and not yet written.
+    fn queued(&self) -> usize {
+        let state = self.shared.state.lock().unwrap();
+        state.waiting.bytes.len() + state.writing
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().closed = true;
+        self.shared.wake.notify_one();
     }
 }
 
@@ -361,68 +400,79 @@ fn open_in(folder: &OwnedFd, name: &OsString) -> io::Result<File> {
 /// The writer thread's state.
 struct Writer {
     destination: Destination,
-    /// Lines to write, and how many of each path.
-    buffer: Lines,
-    books: Arc<Books>,
+    shared: Arc<Shared>,
     /// The last write failed (said once until one succeeds).
     failing: bool,
 }
 
 impl Writer {
-    fn run(mut self, receiver: &mpsc::Receiver<Message>) {
-        // Ends once every handle is gone and the channel is empty.
-        while let Ok(message) = receiver.recv() {
-            let mut flushed = Vec::new();
-            let mut next = Some(message);
-            while let Some(message) = next {
-                match message {
-                    Message::Lines(lines) => {
-                        self.buffer.bytes.extend_from_slice(&lines.bytes);
-                        self.buffer.kernel += lines.kernel;
-                        self.buffer.user += lines.user;
-                        if self.buffer.bytes.len() >= WRITE_BUFFER {
-                            self.write_out();
-                        }
-                    }
-                    Message::Wake => {}
-                    Message::Flush(done) => flushed.push(done),
-                }
-                if self.books.reopen.load(Ordering::Acquire) {
-                    break;
-                }
-                next = receiver.try_recv().ok();
-            }
-            self.write_out();
-            if self.books.reopen.swap(false, Ordering::AcqRel) {
+    /// Every [`TICK`] (or when woken), writes what is waiting; ends once the log is closed and
+    /// everything is written.
+    fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
+        let mut spare = Vec::new();
+        loop {
+            let state = shared.state.lock().unwrap();
+            let (mut state, _) = shared
+                .wake
+                .wait_timeout_while(state, TICK, |state| {
+                    state.waiting.bytes.len() < WRITE_BUFFER
+                        && !state.reopen
+                        && state.flushes_done == state.flushes_asked
+                        && !state.closed
+                })
+                .unwrap();
+            // Swapped for the spare buffer, so neither side allocates in the steady state.
+            let lines = std::mem::replace(
+                &mut state.waiting,
+                Lines {
+                    bytes: std::mem::take(&mut spare),
+                    ..Lines::default()
+                },
+            );
+            state.writing = lines.bytes.len();
+            let reopen = std::mem::take(&mut state.reopen);
+            let (flushes, closed) = (state.flushes_asked, state.closed);
+            drop(state);
+
+            spare = self.write(lines);
+            if reopen {
                 self.reopen_file();
             }
-            for done in flushed {
-                let _ = done.send(());
+            let mut state = shared.state.lock().unwrap();
+            state.writing = 0;
+            state.flushes_done = flushes;
+            let done = closed && state.waiting.bytes.is_empty();
+            drop(state);
+            shared.written.notify_all();
+            shared.room.notify_one();
+            if done {
+                return;
             }
         }
-        self.write_out();
     }
 
-    fn write_out(&mut self) {
-        let lines = std::mem::take(&mut self.buffer);
-        if lines.bytes.is_empty() {
-            return;
+    /// Writes `lines`; returns their buffer, emptied.
+    fn write(&mut self, lines: Lines) -> Vec<u8> {
+        let mut bytes = lines.bytes;
+        if bytes.is_empty() {
+            return bytes;
         }
         let written = match &mut self.destination {
-            Destination::Stdout => io::stdout().lock().write_all(&lines.bytes),
-            Destination::File { file, .. } => file.write_all(&lines.bytes),
+            Destination::Stdout => io::stdout().lock().write_all(&bytes),
+            Destination::File { file, .. } => file.write_all(&bytes),
         };
-        let books = &self.books;
+        let shared = &self.shared;
         match written {
             Ok(()) => {
                 self.failing = false;
-                books
+                shared
                     .kernel_lines
                     .fetch_add(lines.kernel, Ordering::Relaxed);
-                books.user_lines.fetch_add(lines.user, Ordering::Relaxed);
+                shared.user_lines.fetch_add(lines.user, Ordering::Relaxed);
             }
             Err(e) => {
-                books
+                shared
                     .dropped_write
                     .fetch_add(lines.kernel + lines.user, Ordering::Relaxed);
                 if !self.failing {
@@ -431,11 +481,8 @@ impl Writer {
                 }
             }
         }
-        books.queued.fetch_sub(lines.bytes.len(), Ordering::AcqRel);
-        books.room.notify_one();
-        // Keep the allocation for the next batch.
-        self.buffer.bytes = lines.bytes;
-        self.buffer.bytes.clear();
+        bytes.clear();
+        bytes
     }
 
     fn reopen_file(&mut self) {
@@ -496,11 +543,16 @@ fn fields(head: &[u8]) -> Fields<'_> {
 fn combined(out: &mut Vec<u8>, entry: &Entry<'_>) {
     let fields = fields(entry.head);
     let _ = write!(out, "{} - - [", entry.peer.ip());
-    let time = jiff::Timestamp::try_from(entry.time).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    let _ = write!(out, "{}", time.strftime("%d/%b/%Y:%H:%M:%S +0000"));
+    with_second(entry.time, Format::Combined, |second| {
+        out.extend_from_slice(second.as_bytes());
+    });
     out.extend_from_slice(b"] \"");
     escaped(out, fields.request_line);
-    let _ = write!(out, "\" {} {} \"", entry.status, entry.body_bytes);
+    out.extend_from_slice(b"\" ");
+    out.extend_from_slice(itoa::Buffer::new().format(entry.status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(itoa::Buffer::new().format(entry.body_bytes).as_bytes());
+    out.extend_from_slice(b" \"");
     escaped(out, fields.referer.unwrap_or(b"-"));
     out.extend_from_slice(b"\" \"");
     escaped(out, fields.user_agent.unwrap_or(b"-"));
@@ -518,6 +570,29 @@ fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
             out.push(b);
         }
     }
+}
+
+/// Calls `f` with the second of `time` as `format` writes it (UTC): formatted once per second and
+/// thread, not once per line.
+fn with_second<T>(time: SystemTime, format: Format, f: impl FnOnce(&str) -> T) -> T {
+    thread_local! {
+        static SECONDS: std::cell::RefCell<[(u64, String); 2]> = Default::default();
+    }
+    let second = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    SECONDS.with_borrow_mut(|seconds| {
+        let (pattern, cached) = match format {
+            Format::Combined => ("%d/%b/%Y:%H:%M:%S +0000", &mut seconds[0]),
+            Format::Json => ("%Y-%m-%dT%H:%M:%S", &mut seconds[1]),
+        };
+        if cached.0 != second || cached.1.is_empty() {
+            let timestamp =
+                jiff::Timestamp::from_second(second as i64).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+            *cached = (second, timestamp.strftime(pattern).to_string());
+        }
+        f(&cached.1)
+    })
 }
 
 /// One JSON object: `time` (RFC 3339, UTC, milliseconds), `remote_addr`, `remote_port`,
@@ -539,9 +614,14 @@ fn json(out: &mut Vec<u8>, entry: &Entry<'_>) {
         connection: u64,
     }
     let fields = fields(entry.head);
-    let time = jiff::Timestamp::try_from(entry.time).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let millis = entry
+        .time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_millis());
     let line = Line {
-        time: time.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        time: with_second(entry.time, Format::Json, |second| {
+            format!("{second}.{millis:03}Z")
+        }),
         remote_addr: entry.peer.ip(),
         remote_port: entry.peer.port(),
         request: String::from_utf8_lossy(fields.request_line),

@@ -37,7 +37,7 @@ use anyhow::{ensure, Context as _};
 use clap::Parser as _;
 use plotters::prelude::*;
 
-use khttpd_harness::{http::answer_until_close, Metrics, Mode, Server};
+use khttpd_harness::{http::answer_until_close, system::temp_dir, Metrics, Mode, Server};
 
 use crate::{
     bench::{
@@ -76,7 +76,56 @@ pub struct Args {
     /// only when installed].
     #[arg(long, value_delimiter = ',', value_enum)]
     modes: Vec<ModeName>,
+    /// Access logs: none (`off`), every server writing one (`on`: khttpd `--access-log`, nginx
+    /// `access_log … combined buffer=64k flush=1s`), or each mode both ways, one after the other
+    /// (`both`: what logging costs).
+    #[arg(long, value_enum, default_value_t = LogArg::Off)]
+    access_log: LogArg,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogArg {
+    Off,
+    On,
+    Both,
+}
+
+impl LogArg {
+    fn variants(self) -> &'static [bool] {
+        match self {
+            LogArg::Off => &[false],
+            LogArg::On => &[true],
+            LogArg::Both => &[false, true],
+        }
+    }
+}
+
+/// A server as measured: its mode, with or without an access log.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Subject {
+    mode: ModeName,
+    log: bool,
+}
+
+impl Subject {
+    fn label(self) -> String {
+        match self.log {
+            true => format!("{}+log", self.mode.label()),
+            false => self.mode.label().to_owned(),
+        }
+    }
+
+    fn description(self) -> String {
+        match (self.log, self.mode.khttpd()) {
+            (false, _) => self.mode.description(),
+            (true, Some(_)) => format!("{} --access-log FILE (combined)", self.mode.description()),
+            (true, None) => format!("{}, {NGINX_ACCESS_LOG}", self.mode.description()),
+        }
+    }
+}
+
+/// nginx's access log at its best: buffered, combined (the format khttpd writes by default).
+const NGINX_ACCESS_LOG: &str = "access_log FILE combined buffer=64k flush=1s";
 
 /// One way of serving HTTP.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -288,7 +337,7 @@ impl Target {
 /// Everything measured for one mode: the runs of each load (in `LOADS` order) and what the
 /// server's counters say happened meanwhile.
 struct ModeReport {
-    mode: ModeName,
+    subject: Subject,
     loads: Vec<Vec<Run>>,
     notes: Vec<String>,
 }
@@ -329,15 +378,20 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
 
     // A mode that fails is reported in the table and fails the bench at the end, but does not
     // keep the other modes from being measured.
-    let results: Vec<ModeResult> = modes
-        .into_iter()
-        .map(|mode| {
-            let result = bench_mode(&plan, mode, khttpd, nginx.as_deref()).map_err(|error| {
+    let subjects = modes.into_iter().flat_map(|mode| {
+        args.access_log
+            .variants()
+            .iter()
+            .map(move |&log| Subject { mode, log })
+    });
+    let results: Vec<ModeResult> = subjects
+        .map(|subject| {
+            let result = bench_mode(&plan, subject, khttpd, nginx.as_deref()).map_err(|error| {
                 let error = format!("{error:#}").replace('\n', " / ");
-                eprintln!("[{}] failed: {error}", mode.label());
+                eprintln!("[{}] failed: {error}", subject.label());
                 error
             });
-            (mode, result)
+            (subject, result)
         })
         .collect();
 
@@ -347,17 +401,17 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
         .filter_map(|(_, r)| r.as_ref().ok())
         .collect();
     write_results("http", &table, |path| plot(path, &plan, &reports))?;
-    let failed: Vec<&str> = results
+    let failed: Vec<String> = results
         .iter()
         .filter(|(_, result)| result.is_err())
-        .map(|(mode, _)| mode.label())
+        .map(|(subject, _)| subject.label())
         .collect();
     ensure!(failed.is_empty(), "failed modes: {}", failed.join(", "));
     Ok(())
 }
 
 /// A mode and what measuring it gave: its report, or why it could not be measured.
-type ModeResult = (ModeName, Result<ModeReport, String>);
+type ModeResult = (Subject, Result<ModeReport, String>);
 
 fn validate(args: &Args) -> anyhow::Result<()> {
     ensure!(args.reps > 0, "--reps must be at least 1");
@@ -374,15 +428,34 @@ fn validate(args: &Args) -> anyhow::Result<()> {
 
 fn bench_mode(
     plan: &Plan,
-    mode: ModeName,
+    subject: Subject,
     khttpd: &Path,
     nginx: Option<&Path>,
 ) -> anyhow::Result<ModeReport> {
-    let progress = |what: &str| eprintln!("[{}] {what}", mode.label());
+    let progress = |what: &str| eprintln!("[{}] {what}", subject.label());
     progress("starting the server");
-    let target = match (mode.khttpd(), nginx) {
-        (Some(khttpd_mode), _) => Target::Khttpd(Server::start(khttpd, khttpd_mode, &[])?),
-        (None, Some(nginx)) => Target::Nginx(Nginx::start(nginx, "", HELLO_LOCATION)?),
+    // The log's folder outlives the server (declared first, dropped last).
+    let logs = temp_dir("bench-http-log")?;
+    let log = logs.path().join("access.log");
+    let target = match (subject.mode.khttpd(), nginx) {
+        (Some(khttpd_mode), _) => {
+            let log = log.to_str().context("a temporary path that is not UTF-8")?;
+            let flags: &[&str] = match subject.log {
+                true => &["--access-log", log],
+                false => &[],
+            };
+            Target::Khttpd(Server::start(khttpd, khttpd_mode, flags)?)
+        }
+        (None, Some(nginx)) => {
+            let location = match subject.log {
+                true => format!(
+                    "{HELLO_LOCATION}\n            {};",
+                    NGINX_ACCESS_LOG.replace("FILE", &log.display().to_string())
+                ),
+                false => HELLO_LOCATION.to_owned(),
+            };
+            Target::Nginx(Nginx::start(nginx, "", &location)?)
+        }
         (None, None) => unreachable!("nginx mode without nginx"),
     };
     target.check_hello()?;
@@ -425,7 +498,16 @@ fn bench_mode(
     };
     progress("stopping the server");
     drop(target);
-    Ok(ModeReport { mode, loads, notes })
+    let mut notes = notes;
+    if subject.log {
+        let bytes = std::fs::metadata(&log).map_or(0, |m| m.len());
+        notes.push(format!("access log {} bytes", thousands(bytes as f64)));
+    }
+    Ok(ModeReport {
+        subject,
+        loads,
+        notes,
+    })
 }
 
 /// Whether the kernel path was on, and how every `khttpd_http_*_total` series grew during the
@@ -469,12 +551,12 @@ fn render_table(
         "| mode | load | req/s | p50 µs | p99 µs | CPU user/sys/softirq/idle % | CPU-s per 100k req | good | bad | errors |"
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---|---:|---:|---:|---:|");
-    for (mode, result) in results {
+    for (subject, result) in results {
         let Ok(report) = result else {
             let _ = writeln!(
                 out,
                 "| {} | **failed** (see below) | – | – | – | – | – | – | – | – |",
-                mode.label()
+                subject.label()
             );
             continue;
         };
@@ -491,7 +573,7 @@ fn render_table(
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                report.mode.label(),
+                report.subject.label(),
                 plan.label(*load),
                 or_dash(m(|r| Some(r.counts.req_per_s)), thousands),
                 or_dash(m(|r| r.counts.p50_us), thousands),
@@ -521,17 +603,17 @@ fn render_table(
         args.connections,
         elapsed.as_secs_f64(),
     );
-    for (mode, _) in results {
-        let _ = writeln!(out, "- {}: {}", mode.label(), mode.description());
+    for (subject, _) in results {
+        let _ = writeln!(out, "- {}: {}", subject.label(), subject.description());
     }
     for note in skipped {
         let _ = writeln!(out, "- skipped {note}");
     }
-    for (mode, result) in results {
+    for (subject, result) in results {
         let report = match result {
             Ok(report) => report,
             Err(error) => {
-                let _ = writeln!(out, "- **{} failed**: {error}", mode.label());
+                let _ = writeln!(out, "- **{} failed**: {error}", subject.label());
                 continue;
             }
         };
@@ -540,7 +622,7 @@ fn render_table(
             let _ = writeln!(
                 out,
                 "- {}, {}: req/s per run {}",
-                report.mode.label(),
+                report.subject.label(),
                 plan.label(*load),
                 each.join(" / ")
             );
@@ -549,7 +631,7 @@ fn render_table(
             let _ = writeln!(
                 out,
                 "- {}: {}",
-                report.mode.label(),
+                report.subject.label(),
                 report.notes.join("; ")
             );
         }
@@ -574,7 +656,7 @@ fn plot(path: &Path, plan: &Plan, reports: &[&ModeReport]) -> anyhow::Result<()>
                     .iter()
                     .map(|runs| median_of(runs, value).unwrap_or(0.0))
                     .collect();
-                (report.mode.label().to_owned(), values)
+                (report.subject.label(), values)
             })
             .collect()
     };
