@@ -107,14 +107,14 @@ pub fn interfaces() -> io::Result<Vec<(String, Vec<SocketAddr>)>> {
     Ok(list)
 }
 
-/// Accepts connections until shutdown and hands each (non-blocking, not registered with tokio) to
-/// `dispatch`. The accept queue is drained on every wake-up: one epoll event, many connections.
+/// Accepts connections until shutdown and hands each (non-blocking, not registered with tokio),
+/// with its peer's address, to `dispatch`. The accept queue is drained on every wake-up: one epoll event, many connections.
 /// `accept4` makes them non-blocking (and close-on-exec) in the same call.
 pub async fn accept_loop(
     listener: TcpListener,
     mut shutdown: Shutdown,
     service: &'static str,
-    mut dispatch: impl FnMut(TcpStream),
+    mut dispatch: impl FnMut(TcpStream, Option<SocketAddr>),
 ) {
     let listener = match async_readable(listener) {
         Ok(listener) => listener,
@@ -135,8 +135,9 @@ pub async fn accept_loop(
                 .accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
             match accepted {
                 Ok((stream, peer)) => {
-                    debug!("{service}: accepted {:?}", peer.as_socket());
-                    dispatch(TcpStream::from(stream));
+                    let peer = peer.as_socket();
+                    debug!("{service}: accepted {peer:?}");
+                    dispatch(TcpStream::from(stream), peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();

@@ -249,7 +249,7 @@ impl Server {
                 listener,
                 shutdown(),
                 "http",
-                move |stream| http.dispatch(stream),
+                move |stream, peer| http.dispatch(stream, peer),
             ));
         }
         for listener in echo_listeners {
@@ -263,7 +263,7 @@ impl Server {
                 listener,
                 shutdown(),
                 "echo",
-                move |stream| echo.dispatch(stream),
+                move |stream, _| echo.dispatch(stream),
             ));
         }
         tasks.spawn(echo.clone().handoff_loop(shutdown()));

@@ -36,6 +36,7 @@ pub mod session;
 pub mod site;
 
 use std::{
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -143,13 +144,14 @@ impl HttpService {
         }))
     }
 
-    /// Serves one accepted connection, or turns it away when `max_connections` are open.
-    pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream) {
+    /// Serves one accepted connection (from `peer`, as accept said), or turns it away when
+    /// `max_connections` are open.
+    pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream, peer: Option<SocketAddr>) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         let Some(slot) = self.take_slot() else {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             let shutdown = Shutdown::new(&self.notify_shutdown);
-            let log = self.connection_log(&stream, None);
+            let log = self.connection_log(&stream, peer, None);
             tokio::spawn(reject(stream, self.timeouts, log, shutdown));
             return;
         };
@@ -168,19 +170,21 @@ impl HttpService {
             }
             _ => (stream, slot),
         };
-        self.serve_in_user_space(stream, slot, None, 0);
+        self.serve_in_user_space(stream, peer, slot, None, 0);
     }
 
-    /// With `--access-log`: the connection's peer and id (its socket cookie, when known).
+    /// With `--access-log`: the connection's peer (asked for when not known) and id (its socket
+    /// cookie, asked for when not known).
     fn connection_log(
         &self,
         stream: &std::net::TcpStream,
+        peer: Option<SocketAddr>,
         cookie: Option<u64>,
     ) -> Option<Box<ConnectionLog>> {
         let log = self.access_log.as_ref()?;
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let peer = peer
+            .or_else(|| stream.peer_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let id = cookie
             .or_else(|| crate::fd::socket_cookie(stream.as_raw_fd()).ok())
             .unwrap_or(0);
@@ -200,15 +204,16 @@ impl HttpService {
         Some(Slot(Arc::clone(&self.open)))
     }
 
-    /// `written`: bytes user space wrote on the connection before.
+    /// `peer`: the client, when known; `written`: bytes user space wrote on the connection before.
     fn serve_in_user_space(
         self: &Arc<Self>,
         stream: std::net::TcpStream,
+        peer: Option<SocketAddr>,
         slot: Slot,
         link: Option<Link>,
         written: u64,
     ) {
-        let log = self.connection_log(&stream, link.as_ref().map(|link| link.cookie));
+        let log = self.connection_log(&stream, peer, link.as_ref().map(|link| link.cookie));
         let mut connection = Connection::of_service(self, slot, link, written, log);
         match self.dispatch {
             Dispatch::Cmwq => {
@@ -305,7 +310,7 @@ impl HttpService {
                     ordered: false,
                 };
                 let written = parked.answered.written_bytes;
-                self.serve_in_user_space(parked.stream, parked.slot, Some(link), written);
+                self.serve_in_user_space(parked.stream, None, parked.slot, Some(link), written);
             })
             .await;
     }
