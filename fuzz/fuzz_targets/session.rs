@@ -6,7 +6,8 @@
 //! that every learned request, sent alone to a new session, gets exactly the answer it was
 //! learned with — which is what the kernel will send for those bytes — and leaves it idle; and
 //! that idle means between requests (user space then lets the kernel answer what comes next): a
-//! new session given the rest of the input answers it as the session did.
+//! new session given the rest of the input answers it as the session did; and that the access
+//! log's records (`Session::with_log`) are exactly the answers, with their status and body length.
 //!
 //! The same pieces also drive the connection machine around the session
 //! (`khttpd::http::connection::Connection`, as both executors run it), its writes cut to the
@@ -27,7 +28,7 @@ use std::ops::Range;
 use khttpd::http::{
     connection::{Action, Connection, Deadline, Timeouts},
     response::{self, HELLO},
-    session::{Learned, Next, Session},
+    session::{Learned, Logged, Next, Session},
 };
 use khttpd_common::http::{RequestKey, REQUEST_KEY_BYTES};
 use libfuzzer_sys::fuzz_target;
@@ -106,6 +107,8 @@ struct Response {
     range: Range<usize>,
     code: u16,
     keep_alive: bool,
+    /// Bytes of body.
+    body: usize,
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -197,6 +200,7 @@ fn responses(out: &[u8], from: usize, heads: bool) -> Vec<Response> {
             range: at..end,
             code,
             keep_alive,
+            body: body_len,
         });
         at = end;
     }
@@ -247,11 +251,13 @@ struct Run {
 }
 
 fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
+    // Always with the access log's records: each answer must have one, with its status and body.
     let mut session = if learning {
         Session::learning()
     } else {
         Session::new()
-    };
+    }
+    .with_log();
     let mut out = Vec::new();
     let mut found = Vec::new();
     let mut learned = Vec::new();
@@ -282,6 +288,7 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
                 "Next::Close without a closing response"
             );
         }
+        same_as_logged(&session.take_logged(), &new);
         found.extend(new);
         let taken = session.take_learned();
         assert!(learning || taken.is_empty(), "learned without learning");
@@ -301,6 +308,7 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
             matches!(&new[..], [r] if r.code == 408 && !r.keep_alive),
             "head_timed_out wrote {new:?}"
         );
+        same_as_logged(&session.take_logged(), &new);
         found.extend(new);
     }
     Run {
@@ -312,6 +320,19 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
         responses: found,
         next,
         learned,
+    }
+}
+
+/// The access log's records of a `receive` are its answers, one each, with their status and body
+/// length (none here has a file body).
+fn same_as_logged(logged: &[Logged], answers: &[Response]) {
+    assert_eq!(logged.len(), answers.len(), "{logged:?} for {answers:?}");
+    for (logged, answer) in logged.iter().zip(answers) {
+        assert_eq!(logged.status, answer.code, "{logged:?} for {answer:?}");
+        assert_eq!(
+            logged.body_bytes, answer.body as u64,
+            "{logged:?} for {answer:?}"
+        );
     }
 }
 

@@ -6,7 +6,8 @@
 //! from the first copy must be answered by the kernel the second time. Then the same for a site
 //! (`--root`): `--fast-path on` with the user-space file caches against `--fast-path off` without
 //! them, on requests for its files with every conditional and Range, the corpus and random
-//! requests. Bounded by a request count and a time limit. The test suite runs it
+//! requests. The server with everything on also writes an access log, which must then hold a line
+//! for every answer the kernel sent. Bounded by a request count and a time limit. The test suite runs it
 //! (khttpd/tests/http_fast_path.rs).
 
 use std::{
@@ -53,6 +54,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     let mut requests = corpus();
     requests.extend((0..args.requests).map(|_| generate(&mut random)));
     greeting.compare_all("greeting", requests, &mut random)?;
+    greeting.check_log("greeting")?;
     drop(greeting);
     // A site: the kernel's and both user-space caches' answers against user space without any.
     let site = site_folder()?;
@@ -69,6 +71,7 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     requests.extend(corpus());
     requests.extend((0..args.requests / 2).map(|_| generate(&mut random)));
     site_phase.compare_all("site", requests, &mut random)?;
+    site_phase.check_log("site")?;
     let kernel = &site_phase.kernel;
     let hits = kernel
         .metrics()?
@@ -81,12 +84,15 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One server with everything on and one without, compared on the same requests.
+/// One server with everything on (an access log too) and one without, compared on the same
+/// requests.
 struct Phase {
     kernel: Server,
     user: Server,
     seed: u64,
     deadline: Instant,
+    /// The kernel server's access log folder (removed after the server stopped).
+    _logs: tempfile::TempDir,
 }
 
 impl Phase {
@@ -97,12 +103,39 @@ impl Phase {
         seed: u64,
         deadline: Instant,
     ) -> anyhow::Result<Phase> {
+        let logs = temp_dir("diff-log")?;
+        let log = logs.path().join("access.log");
+        let log = log.to_str().context("temporary folder name")?;
+        let kernel_args = [kernel_args, &["--access-log", log]].concat();
         Ok(Phase {
-            kernel: Server::start(khttpd, Mode::Kernel, kernel_args)?,
+            kernel: Server::start(khttpd, Mode::Kernel, &kernel_args)?,
             user: Server::start(khttpd, Mode::UserUnbound, user_args)?,
             seed,
             deadline,
+            _logs: logs,
         })
+    }
+
+    /// Every answer the kernel sent has its access log line (within 5 s), none dropped.
+    fn check_log(&self, name: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let metrics = self.kernel.metrics()?;
+            let answered = metrics.value("khttpd_http_kernel_responses_total")?;
+            let logged = metrics.value("khttpd_access_log_lines_total{path=\"kernel\"}")?;
+            let dropped = metrics.sum("khttpd_access_log_dropped_total").unwrap_or(0);
+            if dropped > 0 {
+                bail!("diff ({name}): {dropped} access log lines dropped");
+            }
+            if logged == answered {
+                println!("diff ({name}): the access log has all {answered} kernel answers");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("diff ({name}): the kernel answered {answered}, its access log has {logged}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends each request whole (twice), byte by byte and in pipelined batches to both servers.
