@@ -11,7 +11,8 @@
 //! 4. `access_log` writes a line per request, the kernel's answers included (`--access-log`);
 //!    `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
 //!
-//! `server` runs all of it: start (bind, load, drop privileges), serve, shut down.
+//! `server` runs all of it: start (bind, load, drop privileges), serve, shut down; `top` shows a
+//! running server from its metrics.
 //!
 //! Before the first accept, `privileges` drops root: the process keeps only the descriptors it
 //! opened (programs, maps, listening sockets) and, with `--root`, sees only that folder.
@@ -29,4 +30,5 @@ pub mod server;
 pub mod shutdown;
 pub mod socket_memory;
 pub mod sockmap;
+pub mod top;
 pub mod workqueue;

@@ -1,9 +1,10 @@
-//! The `khttpd` command: parses the flags and runs `khttpd::server` until SIGINT or SIGTERM.
-//! The modules it wires together are in the library (`lib.rs` tells how a connection flows).
+//! The `khttpd` command: parses the flags and runs `khttpd::server` until SIGINT or SIGTERM
+//! (`khttpd top` instead shows a running server: `khttpd::top`). The modules it wires together
+//! are in the library (`lib.rs` tells how a connection flows).
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, Subcommand};
 use log::{info, warn};
 use tokio::signal::unix;
 
@@ -12,12 +13,29 @@ use khttpd::{
     http::{file_cache, Dispatch, Timeouts},
     privileges,
     server::{self, FastPathMode},
+    top,
     workqueue::Kind,
 };
 
 /// An HTTP and echo server whose hot path runs inside the kernel (sockmap programs).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A live view of a running server (requests/s by path, passes, kernel cache, connections,
+    /// work queues, echo, access log), read from its --metrics endpoint; q quits.
+    Top(top::Args),
+}
+
+/// Serving (the flags without a command).
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Network interface to listen on (all its addresses; the sockets are bound to it).
     #[arg(long, default_value = "lo")]
@@ -139,7 +157,17 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Top(top)) = &cli.command {
+        return match top::run(top) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("khttpd top: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args = cli.serve;
     let level = args.log_level();
     env_logger::Builder::new()
         .filter_level(level)

@@ -22,6 +22,37 @@ use crate::{
     workqueue::{Stats, WorkQueue},
 };
 
+/// A counter that many threads add to without sharing a cache line: each thread adds to a shard
+/// of its own (of [`Shards::COUNT`]), a scrape sums them. For counts made on every request.
+#[derive(Default)]
+pub struct Shards {
+    shards: [Shard; Shards::COUNT],
+}
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(std::sync::atomic::AtomicU64);
+
+impl Shards {
+    const COUNT: usize = 16;
+
+    pub fn add(&self, n: u64) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % Shards::COUNT;
+        }
+        let shard = SHARD.with(|shard| *shard);
+        self.shards[shard].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| shard.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 /// Everything /metrics reports on.
 pub struct Services {
     pub echo: Arc<EchoService>,
@@ -109,6 +140,13 @@ pub fn render(services: &Services) -> String {
             &format!("dispatch=\"{}\"", http.dispatch.as_str()),
             http.connections.load(Ordering::Relaxed),
         )],
+    );
+    metric(
+        &mut out,
+        "khttpd_http_user_responses_total",
+        "counter",
+        "HTTP requests answered in user space (errors and 503s included).",
+        &[("", http.user_responses.sum())],
     );
     metric(
         &mut out,

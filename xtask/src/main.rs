@@ -132,6 +132,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             toolchain::ensure()?;
+            if is_root() {
+                toolchain::install("the tests", &[toolchain::TMUX])?;
+            }
             if !is_root() {
                 eprintln!("warning: not root: tests that load BPF programs will be skipped (CI=true makes them fail)");
             }

@@ -39,6 +39,16 @@ const STEPS: &[Step] = &[
     },
 ];
 
+/// tmux, the terminal `khttpd top`'s test runs it in (khttpd/tests/top.rs).
+pub const TMUX: Step = Step {
+    what: "tmux (the terminal of the khttpd top test)",
+    present: || crate::bench::find_on_path("tmux").is_some(),
+    commands: &[
+        "apt-get update",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y tmux",
+    ],
+};
+
 pub fn ensure() -> anyhow::Result<()> {
     if !toolchain_installed(NIGHTLY) {
         bail!("the nightly Rust toolchain is not installed; run: rustup toolchain install nightly --component rust-src");

@@ -131,6 +131,8 @@ pub struct Connection {
     kernel: Option<Box<KernelBooks>>,
     /// With `--access-log`.
     log: Option<Box<ConnectionLog>>,
+    /// Its service's count of user-space answers.
+    answers: Option<Arc<crate::metrics::Shards>>,
 }
 
 impl Connection {
@@ -152,6 +154,7 @@ impl Connection {
             slot: None,
             kernel: None,
             log: None,
+            answers: None,
         }
     }
 
@@ -181,6 +184,7 @@ impl Connection {
         connection.slot = Some(slot);
         connection.written = written;
         connection.log = log;
+        connection.answers = Some(Arc::clone(&service.user_responses));
         connection.kernel = service.kernel.is_some().then(|| {
             Box::new(KernelBooks {
                 service: Arc::clone(service),
@@ -313,7 +317,7 @@ impl Connection {
         match self.phase {
             Phase::Serving if self.session.reading_head() => {
                 self.session.head_timed_out(&mut self.out);
-                self.write_log();
+                self.record_answers();
                 self.next = Next::Close;
                 self.out_checked = false;
             }
@@ -343,12 +347,18 @@ impl Connection {
         if self.out.len() > before {
             self.answered_reads = self.answered_reads.saturating_add(1);
         }
-        self.write_log();
+        self.record_answers();
         self.answers_ready(next);
     }
 
-    /// Hands what the session answered to the access log.
-    fn write_log(&mut self) {
+    /// Counts what the session answered and hands it to the access log.
+    fn record_answers(&mut self) {
+        if let Some(answers) = &self.answers {
+            match self.session.take_answered() {
+                0 => {}
+                n => answers.add(u64::from(n)),
+            }
+        }
         let Some(log) = &mut self.log else {
             return;
         };
@@ -401,7 +411,7 @@ impl Connection {
             if self.next == Next::Read {
                 // Answer what was pipelined behind the file.
                 let next = self.session.receive(&[], &mut self.out);
-                self.write_log();
+                self.record_answers();
                 self.answers_ready(next);
             }
         }

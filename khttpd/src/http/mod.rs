@@ -111,6 +111,8 @@ pub struct HttpService {
     pub connections: AtomicU64,
     /// Connections the kernel handed to user space.
     pub handoffs: AtomicU64,
+    /// Requests answered in user space.
+    pub user_responses: Arc<crate::metrics::Shards>,
     /// User-space connections waiting between requests without a work item.
     pub idle: IdleConnections,
     notify_shutdown: shutdown::Notify,
@@ -138,6 +140,7 @@ impl HttpService {
             rejected: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
+            user_responses: Arc::default(),
             idle: IdleConnections::new()?,
             notify_shutdown,
             runtime: tokio::runtime::Handle::current(),
@@ -152,6 +155,7 @@ impl HttpService {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             let shutdown = Shutdown::new(&self.notify_shutdown);
             let log = self.connection_log(&stream, peer, None);
+            self.user_responses.add(1);
             tokio::spawn(reject(stream, self.timeouts, log, shutdown));
             return;
         };

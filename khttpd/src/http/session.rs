@@ -48,6 +48,8 @@ pub struct Session {
     /// The connection closes because a complete request without a body, and nothing after it,
     /// asked for it (see [`Session::client_is_done`]).
     asked_to_close: bool,
+    /// Answers written since the driver last asked ([`Session::take_answered`]).
+    answered: u32,
     /// `--root`: GET and HEAD are answered from it instead of the greeting.
     site: Option<Arc<Site>>,
     /// File bytes the last answer still owes, sent by the driver before anything else.
@@ -152,6 +154,11 @@ impl Session {
         self
     }
 
+    /// How many answers were written since the last call (for `khttpd_http_user_responses_total`).
+    pub fn take_answered(&mut self) -> u32 {
+        std::mem::take(&mut self.answered)
+    }
+
     /// Requests answered since the last call (always empty unless [`Session::with_log`]).
     pub fn take_logged(&mut self) -> Vec<Logged> {
         self.log
@@ -224,6 +231,7 @@ impl Session {
         let input = std::mem::take(&mut self.input);
         let start = out.len();
         response::write(out, Status::RequestTimeout, false, false);
+        self.answered += 1;
         self.log(&input, &out[start..]);
     }
 
@@ -268,6 +276,7 @@ impl Session {
             let start = out.len();
             let step = self.step(&input[consumed..], out);
             if out.len() > start {
+                self.answered += 1;
                 self.log(&input[consumed..], &out[start..]);
             }
             match step {
