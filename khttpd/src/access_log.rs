@@ -541,12 +541,34 @@ fn fields(head: &[u8]) -> Fields<'_> {
 /// "$http_user_agent"`, with nginx's escaping (`"`, `\` and bytes outside printable ASCII as
 /// `\xHH`) and `-` for what is missing. Times are UTC.
 fn combined(out: &mut Vec<u8>, entry: &Entry<'_>) {
-    let fields = fields(entry.head);
     let _ = write!(out, "{} - - [", entry.peer.ip());
     with_second(entry.time, Format::Combined, |second| {
         out.extend_from_slice(second.as_bytes());
     });
-    out.extend_from_slice(b"] \"");
+    out.extend_from_slice(b"] ");
+    // The rest depends on the request head and the answer only: a thread that logs the same
+    // request again (a benchmark, a health check, the kernel's repeated answers) copies it.
+    thread_local! {
+        static LAST: std::cell::RefCell<(Vec<u8>, u16, u64, Vec<u8>)> = Default::default();
+    }
+    LAST.with_borrow_mut(|(head, status, body_bytes, tail)| {
+        let same =
+            *status == entry.status && *body_bytes == entry.body_bytes && head[..] == *entry.head;
+        if !same {
+            head.clear();
+            head.extend_from_slice(entry.head);
+            (*status, *body_bytes) = (entry.status, entry.body_bytes);
+            tail.clear();
+            combined_tail(tail, entry);
+        }
+        out.extend_from_slice(tail);
+    });
+}
+
+/// `"request" status bytes "referer" "user agent"` and the line's end.
+fn combined_tail(out: &mut Vec<u8>, entry: &Entry<'_>) {
+    let fields = fields(entry.head);
+    out.push(b'"');
     escaped(out, fields.request_line);
     out.extend_from_slice(b"\" ");
     out.extend_from_slice(itoa::Buffer::new().format(entry.status).as_bytes());
@@ -704,6 +726,31 @@ mod tests {
                 .contains("\"BAD\\xFF\" 200 12 \"-\" \"-\"\n"),
             "missing fields are -, bytes escaped"
         );
+    }
+
+    #[test]
+    fn a_repeated_request_gets_its_own_line_back() {
+        let a: &[u8] = b"GET /a HTTP/1.1\r\nUser-Agent: a\r\n\r\n";
+        let b: &[u8] = b"GET /a HTTP/1.1\r\nUser-Agent: b\r\n\r\n";
+        let line = |head, status| {
+            let mut out = Vec::new();
+            combined(
+                &mut out,
+                &Entry {
+                    status,
+                    ..entry(head)
+                },
+            );
+            String::from_utf8(out).unwrap()
+        };
+        let first = line(a, 200);
+        assert!(
+            first.ends_with("\"GET /a HTTP/1.1\" 200 12 \"-\" \"a\"\n"),
+            "{first}"
+        );
+        assert!(line(b, 200).ends_with("\"-\" \"b\"\n"));
+        assert!(line(b, 404).contains("\" 404 12 "));
+        assert_eq!(line(a, 200), first);
     }
 
     #[test]

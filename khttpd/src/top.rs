@@ -280,17 +280,16 @@ fn label_value(series: &str, label: &str) -> Option<String> {
     })
 }
 
-/// `1234567.8` as `1,234,568`.
+/// A count as a short reading: `987`, `12.3k`, `161k`, `1.23M`.
 fn count(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(digit);
+    let value = value.max(0.0);
+    match value {
+        v if v >= 100e6 => format!("{:.0}M", v / 1e6),
+        v if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        v if v >= 100e3 => format!("{:.0}k", v / 1e3),
+        v if v >= 10e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
     }
-    out
 }
 
 /// The terminal in raw mode on the alternate screen, restored when dropped.
@@ -372,13 +371,16 @@ mod tests {
             ["khttpd_http"]
         );
         let text = view.lines("http://x/metrics").join("\n");
-        assert!(text.contains("kernel      1,000"), "{text}");
+        assert!(text.contains("kernel       1000"), "{text}");
         assert!(text.contains("unknown_request 10"), "{text}");
         assert!(text.contains("hit ratio 99.0%"), "{text}");
         assert!(
             text.contains("khttpd_http: 0 pending, 0 active, 4 workers"),
             "{text}"
         );
-        assert_eq!(count(1_234_567.8), "1,234,568");
+        assert_eq!(
+            [987.0, 12_345.0, 161_403.0, 1_234_567.0].map(count),
+            ["987", "12.3k", "161k", "1.23M"]
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::{
     io::{Read as _, Write as _},
     net::SocketAddr,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -172,15 +172,20 @@ fn every_request_has_one_line_with_what_the_client_got() {
     }
 }
 
-#[test]
-fn a_rotation_loses_no_line() {
-    let mode = if bpf_allowed() {
-        Mode::Kernel
-    } else {
-        Mode::UserUnbound
+/// The kernel path where BPF may be loaded (else user space), and a folder for the log.
+fn kernel_if_allowed() -> (Mode, tempfile::TempDir, PathBuf) {
+    let mode = match bpf_allowed() {
+        true => Mode::Kernel,
+        false => Mode::UserUnbound,
     };
     let dir = temp_dir("access-log").unwrap();
     let path = dir.path().join("access.log");
+    (mode, dir, path)
+}
+
+#[test]
+fn a_rotation_loses_no_line() {
+    let (mode, dir, path) = kernel_if_allowed();
     let rotated = dir.path().join("access.log.1");
     let server = logged(mode, &path, "combined");
     let reopen = || {
@@ -191,6 +196,8 @@ fn a_rotation_loses_no_line() {
         .unwrap();
     };
     let addr = server.http_addr();
+    // Built (by cargo, once per test process) before the wait for its first answers starts.
+    common::xtask_binary();
     let load =
         std::thread::spawn(move || htstress(addr, &["--keep-alive", "-n", "30000", "-c", "2"]));
     assert!(eventually(Duration::from_secs(10), || !lines(&path).is_empty()));
@@ -235,14 +242,8 @@ fn a_rotation_loses_no_line() {
 #[test]
 fn a_log_that_cannot_keep_up_drops_lines_and_never_slows_answers() {
     const REQUESTS: u64 = 200_000;
-    let mode = if bpf_allowed() {
-        Mode::Kernel
-    } else {
-        Mode::UserUnbound
-    };
-    let dir = temp_dir("access-log").unwrap();
     // A pipe nobody reads: the writer blocks on its first 64 KiB.
-    let path = dir.path().join("access.log");
+    let (mode, _dir, path) = kernel_if_allowed();
     rustix::fs::mknodat(
         rustix::fs::CWD,
         &path,

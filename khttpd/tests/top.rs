@@ -83,6 +83,7 @@ fn top_shows_a_running_server_and_quits_on_q() {
     assert!(created.status.success(), "{created:?}");
     let session = Session(name);
     // Requests while it watches: user space answers them, and the view says so.
+    common::xtask_binary();
     let addr = server.http_addr();
     let load =
         std::thread::spawn(move || htstress(addr, &["--keep-alive", "--duration", "3", "-c", "4"]));
