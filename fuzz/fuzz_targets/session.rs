@@ -288,7 +288,8 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
                 "Next::Close without a closing response"
             );
         }
-        same_as_logged(&session.take_logged(), &new);
+        same_as_logged(&session.logged().collect::<Vec<_>>(), &new);
+        session.clear_logged();
         found.extend(new);
         let taken = session.take_learned();
         assert!(learning || taken.is_empty(), "learned without learning");
@@ -308,7 +309,8 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
             matches!(&new[..], [r] if r.code == 408 && !r.keep_alive),
             "head_timed_out wrote {new:?}"
         );
-        same_as_logged(&session.take_logged(), &new);
+        same_as_logged(&session.logged().collect::<Vec<_>>(), &new);
+        session.clear_logged();
         found.extend(new);
     }
     Run {
@@ -325,7 +327,7 @@ fn run(pieces: &[&[u8]], learning: bool, time_out: bool, heads: bool) -> Run {
 
 /// The access log's records of a `receive` are its answers, one each, with their status and body
 /// length (none here has a file body).
-fn same_as_logged(logged: &[Logged], answers: &[Response]) {
+fn same_as_logged(logged: &[Logged<'_>], answers: &[Response]) {
     assert_eq!(logged.len(), answers.len(), "{logged:?} for {answers:?}");
     for (logged, answer) in logged.iter().zip(answers) {
         assert_eq!(logged.status, answer.code, "{logged:?} for {answer:?}");

@@ -66,8 +66,9 @@ pub const HANDOFFS_BYTES: u32 = 256 * 1024;
 /// Ring buffer of [`AccessRecord`]s: one for each request the kernel answered, while access logging
 /// is on (`--access-log`), so the log has the kernel's answers too.
 pub const ACCESS_MAP: &str = "HTTP_ACCESS";
-/// Size of [`ACCESS_MAP`] with access logging on: about 27,000 records, 80 ms of the kernel's
-/// fastest answering. The object declares one page, so a server without a log holds no more.
+/// Size of [`ACCESS_MAP`] with access logging on: about 80,000 records of a wrk-sized request
+/// ([`AccessRecord::sent_len`] plus the ring's 8-byte header), 200 ms of the kernel's fastest
+/// answering. The object declares one page, so a server without a log holds no more.
 pub const ACCESS_BYTES: u32 = 8 * 1024 * 1024;
 /// The global that turns the [`AccessRecord`]s on (non-zero); 0, the verdict writes none.
 pub const ACCESS_LOG_GLOBAL: &str = "HTTP_ACCESS_LOG";
@@ -192,6 +193,14 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// Bytes of a record sent for a request of `request_len` bytes: the ring gets only as much of
+    /// [`AccessRecord::request`] as the request filled.
+    pub const fn sent_len(request_len: usize) -> usize {
+        core::mem::offset_of!(AccessRecord, request)
+            + core::mem::offset_of!(RequestKey, bytes)
+            + request_len
+    }
+
     /// The client's port.
     pub fn port(&self) -> u16 {
         if cfg!(target_endian = "little") {

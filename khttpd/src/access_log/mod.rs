@@ -52,7 +52,7 @@ const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 /// Written out at once when this many bytes are waiting.
 const WRITE_BUFFER: usize = 256 * 1024;
 /// How often the writer writes what is waiting, and the kernel's ring is read: the ring
-/// (`http::ACCESS_BYTES`, about 27,000 records) holds 80 ms of the kernel path's fastest answering.
+/// (`http::ACCESS_BYTES`) holds about 200 ms of the kernel path's fastest answering.
 const TICK: Duration = Duration::from_millis(20);
 /// Room the queue must have for the kernel's records to be read: more than a batch of lines
 /// (at most about 600 bytes each), so a batch read is a batch queued.
@@ -177,11 +177,18 @@ impl AccessLog {
 
     /// Appends the lines of `entries`; never waits (but for the lock, held for a copy).
     pub fn log<'a>(&self, entries: impl IntoIterator<Item = Entry<'a>>) {
-        let mut lines = Lines::default();
-        for entry in entries {
-            self.format(&mut lines, &entry);
+        // Formatted into a buffer each thread keeps, then copied under the lock.
+        thread_local! {
+            static LINES: std::cell::RefCell<Lines> = Default::default();
         }
-        self.append(lines);
+        LINES.with_borrow_mut(|lines| {
+            for entry in entries {
+                self.format(lines, &entry);
+            }
+            self.append(lines);
+            lines.bytes.clear();
+            (lines.kernel, lines.user) = (0, 0);
+        });
     }
 
     fn format(&self, lines: &mut Lines, entry: &Entry<'_>) {
@@ -196,7 +203,7 @@ impl AccessLog {
     }
 
     /// Queues `lines` for the writer, or drops them when the queue is full.
-    fn append(&self, lines: Lines) {
+    fn append(&self, lines: &Lines) {
         let count = lines.kernel + lines.user;
         if count == 0 {
             return;
@@ -276,14 +283,24 @@ impl AccessLog {
                 while read < RECORDS_PER_BATCH {
                     let Some(item) = ring.next() else { break };
                     read += 1;
-                    if item.len() >= size_of::<AccessRecord>() {
-                        // SAFETY: the verdict writes whole records; read unaligned to be safe.
-                        let record: AccessRecord =
-                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    // The verdict sends a record up to the end of its request's bytes.
+                    let len = item.len().min(size_of::<AccessRecord>());
+                    if len >= AccessRecord::sent_len(0) {
+                        // SAFETY: plain data; a zeroed record is a valid one, and `len` bytes of
+                        // the item are copied over it.
+                        let record = unsafe {
+                            let mut record: AccessRecord = std::mem::zeroed();
+                            std::ptr::copy_nonoverlapping(
+                                item.as_ptr(),
+                                (&raw mut record).cast::<u8>(),
+                                len,
+                            );
+                            record
+                        };
                         self.format(&mut lines, &clock.entry(&record));
                     }
                 }
-                self.append(lines);
+                self.append(&lines);
                 if read < RECORDS_PER_BATCH {
                     break;
                 }
@@ -368,9 +385,10 @@ impl ConnectionLog {
         status: u16,
         body_bytes: u64,
         request_time: Duration,
+        time: SystemTime,
     ) -> Entry<'a> {
         Entry {
-            time: SystemTime::now(),
+            time,
             peer: self.peer,
             head,
             status,

@@ -209,8 +209,9 @@ impl Connection {
         connection.next = Next::Close;
         if let Some(log) = log {
             let (status, body_bytes) = response::status_and_body(&connection.out);
+            let now = std::time::SystemTime::now();
             log.log
-                .log([log.entry(&[], status, body_bytes, Duration::ZERO)]);
+                .log([log.entry(&[], status, body_bytes, Duration::ZERO, now)]);
         }
         connection
     }
@@ -362,18 +363,19 @@ impl Connection {
         let Some(log) = &mut self.log else {
             return;
         };
-        let logged = self.session.take_logged();
-        if logged.is_empty() {
+        if self.session.logged().next().is_none() {
             return;
         }
         let took = log
             .started
             .map_or(Duration::ZERO, |started| started.elapsed());
+        let now = std::time::SystemTime::now();
         log.log.log(
-            logged
-                .iter()
-                .map(|logged| log.entry(&logged.head, logged.status, logged.body_bytes, took)),
+            self.session
+                .logged()
+                .map(|logged| log.entry(logged.head, logged.status, logged.body_bytes, took, now)),
         );
+        self.session.clear_logged();
         if self.session.is_idle() {
             log.started = None;
         }

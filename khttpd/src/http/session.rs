@@ -58,19 +58,22 @@ pub struct Session {
     log: Option<Box<SessionLog>>,
 }
 
+/// What was answered since the driver last cleared it, in buffers kept for the next requests.
 #[derive(Default)]
 struct SessionLog {
-    /// What was answered since the driver last took it.
-    answered: Vec<Logged>,
+    /// The answered requests' heads, one after the other.
+    heads: Vec<u8>,
+    /// Each answer: where its request's head is in `heads`, its status and body length.
+    answered: Vec<(std::ops::Range<usize>, u16, u64)>,
     /// The head of the request whose body is being read.
-    head: Option<Vec<u8>>,
+    body_head: Option<Vec<u8>>,
 }
 
 /// What the access log says of an answered request (`crate::access_log`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Logged {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Logged<'a> {
     /// The request head as received (for an error, what had arrived of it).
-    pub head: Vec<u8>,
+    pub head: &'a [u8],
     pub status: u16,
     /// Bytes of body the answer carries, file bytes included.
     pub body_bytes: u64,
@@ -148,7 +151,7 @@ impl Session {
         }
     }
 
-    /// A session that also records what it answers for the access log ([`Session::take_logged`]).
+    /// A session that also records what it answers for the access log ([`Session::logged`]).
     pub fn with_log(mut self) -> Session {
         self.log = Some(Box::default());
         self
@@ -159,12 +162,25 @@ impl Session {
         std::mem::take(&mut self.answered)
     }
 
-    /// Requests answered since the last call (always empty unless [`Session::with_log`]).
-    pub fn take_logged(&mut self) -> Vec<Logged> {
-        self.log
-            .as_mut()
-            .map(|log| std::mem::take(&mut log.answered))
-            .unwrap_or_default()
+    /// Requests answered since [`Session::clear_logged`] (none unless [`Session::with_log`]).
+    pub fn logged(&self) -> impl Iterator<Item = Logged<'_>> {
+        self.log.iter().flat_map(|log| {
+            log.answered
+                .iter()
+                .map(|(head, status, body_bytes)| Logged {
+                    head: &log.heads[head.clone()],
+                    status: *status,
+                    body_bytes: *body_bytes,
+                })
+        })
+    }
+
+    /// Forgets what [`Session::logged`] returned (keeping the buffers).
+    pub fn clear_logged(&mut self) {
+        if let Some(log) = &mut self.log {
+            log.heads.clear();
+            log.answered.clear();
+        }
     }
 
     /// Records the answer `response` (just written, to the request at the start of `input`) for the
@@ -173,24 +189,22 @@ impl Session {
         let Some(log) = &mut self.log else {
             return;
         };
-        let head = match log.head.take() {
-            Some(head) => head,
+        let start = log.heads.len();
+        match log.body_head.take() {
+            Some(head) => log.heads.extend_from_slice(&head),
             None => {
                 let input = &input[..input.len().min(MAX_REQUEST_LINE + MAX_HEADER_SECTION)];
                 let end = input
                     .windows(4)
                     .position(|w| w == b"\r\n\r\n")
                     .map_or(input.len(), |end| end + 4);
-                input[..end].to_vec()
+                log.heads.extend_from_slice(&input[..end]);
             }
-        };
+        }
         let (status, body_bytes) = response::status_and_body(response);
         let file = self.pending_file.as_ref().map_or(0, |file| file.len);
-        log.answered.push(Logged {
-            head,
-            status,
-            body_bytes: body_bytes + file,
-        });
+        let head = start..log.heads.len();
+        log.answered.push((head, status, body_bytes + file));
     }
 
     /// After [`Next::Close`]: whether the client is done sending, so the connection may close at
@@ -339,7 +353,7 @@ impl Session {
                     }
                     Some(framing) => {
                         if let Some(log) = &mut self.log {
-                            log.head = Some(input[..len].to_vec());
+                            log.body_head = Some(input[..len].to_vec());
                         }
                         self.body = Some(Box::new(Body {
                             framing,
