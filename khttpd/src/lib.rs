@@ -11,7 +11,7 @@
 //! 4. `access_log` writes a line per request, the kernel's answers included (`--access-log`);
 //!    `metrics` reports both sides; `shutdown` stops everything on SIGINT/SIGTERM.
 //!
-//! `server` runs all of it: start (bind, load, drop privileges), serve, shut down; `top` shows a
+//! `config` reads `--config` (the flags in a TOML file); `server` runs all of it: start (bind, load, drop privileges), serve, shut down; `top` shows a
 //! running server from its metrics.
 //!
 //! Before the first accept, `privileges` drops root: the process keeps only the descriptors it
@@ -19,6 +19,7 @@
 
 pub mod access_log;
 pub mod btf;
+pub mod config;
 pub mod echo;
 pub mod fast_path;
 pub mod fd;

@@ -4,12 +4,16 @@
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use clap::{ArgAction, Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{
+    parser::ValueSource, ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand,
+};
 use log::{info, warn};
 use tokio::signal::unix;
 
 use khttpd::{
     access_log::Format,
+    config,
     http::{file_cache, Dispatch, Timeouts},
     privileges,
     server::{self, FastPathMode},
@@ -32,11 +36,21 @@ enum Command {
     /// A live view of a running server (requests/s by path, passes, kernel cache, connections,
     /// work queues, echo, access log), read from its --metrics endpoint; q quits.
     Top(top::Args),
+    /// Check a config file and print the configuration it gives (exit 0), or say what is wrong
+    /// with it, line and key (exit 1).
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+    },
 }
 
 /// Serving (the flags without a command).
 #[derive(Debug, clap::Args)]
 struct Args {
+    /// Read these settings from a TOML file first (keys are the flags' names: `port = 80`,
+    /// `fast-path = "on"`); flags given here override it. `khttpd check --config FILE` checks it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     /// Network interface to listen on (all its addresses; the sockets are bound to it).
     #[arg(long, default_value = "lo")]
     iface: String,
@@ -68,7 +82,7 @@ struct Args {
     body: Option<std::path::PathBuf>,
     /// Largest answer (headers included) the kernel learns and sends itself; 0 turns learning off.
     #[arg(long, value_name = "BYTES", default_value_t = khttpd_common::http::MAX_RESPONSE,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(khttpd_common::http::MAX_RESPONSE)))]
+          value_parser = config::parse_kernel_cache_max)]
     kernel_cache_max: u32,
     /// Serve the files under this directory (listings for directories without index.html).
     #[arg(long, value_name = "DIR")]
@@ -83,11 +97,11 @@ struct Args {
     open_file_cache: u64,
     /// Close HTTP connections that send nothing for this many seconds between requests (also
     /// those the kernel serves: traffic it answers counts).
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = config::parse_seconds)]
     idle_timeout: u64,
     /// Answer 408 and close when a request head takes longer than this many seconds from its
     /// first byte (slow-header clients).
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = config::parse_seconds)]
     header_timeout: u64,
     /// Most HTTP connections open at once (user space and kernel); past it new connections get
     /// `503 Service Unavailable` and are closed.
@@ -115,7 +129,66 @@ struct Args {
     quiet: u8,
 }
 
+/// Every setting a config file may hold, once: how each is taken from a file (unless its flag was
+/// given) and how the effective one is written back.
+macro_rules! settings {
+    (plain: $($plain:ident),*; optional: $($optional:ident),*) => {
+        impl Args {
+            /// Takes from `file` every setting whose flag `matches` did not get on the command line.
+            fn apply(&mut self, file: config::File, matches: &ArgMatches) {
+                let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+                $(if let Some(value) = file.$plain {
+                    if !given(stringify!($plain)) {
+                        self.$plain = value;
+                    }
+                })*
+                $(if file.$optional.is_some() && !given(stringify!($optional)) {
+                    self.$optional = file.$optional;
+                })*
+            }
+
+            /// The effective settings, as a config file would say them.
+            fn to_file(&self) -> config::File {
+                config::File {
+                    $($plain: Some(self.$plain.clone()),)*
+                    $($optional: self.$optional.clone(),)*
+                }
+            }
+        }
+    };
+}
+
+settings!(
+    plain: iface, port, dispatch, echo_port, backlog, fast_path, workqueue, max_active,
+        kernel_cache_max, file_cache_max, open_file_cache, idle_timeout, header_timeout,
+        max_connections, access_log_format, user, verbose, quiet;
+    optional: body, root, access_log, metrics
+);
+
 impl Args {
+    /// The flags of `matches`, over the settings of `--config` when given.
+    fn from_matches(matches: &ArgMatches) -> anyhow::Result<Args> {
+        let mut args = Args::from_arg_matches(matches)?;
+        if let Some(path) = args.config.clone() {
+            args.apply(config::read(&path)?, matches);
+        }
+        args.check()?;
+        Ok(args)
+    }
+
+    /// What the flags' parsers cannot check alone.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.body.is_some() && self.root.is_some() {
+            anyhow::bail!(
+                "body and root cannot both be set (--body answers every GET with one file)"
+            );
+        }
+        if self.verbose > 0 && self.quiet > 0 {
+            anyhow::bail!("verbose and quiet cannot both be set");
+        }
+        Ok(())
+    }
+
     fn log_level(&self) -> log::LevelFilter {
         match (self.verbose, self.quiet) {
             (0, 0) => log::LevelFilter::Info,
@@ -157,17 +230,20 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(Command::Top(top)) = &cli.command {
-        return match top::run(top) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("khttpd top: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match &cli.command {
+        Some(Command::Top(top)) => return exit("khttpd top", top::run(top)),
+        Some(Command::Check { config }) => return exit("khttpd check", check(config)),
+        None => {}
     }
-    let args = cli.serve;
+    let args = match Args::from_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => return exit("khttpd", Err(e)),
+    };
     let level = args.log_level();
     env_logger::Builder::new()
         .filter_level(level)
@@ -188,11 +264,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args.config())) {
+    // One line, whatever the cause chain.
+    exit("khttpd", runtime.block_on(run(args.config())))
+}
+
+/// `khttpd check --config FILE`: the file over the defaults, checked, printed as TOML.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let defaults = Cli::command().get_matches_from(["khttpd"]);
+    let mut args = Args::from_arg_matches(&defaults)?;
+    args.apply(config::read(path)?, &defaults);
+    args.check()
+        .with_context(|| format!("--config {}", path.display()))?;
+    print!("{}", config::render(&args.to_file()));
+    eprintln!(
+        "khttpd check: {}: the configuration is valid",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The exit status of `result`, saying its error in one line.
+fn exit(what: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the cause chain.
-            eprintln!("khttpd: error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("{what}: error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }

@@ -32,7 +32,8 @@ use crate::{
 };
 
 /// Whether the kernel answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FastPathMode {
     /// Use the kernel path when the programs load; otherwise warn once and serve from user space.
     Auto,

@@ -45,7 +45,10 @@ use tokio::{
 pub type Work = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Where work runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// One shared pool on the runtime that allocated the queue (`WQ_UNBOUND`).
     Unbound,

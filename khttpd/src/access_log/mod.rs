@@ -60,7 +60,10 @@ const KERNEL_HEADROOM: usize = 2 * 1024 * 1024;
 /// Records read from the kernel's ring per batch of lines.
 const RECORDS_PER_BATCH: usize = 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// nginx's and Apache's `combined`: `addr - - [time] "request" status bytes "referer"
     /// "user agent"`.

@@ -60,7 +60,10 @@ use kernel::{KernelHttp, Parked};
 use khttpd_common::http::Answered;
 use site::Site;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Dispatch {
     /// One work item per connection on the unbound work queue.
     Cmwq,
