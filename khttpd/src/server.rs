@@ -271,7 +271,9 @@ impl Server {
         tasks.spawn(http.clone().handoff_loop(shutdown()));
         tasks.spawn(http.clone().date_loop(shutdown()));
         tasks.spawn(http.clone().idle_loop(shutdown()));
-        tasks.spawn(http.clone().access_loop(shutdown()));
+        // Stopped after every connection is closed, so it logs the kernel's last answers too.
+        let access_stop = shutdown::notify();
+        let access_loop = tokio::spawn(http.clone().access_loop(Shutdown::new(&access_stop)));
         if let Some(log) = &http.access_log {
             tasks.spawn(reopen_on_sigusr1(Arc::clone(log), shutdown())?);
         }
@@ -282,11 +284,13 @@ impl Server {
         while tasks.join_next().await.is_some() {}
         echo.stop().await;
         http.stop().await;
-        // Dropping the programs' object detaches them.
-        drop(fast_path);
+        access_stop.send_replace(true);
+        let _ = access_loop.await;
         if let Some(log) = &http.access_log {
             log.flush();
         }
+        // Dropping the programs' object detaches them.
+        drop(fast_path);
         info!("stopped");
         Ok(())
     }

@@ -301,3 +301,17 @@ fn a_log_that_cannot_keep_up_drops_lines_and_never_slows_answers() {
     assert_eq!(written(&server) + dropped(&server), REQUESTS);
     assert_eq!(read, written(&server));
 }
+
+#[test]
+fn a_stopped_server_has_logged_every_answer() {
+    let (mode, _dir, path) = kernel_if_allowed();
+    let server = logged(mode, &path, "combined");
+    let report = htstress(
+        server.http_addr(),
+        &["--keep-alive", "-n", "20000", "-c", "4"],
+    );
+    assert_eq!(report_number(&report, "good requests:"), 20_000);
+    // Stopped at once: the last answers' lines are written before it exits.
+    assert!(server.terminate().unwrap().success());
+    assert_eq!(lines(&path).len(), 20_000);
+}

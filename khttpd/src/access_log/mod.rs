@@ -268,47 +268,55 @@ impl AccessLog {
     pub async fn kernel_loop(self: Arc<Self>, mut ring: RingBuf<MapData>, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        'serving: loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = shutdown.recv() => return,
+                () = shutdown.recv() => break 'serving,
             }
             loop {
                 if self.queued() > QUEUE_BYTES - KERNEL_HEADROOM {
                     tokio::select! {
                         () = self.shared.room.notified() => continue,
-                        () = shutdown.recv() => return,
+                        () = shutdown.recv() => break 'serving,
                     }
                 }
-                let clock = Clock::now();
-                let mut lines = Lines::default();
-                let mut read = 0;
-                while read < RECORDS_PER_BATCH {
-                    let Some(item) = ring.next() else { break };
-                    read += 1;
-                    // The verdict sends a record up to the end of its request's bytes.
-                    let len = item.len().min(size_of::<AccessRecord>());
-                    if len >= AccessRecord::sent_len(0) {
-                        // SAFETY: plain data; a zeroed record is a valid one, and `len` bytes of
-                        // the item are copied over it.
-                        let record = unsafe {
-                            let mut record: AccessRecord = std::mem::zeroed();
-                            std::ptr::copy_nonoverlapping(
-                                item.as_ptr(),
-                                (&raw mut record).cast::<u8>(),
-                                len,
-                            );
-                            record
-                        };
-                        self.format(&mut lines, &clock.entry(&record));
-                    }
-                }
-                self.append(&lines);
-                if read < RECORDS_PER_BATCH {
+                if self.read_records(&mut ring) < RECORDS_PER_BATCH {
                     break;
                 }
             }
         }
+        // What the kernel answered before the shutdown (which comes once every connection is
+        // closed), as far as the queue takes it.
+        while self.read_records(&mut ring) == RECORDS_PER_BATCH {}
+    }
+
+    /// Turns up to [`RECORDS_PER_BATCH`] of the ring's records into lines; returns how many.
+    fn read_records(&self, ring: &mut RingBuf<MapData>) -> usize {
+        let clock = Clock::now();
+        let mut lines = Lines::default();
+        let mut read = 0;
+        while read < RECORDS_PER_BATCH {
+            let Some(item) = ring.next() else { break };
+            read += 1;
+            // The verdict sends a record up to the end of its request's bytes.
+            let len = item.len().min(size_of::<AccessRecord>());
+            if len >= AccessRecord::sent_len(0) {
+                // SAFETY: plain data; a zeroed record is a valid one, and `len` bytes of the item
+                // are copied over it.
+                let record = unsafe {
+                    let mut record: AccessRecord = std::mem::zeroed();
+                    std::ptr::copy_nonoverlapping(
+                        item.as_ptr(),
+                        (&raw mut record).cast::<u8>(),
+                        len,
+                    );
+                    record
+                };
+                self.format(&mut lines, &clock.entry(&record));
+            }
+        }
+        self.append(&lines);
+        read
     }
 
     /// Bytes logged and not yet written.
