@@ -6,9 +6,13 @@
 //! off shows only when every mode is measured the same way, on the same machine, in one run — and
 //! next to a well-known server.
 //!
-//! Method: for each mode this starts its own server on free loopback ports (khttpd also gets its
-//! own echo and metrics ports; nginx gets a config written into a temporary directory), checks that
-//! `GET /` answers `200` with `Hello, World!\n`, and runs each load `--reps` times:
+//! Method: `--reps` rounds; in each, every mode in turn starts its own server on free loopback
+//! ports (khttpd also gets its own echo and metrics ports; nginx gets a config written into a
+//! temporary directory), checks that `GET /` answers `200` with `Hello, World!\n`, runs each load
+//! once and stops it. A fresh server per round and modes alternating within one: a server
+//! process can settle into a slower state for its lifetime (a connection per request, `-c 1`: about
+//! 38k instead of 45k req/s, with or without an access log), and the medians should not depend on
+//! which mode drew it. The loads:
 //! 1. `htstress -n N -c 1 -t 4`: the seed's benchmark — a new connection per request, HTTP/1.0,
 //!    the server closes; four connections in flight.
 //! 2. `htstress -n N -c 25 -t 4`: the same with 100 connections in flight, enough to saturate
@@ -384,16 +388,35 @@ pub fn run(args: &Args, khttpd: &Path) -> anyhow::Result<()> {
             .iter()
             .map(move |&log| Subject { mode, log })
     });
-    let results: Vec<ModeResult> = subjects
+    let mut results: Vec<ModeResult> = subjects
         .map(|subject| {
-            let result = bench_mode(&plan, subject, khttpd, nginx.as_deref()).map_err(|error| {
-                let error = format!("{error:#}").replace('\n', " / ");
-                eprintln!("[{}] failed: {error}", subject.label());
-                error
-            });
-            (subject, result)
+            let report = ModeReport {
+                subject,
+                loads: LOADS.iter().map(|_| Vec::new()).collect(),
+                notes: Vec::new(),
+            };
+            (subject, Ok(report))
         })
         .collect();
+    for round in 1..=args.reps {
+        for (subject, result) in &mut results {
+            let Ok(report) = result else { continue };
+            match bench_mode(&plan, *subject, round, khttpd, nginx.as_deref()) {
+                Ok(one) => {
+                    for (runs, run) in report.loads.iter_mut().zip(one.loads) {
+                        runs.extend(run);
+                    }
+                    // The last round's counters and log sizes.
+                    report.notes = one.notes;
+                }
+                Err(error) => {
+                    let error = format!("{error:#}").replace('\n', " / ");
+                    eprintln!("[{}] failed: {error}", subject.label());
+                    *result = Err(error);
+                }
+            }
+        }
+    }
 
     let table = render_table(&plan, &results, &skipped, started.elapsed());
     let reports: Vec<&ModeReport> = results
@@ -426,9 +449,11 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One round of `subject`: a server of its own, each load once.
 fn bench_mode(
     plan: &Plan,
     subject: Subject,
+    round: usize,
     khttpd: &Path,
     nginx: Option<&Path>,
 ) -> anyhow::Result<ModeReport> {
@@ -466,22 +491,18 @@ fn bench_mode(
     let mut loads = Vec::with_capacity(LOADS.len());
     for load in LOADS {
         let label = plan.label(load);
-        let mut runs = Vec::with_capacity(reps);
-        for rep in 1..=reps {
-            let run = plan
-                .run(load, &url)
-                .with_context(|| format!("{label}, run {rep}"))?;
-            let c = &run.counts;
-            progress(&format!(
-                "{label} {rep}/{reps}: {} req/s, good {} bad {} errors {}",
-                thousands(c.req_per_s),
-                c.good,
-                c.bad,
-                c.errors
-            ));
-            runs.push(run);
-        }
-        loads.push(runs);
+        let run = plan
+            .run(load, &url)
+            .with_context(|| format!("{label}, round {round}"))?;
+        let c = &run.counts;
+        progress(&format!(
+            "{label} {round}/{reps}: {} req/s, good {} bad {} errors {}",
+            thousands(c.req_per_s),
+            c.good,
+            c.bad,
+            c.errors
+        ));
+        loads.push(vec![run]);
     }
 
     let notes = match (&target, before, target.metrics()?) {
