@@ -181,7 +181,7 @@ pub struct AccessRecord {
     /// `AF_INET` or `AF_INET6`.
     pub family: u32,
     /// The client's port as `__sk_buff.remote_port` holds it: network byte order, in the upper 16
-    /// bits on a little-endian machine (see [`AccessRecord::port`]).
+    /// bits on a little-endian machine (see [`AccessRecord::remote`]).
     pub remote_port: u32,
     /// The client's address in network byte order: `[remote_ip4, 0, 0, 0]` or `remote_ip6`.
     pub remote_ip: [u32; 4],
@@ -201,15 +201,29 @@ impl AccessRecord {
             + request_len
     }
 
-    /// The client's port.
-    pub fn port(&self) -> u16 {
-        if cfg!(target_endian = "little") {
+    /// The client's address and port.
+    pub fn remote(&self) -> core::net::SocketAddr {
+        let ip = if self.family == AF_INET6 {
+            let mut bytes = [0u8; 16];
+            for (to, word) in bytes.chunks_exact_mut(4).zip(self.remote_ip) {
+                to.copy_from_slice(&word.to_ne_bytes());
+            }
+            core::net::IpAddr::from(bytes)
+        } else {
+            core::net::IpAddr::from(self.remote_ip[0].to_ne_bytes())
+        };
+        // `__sk_buff.remote_port`: network byte order in the upper 16 bits on little-endian.
+        let port = if cfg!(target_endian = "little") {
             u16::from_be((self.remote_port >> 16) as u16)
         } else {
             self.remote_port as u16
-        }
+        };
+        core::net::SocketAddr::new(ip, port)
     }
 }
+
+/// `AF_INET6` (linux/socket.h): an [`AccessRecord::family`] of IPv6.
+pub const AF_INET6: u32 = 10;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -425,6 +439,25 @@ mod tests {
         let b = RequestKey::new(b"GET / HTTP/1.0\r\n\r\n\0").unwrap();
         assert_eq!(a.bytes, b.bytes);
         assert_ne!(a.len, b.len);
+    }
+
+    #[test]
+    fn access_records_say_where_the_client_is() {
+        let mut record = AccessRecord {
+            time_ns: 0,
+            cookie: 0,
+            family: 2,
+            // Port 40000 as __sk_buff.remote_port holds it on a little-endian machine.
+            remote_port: u32::from(40000u16.to_be()) << 16,
+            remote_ip: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
+            status: 200,
+            body_bytes: 0,
+            request: RequestKey::new(b"").unwrap(),
+        };
+        assert_eq!(record.remote(), "127.0.0.1:40000".parse().unwrap());
+        record.family = AF_INET6;
+        record.remote_ip = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        assert_eq!(record.remote(), "[::1]:40000".parse().unwrap());
     }
 
     #[test]

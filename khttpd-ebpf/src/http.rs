@@ -31,8 +31,8 @@ use aya_ebpf::{
 use khttpd_common::{
     http::{
         self, AccessRecord, Answered, Connection, Counter, HttpDate, Marker, PassReason,
-        RequestKey, ResponseBlock, ResponseMeta, Route, BLOCK, BLOCKS_PER_RESPONSE, DATE_LEN,
-        MAX_RESPONSE, MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
+        RequestKey, ResponseBlock, ResponseMeta, Route, AF_INET6, BLOCK, BLOCKS_PER_RESPONSE,
+        DATE_LEN, MAX_RESPONSE, MAX_UNACKNOWLEDGED, MIN_REQUEST, REQUEST_KEY_BYTES,
     },
     Handoff,
 };
@@ -307,9 +307,6 @@ fn log_access(
         count(Counter::AccessRecordsLost);
     }
 }
-
-/// `AF_INET6` (linux/socket.h).
-const AF_INET6: u32 = 10;
 
 /// Zeroes a key with word stores (a `memset` call would not link for BPF).
 fn zero_key(key: &mut RequestKey) {

@@ -109,25 +109,24 @@ impl HeldMap {
                 .filter(Result::is_ok)
                 .count()
         } else if is(http::CONNECTIONS_MAP) {
-            HashMap::<_, u64, http::Connection>::try_from(map)?
-                .keys()
-                .filter(Result::is_ok)
-                .count()
+            hash_keys::<http::Connection>(map)?
         } else if is(http::ANSWERED_MAP) {
-            HashMap::<_, u64, http::Answered>::try_from(map)?
-                .keys()
-                .filter(Result::is_ok)
-                .count()
+            hash_keys::<http::Answered>(map)?
         } else if is(echo::CONNECTIONS_MAP) {
-            HashMap::<_, u64, echo::Connection>::try_from(map)?
-                .keys()
-                .filter(Result::is_ok)
-                .count()
+            hash_keys::<echo::Connection>(map)?
         } else {
             bail!("{} is not a per-connection map", self.name);
         };
         Ok(count)
     }
+}
+
+/// Keys of a hash map by socket cookie with values of type `V`.
+fn hash_keys<V: aya::Pod>(map: Map) -> anyhow::Result<usize> {
+    Ok(HashMap::<_, u64, V>::try_from(map)?
+        .keys()
+        .filter(Result::is_ok)
+        .count())
 }
 
 /// Freezes `pid`'s map `name` (BPF_MAP_FREEZE): from then on every write to it from user space

@@ -106,13 +106,14 @@ impl Server {
             None => None,
         };
         let user = user_to_become(&config.user)?;
-        // Opened before the privilege drop, reopened (SIGUSR1) through its folder's descriptor.
+        let echo_listeners = listener::bind(&config.iface, config.echo_port, config.backlog)?;
+        let http_listeners = listener::bind(&config.iface, config.http_port, config.backlog)?;
+        // Opened once the ports are ours (a server that cannot listen creates no file), before the
+        // privilege drop; reopened (SIGUSR1) through its folder's descriptor.
         let access_log = match &config.access_log {
             Some(path) => Some(Arc::new(AccessLog::open(path, config.access_log_format)?)),
             None => None,
         };
-        let echo_listeners = listener::bind(&config.iface, config.echo_port, config.backlog)?;
-        let http_listeners = listener::bind(&config.iface, config.http_port, config.backlog)?;
 
         let (fast_path, kernel_echo, kernel_http) =
             match load_fast_path(config.fast_path, access_log.is_some())? {

@@ -505,7 +505,7 @@ fn bench_mode(
         loads.push(vec![run]);
     }
 
-    let notes = match (&target, before, target.metrics()?) {
+    let mut notes = match (&target, before, target.metrics()?) {
         (Target::Khttpd(_), Some(before), Some(after)) => http_counter_deltas(&before, &after),
         (Target::Nginx(nginx), ..) => {
             let log = nginx.error_log();
@@ -519,7 +519,6 @@ fn bench_mode(
     };
     progress("stopping the server");
     drop(target);
-    let mut notes = notes;
     if subject.log {
         let bytes = std::fs::metadata(&log).map_or(0, |m| m.len());
         notes.push(format!("access log {} bytes", thousands(bytes as f64)));

@@ -22,7 +22,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
-use khttpd_harness::{http::blank_dates, system::temp_dir, Mode, Server, IO_TIMEOUT};
+use khttpd_harness::{eventually, http::blank_dates, system::temp_dir, Mode, Server, IO_TIMEOUT};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -118,24 +118,25 @@ impl Phase {
 
     /// Every answer the kernel sent has its access log line (within 5 s), none dropped.
     fn check_log(&self, name: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let metrics = self.kernel.metrics()?;
-            let answered = metrics.value("khttpd_http_kernel_responses_total")?;
-            let logged = metrics.value("khttpd_access_log_lines_total{path=\"kernel\"}")?;
-            let dropped = metrics.sum("khttpd_access_log_dropped_total").unwrap_or(0);
-            if dropped > 0 {
-                bail!("diff ({name}): {dropped} access log lines dropped");
-            }
-            if logged == answered {
-                println!("diff ({name}): the access log has all {answered} kernel answers");
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("diff ({name}): the kernel answered {answered}, its access log has {logged}");
-            }
-            thread::sleep(Duration::from_millis(50));
+        let (mut answered, mut logged, mut dropped) = (0, 0, 0);
+        let settled = eventually(Duration::from_secs(5), || {
+            let Ok(metrics) = self.kernel.metrics() else {
+                return false;
+            };
+            let count = |series: &str| metrics.get(series).unwrap_or(0);
+            answered = count("khttpd_http_kernel_responses_total");
+            logged = count("khttpd_access_log_lines_total{path=\"kernel\"}");
+            dropped = metrics.sum("khttpd_access_log_dropped_total").unwrap_or(0);
+            dropped > 0 || logged == answered
+        });
+        if dropped > 0 {
+            bail!("diff ({name}): {dropped} access log lines dropped");
         }
+        if !settled {
+            bail!("diff ({name}): the kernel answered {answered}, its access log has {logged}");
+        }
+        println!("diff ({name}): the access log has all {answered} kernel answers");
+        Ok(())
     }
 
     /// Sends each request whole (twice), byte by byte and in pipelined batches to both servers.

@@ -134,8 +134,7 @@ fn main() -> anyhow::Result<()> {
             toolchain::ensure()?;
             if is_root() {
                 toolchain::install("the tests", &[toolchain::TMUX])?;
-            }
-            if !is_root() {
+            } else {
                 eprintln!("warning: not root: tests that load BPF programs will be skipped (CI=true makes them fail)");
             }
             // Where the harness records its servers' lifetimes, for the kernel-warning report.

@@ -165,7 +165,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::access_log::Answered;
+    use crate::access_log::AnsweredBy;
 
     fn entry(head: &[u8]) -> Entry<'_> {
         Entry {
@@ -174,7 +174,7 @@ mod tests {
             head,
             status: 200,
             body_bytes: 12,
-            answered: Answered::Kernel,
+            answered: AnsweredBy::Kernel,
             request_time: Duration::from_micros(15),
             connection: 7,
         }

@@ -30,7 +30,7 @@ mod format;
 mod writer;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -75,16 +75,16 @@ pub enum Format {
 
 /// Which path answered a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Answered {
+pub enum AnsweredBy {
     Kernel,
     User,
 }
 
-impl Answered {
+impl AnsweredBy {
     fn label(self) -> &'static str {
         match self {
-            Answered::Kernel => "kernel",
-            Answered::User => "user",
+            AnsweredBy::Kernel => "kernel",
+            AnsweredBy::User => "user",
         }
     }
 }
@@ -98,7 +98,7 @@ pub struct Entry<'a> {
     pub status: u16,
     /// Bytes of body the answer carries (0 for HEAD and 304).
     pub body_bytes: u64,
-    pub answered: Answered,
+    pub answered: AnsweredBy,
     /// From the first byte of the request (or of the read it came in) to its answer.
     pub request_time: Duration,
     /// The connection's socket cookie.
@@ -196,8 +196,8 @@ impl AccessLog {
 
     fn format(&self, lines: &mut Lines, entry: &Entry<'_>) {
         match entry.answered {
-            Answered::Kernel => lines.kernel += 1,
-            Answered::User => lines.user += 1,
+            AnsweredBy::Kernel => lines.kernel += 1,
+            AnsweredBy::User => lines.user += 1,
         }
         match self.format {
             Format::Combined => format::combined(&mut lines.bytes, entry),
@@ -352,26 +352,14 @@ impl Clock {
         let ago = self
             .monotonic
             .saturating_sub(Duration::from_nanos(record.time_ns));
-        let ip = if record.family == libc::AF_INET6 as u32 {
-            let bytes: Vec<u8> = record
-                .remote_ip
-                .iter()
-                .flat_map(|w| w.to_ne_bytes())
-                .collect();
-            IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(bytes).unwrap_or_default(),
-            ))
-        } else {
-            IpAddr::V4(Ipv4Addr::from(record.remote_ip[0].to_ne_bytes()))
-        };
         let len = (record.request.len as usize).min(record.request.bytes.len());
         Entry {
             time: self.wall - ago,
-            peer: SocketAddr::new(ip, record.port()),
+            peer: record.remote(),
             head: &record.request.bytes[..len],
             status: record.status as u16,
             body_bytes: u64::from(record.body_bytes),
-            answered: Answered::Kernel,
+            answered: AnsweredBy::Kernel,
             request_time: Duration::ZERO,
             connection: record.cookie,
         }
@@ -404,7 +392,7 @@ impl ConnectionLog {
             head,
             status,
             body_bytes,
-            answered: Answered::User,
+            answered: AnsweredBy::User,
             request_time,
             connection: self.id,
         }

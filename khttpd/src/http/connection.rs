@@ -22,7 +22,6 @@ use crate::access_log::ConnectionLog;
 
 use super::{
     kernel::{KernelHttp, Parked, Release},
-    response,
     session::{Next, Session},
     site::FileBody,
     HttpService, Slot,
@@ -176,15 +175,9 @@ impl Connection {
             Some(site) => session.with_site(Arc::clone(site)),
             None => session,
         };
-        let session = match &log {
-            Some(_) => session.with_log(),
-            None => session,
-        };
-        let mut connection = Connection::new(session, service.timeouts);
+        let mut connection = Connection::new(session, service.timeouts).accounted(service, log);
         connection.slot = Some(slot);
         connection.written = written;
-        connection.log = log;
-        connection.answers = Some(Arc::clone(&service.user_responses));
         connection.kernel = service.kernel.is_some().then(|| {
             Box::new(KernelBooks {
                 service: Arc::clone(service),
@@ -197,23 +190,24 @@ impl Connection {
         connection
     }
 
-    /// A connection turned away: `503`, then the close (logged before any request is read).
-    pub(super) fn rejecting(timeouts: Timeouts, log: Option<Box<ConnectionLog>>) -> Connection {
-        let mut connection = Connection::new(Session::new(), timeouts);
-        response::write(
-            &mut connection.out,
-            response::Status::ServiceUnavailable,
-            false,
-            false,
-        );
+    /// A connection turned away: `503` (counted and logged as an answer), then the close.
+    pub(super) fn rejecting(service: &HttpService, log: Option<Box<ConnectionLog>>) -> Connection {
+        let mut connection =
+            Connection::new(Session::new(), service.timeouts).accounted(service, log);
+        connection.session.turn_away(&mut connection.out);
+        connection.record_answers();
         connection.next = Next::Close;
-        if let Some(log) = log {
-            let (status, body_bytes) = response::status_and_body(&connection.out);
-            let now = std::time::SystemTime::now();
-            log.log
-                .log([log.entry(&[], status, body_bytes, Duration::ZERO, now)]);
-        }
         connection
+    }
+
+    /// Counts its answers in `service`'s total and, with `log`, writes them to the access log.
+    fn accounted(mut self, service: &HttpService, log: Option<Box<ConnectionLog>>) -> Connection {
+        if log.is_some() {
+            self.session = std::mem::take(&mut self.session).with_log();
+        }
+        self.log = log;
+        self.answers = Some(Arc::clone(&service.user_responses));
+        self
     }
 
     pub fn next_action(&mut self) -> Action {

@@ -397,13 +397,13 @@ impl KernelHttp {
         self.connections.service().forget(cookie);
     }
 
-    /// The kernel's per-CPU counter, summed.
     /// The ring buffer of the verdict's [`khttpd_common::http::AccessRecord`]s (written only when
     /// the programs were loaded with an access log), once.
     pub fn take_access_records(&self) -> Option<RingBuf<MapData>> {
         self.access_records.lock().unwrap().take()
     }
 
+    /// The kernel's per-CPU counter, summed.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters.sum(counter.slot())
     }

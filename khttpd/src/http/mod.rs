@@ -158,8 +158,8 @@ impl HttpService {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             let shutdown = Shutdown::new(&self.notify_shutdown);
             let log = self.connection_log(&stream, peer, None);
-            self.user_responses.add(1);
-            tokio::spawn(reject(stream, self.timeouts, log, shutdown));
+            let connection = Connection::rejecting(self, log);
+            tokio::spawn(reject(stream, connection, shutdown));
             return;
         };
         let (stream, slot) = match &self.kernel {
@@ -371,13 +371,7 @@ impl Drop for Slot {
 
 /// Turns a connection away: `503`, FIN, and reading what the client still sends (bounded), so
 /// the close is not a reset.
-async fn reject(
-    stream: std::net::TcpStream,
-    timeouts: Timeouts,
-    log: Option<Box<ConnectionLog>>,
-    shutdown: Shutdown,
-) {
-    let mut connection = Connection::rejecting(timeouts, log);
+async fn reject(stream: std::net::TcpStream, mut connection: Connection, shutdown: Shutdown) {
     let wait = executor::answer_at_once(&stream, &mut connection);
     // Never idle: it closes after the 503.
     let _ = executor::serve_async(stream, connection, wait, shutdown, false).await;

@@ -108,11 +108,17 @@ pub fn status_and_body(response: &[u8]) -> (u16, u64) {
         .get(9..12)
         .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok())
         .unwrap_or(0);
-    let head = response
+    let head = head_len(response).unwrap_or(response.len());
+    (status, (response.len() - head) as u64)
+}
+
+/// Bytes of the head at the start of an HTTP message, its blank line included; `None` while the
+/// blank line has not come.
+pub fn head_len(message: &[u8]) -> Option<usize> {
+    message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .map_or(response.len(), |end| end + 4);
-    (status, (response.len() - head) as u64)
+        .map(|end| end + 4)
 }
 
 /// Appends a complete response to `out`. `head_only` (HEAD) keeps the headers, drops the body.

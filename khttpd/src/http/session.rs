@@ -183,9 +183,17 @@ impl Session {
         }
     }
 
-    /// Records the answer `response` (just written, to the request at the start of `input`) for the
-    /// access log.
-    fn log(&mut self, input: &[u8], response: &[u8]) {
+    /// Turns the connection away before reading a request: answers 503 (the connection closes).
+    pub fn turn_away(&mut self, out: &mut Vec<u8>) {
+        let start = out.len();
+        response::write(out, Status::ServiceUnavailable, false, false);
+        self.record(&[], &out[start..]);
+    }
+
+    /// Counts the answer `response` just written (to the request at the start of `input`) and
+    /// records it for the access log.
+    fn record(&mut self, input: &[u8], response: &[u8]) {
+        self.answered += 1;
         let Some(log) = &mut self.log else {
             return;
         };
@@ -194,10 +202,7 @@ impl Session {
             Some(head) => log.heads.extend_from_slice(&head),
             None => {
                 let input = &input[..input.len().min(MAX_REQUEST_LINE + MAX_HEADER_SECTION)];
-                let end = input
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map_or(input.len(), |end| end + 4);
+                let end = response::head_len(input).unwrap_or(input.len());
                 log.heads.extend_from_slice(&input[..end]);
             }
         }
@@ -245,8 +250,7 @@ impl Session {
         let input = std::mem::take(&mut self.input);
         let start = out.len();
         response::write(out, Status::RequestTimeout, false, false);
-        self.answered += 1;
-        self.log(&input, &out[start..]);
+        self.record(&input, &out[start..]);
     }
 
     /// True between requests: nothing buffered, no body being read.
@@ -290,8 +294,7 @@ impl Session {
             let start = out.len();
             let step = self.step(&input[consumed..], out);
             if out.len() > start {
-                self.answered += 1;
-                self.log(&input[consumed..], &out[start..]);
+                self.record(&input[consumed..], &out[start..]);
             }
             match step {
                 Step::Consumed(0) => break Next::Read,
